@@ -1,0 +1,7 @@
+"""``python -m bench`` is ``kindbench``."""
+
+import sys
+
+from bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""``kindbench``: the umbrella command. Each verb lives in its own module; this file only dispatches.
+
+    kindbench train --config run.toml [--section.key=value ...]
+    kindbench evaluate SAMPLES.npz --ref REF [...]      (bench.metrics)
+    kindbench metrics acceptance ...                     (bench.metrics)
+    kindbench methods                                    list registered methods
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: verb -> (module with a ``main(argv) -> int``, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("bench.train", "train a DiT with a method (torchrun/srun compatible)"),
+    "evaluate": ("bench.metrics.cli", "score an ADM-style .npz of samples against a reference"),
+    "metrics": ("bench.metrics.cli", "metric utilities: reference building, acceptance procedures"),
+    "methods": ("bench.cli", "list the registered methods"),
+}
+
+
+def list_methods_main(argv: list[str]) -> int:
+    from methods import get_method_class, list_methods
+
+    for name in list_methods():
+        cls = get_method_class(name)
+        print(f"{name:12s} stages: {', '.join(sorted(cls.stages))}")
+    return 0
+
+
+def usage() -> str:
+    lines = ["usage: kindbench <verb> [args]", "", "verbs:"]
+    lines += [f"  {verb:10s} {help_}" for verb, (_, help_) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(usage())
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"kindbench: unknown verb {verb!r}\n{usage()}", file=sys.stderr)
+        return 2
+    if verb == "methods":
+        return list_methods_main(rest)
+    module = importlib.import_module(VERBS[verb][0])
+    # The metrics CLI takes its own verb ("evaluate ..." / "metrics ...") as the first argument.
+    return module.main(argv if module.__name__ == "bench.metrics.cli" else rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

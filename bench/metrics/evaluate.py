@@ -1,0 +1,280 @@
+"""One evaluation: an ADM-style sample batch against a reference → the metrics record (metrics.md §1, §8).
+
+Steps (each a helper below): resolve and verify the offline files; load the networks; extract sample features
+(sharded); take the reference statistics and the P/R reference features (cached or extracted from ``arr_0``);
+compute FID, sFID, IS, P/R, FDD and optional clean-fid columns; assemble and (rank 0) write the record.
+Works in one process or under torchrun; every rank returns the same record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.metrics import dinov2 as dino
+from bench.metrics import distributed as D
+from bench.metrics.features import FeatureSet, extract_features
+from bench.metrics.frechet import frechet_distance
+from bench.metrics.inception import load_inception
+from bench.metrics.inception_score import ADM_SPLIT_SIZE, inception_score
+from bench.metrics.precision_recall import precision_recall
+from bench.metrics.record import env_info, metric_label, now_iso, validate_record, write_json_atomic, SCHEMA
+from bench.metrics.references import Reference, load_reference
+from bench.metrics.sample_io import open_samples
+from bench.metrics.weights import WeightsDir, resolve_weights_dir, sha256_file
+
+ADM_N_REF_PR = 10_000
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """Everything that changes an evaluation's numbers, plus where to write it."""
+
+    samples: Path
+    ref: Path | None = None
+    """ADM reference batch or a kindbench reference; default: the weights dir's refs/ (derived extract first)."""
+    weights_dir: str | None = None
+    out: Path | None = None
+    """Record path; default ``<samples>.eval.json``. ``False``-like empty string: do not write."""
+    fdd: str = "auto"
+    """``on`` (error if DINOv2 weights or reference are missing), ``off``, or ``auto`` (compute when available)."""
+    fdd_ref: Path | None = None
+    fdd_arch: str = dino.DEFAULT_ARCH
+    fdd_resize: str = "pil_bicubic_uint8"
+    pr_distance: str = "fp32"
+    pr_k: int = 3
+    pr_block: int = 4096
+    n_ref_pr: int = ADM_N_REF_PR
+    is_split_size: int = ADM_SPLIT_SIZE
+    is_shuffle_seed: int | None = None
+    class_sampling: str = "random"
+    limit: int | None = None
+    batch_size: int = 100
+    num_workers: int = 0
+    device: str | None = None
+    extras: tuple[str, ...] = ()
+    """``clean-fid``: add clean-fid's clean_fid and kid columns (needs inception/inception-2015-12-05.pt)."""
+    frechet_method: str = "cholesky"
+    overwrite: bool = False
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+def _resolve_ref(opts: EvalOptions, wd: WeightsDir) -> tuple[Path, dict]:
+    """The reference path and its verified-file record (manifest-checked when it lives in the weights dir)."""
+    if opts.ref is None:
+        for key in ("adm_ref_derived", "adm_ref"):
+            if wd.find(key):
+                v = wd.verified(key)
+                return v.path, v.record()
+        wd.path("adm_ref")  # raises with the expected layout
+    ref = Path(opts.ref).resolve()
+    if not ref.exists():
+        raise FileNotFoundError(f"reference not found: {ref}")
+    try:
+        rel = str(ref.relative_to(wd.root))
+    except ValueError:
+        rel = None
+    for key in ("adm_ref_derived", "adm_ref", "fdd_ref"):
+        found = wd.find(key)
+        if rel is not None and found and found[1] == rel:
+            v = wd.verified(key)
+            return v.path, v.record()
+    return ref, {"path": str(ref), "sha256": sha256_file(ref), "official": None, "pinned_now": False}
+
+
+def _fdd_setup(opts: EvalOptions, wd: WeightsDir):
+    """(model, reference, weights record) for FDD, or (None, None, reason) when skipped."""
+    if opts.fdd == "off":
+        return None, None, "disabled (--fdd off)"
+    key = f"dinov2:{opts.fdd_arch}"
+    ref_path = opts.fdd_ref or (wd.find("fdd_ref") or (None,))[0]
+    missing = []
+    if wd.find(key) is None:
+        missing.append(f"DINOv2 weights {key}")
+    if ref_path is None or not Path(ref_path).exists():
+        missing.append(f"FDD reference {ref_path or 'refs/fdd_imagenet256_train_dinov2_vitl14.npz'}")
+    if missing:
+        if opts.fdd == "on":
+            if wd.find(key) is None:
+                wd.path(key)  # raises MissingWeightsError with the expected layout
+            raise FileNotFoundError("FDD requested (--fdd on) but missing: " + "; ".join(missing))
+        return None, None, "missing " + "; ".join(missing)
+    weights = wd.verified(key)
+    ref = load_reference(ref_path)
+    if "dinov2" not in ref.moments:
+        raise ValueError(f"{ref_path} is not a DINOv2 reference (spaces: {sorted(ref.moments)})")
+    want = ref.provenance.get("extractor")
+    if want and want != f"dinov2:{opts.fdd_arch}":
+        raise ValueError(f"FDD reference {ref_path} was built with {want}, not dinov2:{opts.fdd_arch}")
+    model = dino.build_dinov2(weights.path, opts.fdd_arch, device=opts.device)
+    return model, ref, weights
+
+
+def _ref_pool(ref: Reference, inception, inception_sha: str, opts: EvalOptions) -> tuple[np.ndarray | None, str]:
+    """P/R reference features: the cached ones if computed with these weights, else extracted from ``arr_0``."""
+    if ref.ref_pool is not None and ref.provenance.get("inception_sha256") == inception_sha:
+        return ref.ref_pool[: opts.n_ref_pr], "cached ref_pool"
+    images = ref.images()
+    if images is None:
+        return None, "reference has neither arr_0 nor ref_pool for these Inception weights"
+    feats = extract_features(images, inception=inception, batch_size=opts.batch_size, limit=opts.n_ref_pr,
+                             num_workers=opts.num_workers)
+    images.close()
+    return feats.pool, "extracted from reference arr_0"
+
+
+def _frechet(sample_m, ref_m, method: str) -> tuple[float, dict]:
+    res = frechet_distance(sample_m.mu, sample_m.sigma, ref_m.mu, ref_m.sigma, method=method, sigma_eigs=True)
+    diag = {"min_eig_sigma_samples": res.min_eig_sigma1, "min_eig_sigma_ref": res.min_eig_sigma2,
+            "min_eig_product": res.min_eig_product, "method": res.method}
+    return res.value, diag
+
+
+def _sample_labels(samples_path: Path, n: int) -> np.ndarray | None:
+    """Labels stored next to arr_0 (``arr_1``, ``labels`` or ``y``), if any, for the class-order check (P10)."""
+    if samples_path.is_dir():
+        return None
+    with np.load(samples_path) as data:
+        for key in ("labels", "y", "arr_1"):
+            if key in data.files and data[key].ndim == 1 and len(data[key]) >= n:
+                return data[key][:n]
+    return None
+
+
+def _clean_extras(opts, wd, source, ref: Reference, n: int) -> dict:
+    from bench.metrics import cleanfid_extras as cx
+
+    weights = wd.verified("cleanfid_inception")
+    images = ref.images()
+    if images is None:
+        return {"clean_fid": None, "kid": None, "errors": {"clean_fid": "reference has no arr_0 images"}}
+    model = cx.load_cleanfid_inception(weights.path.parent, opts.device)
+    fs = cx.clean_features(model, source, batch_size=opts.batch_size, limit=n)
+    fr = cx.clean_features(model, images, batch_size=opts.batch_size, limit=opts.n_ref_pr)
+    out = cx.clean_fid_and_kid(fs, fr)
+    out.update(clean_ref=f"{ref.path.name}:arr_0[:{len(fr)}]", cleanfid_inception=weights.record())
+    return out
+
+
+def evaluate(opts: EvalOptions) -> dict:
+    """Run one evaluation and return its record (rank 0 also writes it unless ``opts.out == ''``)."""
+    wd = resolve_weights_dir(opts.weights_dir)
+    opts.device = opts.device or default_device()
+    rank, world = D.rank_and_world()
+    inception_w = wd.verified("inception")
+    ref_path, ref_record = _resolve_ref(opts, wd)
+    ref = load_reference(ref_path, sha256=ref_record["sha256"])
+    for space in ("pool", "spatial"):
+        if space not in ref.moments:
+            raise ValueError(f"{ref_path}: not an Inception reference (needs mu/sigma and mu_s/sigma_s)")
+    dinov2, fdd_ref, fdd_info = _fdd_setup(opts, wd)
+    inception = load_inception(inception_w.path, opts.device)
+    source = open_samples(opts.samples)
+    ref_images = ref.images()
+    if ref_images is not None and ref_images.shape[1:] != source.shape[1:]:
+        warnings.warn(f"sample size {source.shape[1:]} differs from the reference images {ref_images.shape[1:]}")
+    extra_keys = getattr(source, "extra_keys", [])
+    if any(k in extra_keys for k in ("mu", "sigma", "mu_s", "sigma_s")):
+        warnings.warn("the sample npz carries mu/sigma keys: ADM's evaluator would use those stale statistics "
+                      "instead of arr_0; we ignore them and compute from arr_0")
+    feats: FeatureSet = extract_features(source, inception=inception, dinov2=dinov2, fdd_resize=opts.fdd_resize,
+                                         batch_size=opts.batch_size, num_workers=opts.num_workers, limit=opts.limit)
+    n = feats.n
+    labels = _sample_labels(Path(opts.samples), n)
+    ref_pool, ref_pool_origin = _ref_pool(ref, inception, inception_w.sha256, opts)
+
+    diag: dict = {"min_eig_sigma": {}, "frechet": {}}
+    fid, diag["frechet"]["pool"] = _frechet(feats.moments["pool"], ref.moments["pool"], opts.frechet_method)
+    sfid, diag["frechet"]["spatial"] = _frechet(feats.moments["spatial"], ref.moments["spatial"], opts.frechet_method)
+    is_ = inception_score(feats.logits, split_size=opts.is_split_size, shuffle_seed=opts.is_shuffle_seed,
+                          labels=labels)
+    skipped = {}
+    pr = None
+    if ref_pool is not None:
+        pr = precision_recall(ref_pool, feats.pool, opts.pr_k, row_block=opts.pr_block, col_block=opts.pr_block,
+                              distance=opts.pr_distance, device=opts.device)
+    else:
+        skipped["precision_recall"] = ref_pool_origin
+    fdd = None
+    if dinov2 is not None:
+        fdd, diag["frechet"]["dinov2"] = _frechet(feats.moments["dinov2"], fdd_ref.moments["dinov2"],
+                                                  opts.frechet_method)
+    else:
+        skipped["fdd"] = fdd_info
+    extras = _clean_extras(opts, wd, source, ref, n) if "clean-fid" in opts.extras else None
+    source.close()
+
+    for space, fr in diag["frechet"].items():
+        diag["min_eig_sigma"][space] = fr["min_eig_sigma_samples"]
+    diag["n_vs_d_ok"] = {space: feats.moments[space].n > feats.moments[space].dim for space in feats.moments}
+    if not all(diag["n_vs_d_ok"].values()):
+        warnings.warn("N <= d in some feature space: covariances are rank-deficient and FD is unstable (P6)")
+    diag["duplicates_found"] = feats.duplicates()
+    diag["sample_npz_extra_keys"] = extra_keys
+    diag["ref_pool_origin"] = ref_pool_origin
+
+    record = {
+        "schema": SCHEMA,
+        "created_at": now_iso(),
+        "fid": fid, "sfid": sfid, "is": is_.value, "is_splits": list(is_.splits), "is_std": is_.std,
+        "precision": pr.precision if pr else None, "recall": pr.recall if pr else None,
+        "fdd": fdd,
+        "metric_names": {m: metric_label(m, n) for m in ("fid", "sfid", "is", "precision", "recall", "fdd")},
+        "n_samples": n,
+        "n_ref_pr": pr.n_real if pr else 0,
+        "counts": ({"precision": pr.n_precision, "recall": pr.n_recall, "real": pr.n_real, "fake": pr.n_fake}
+                   if pr else None),
+        "samples": {"path": str(Path(opts.samples).resolve()), "n_in_file": len(source),
+                    "shape": list(source.shape[1:])},
+        "reference": {
+            "adm_npz_path": str(ref.path), "adm_npz_sha256": ref.sha256, "adm_npz_keys": ref.keys,
+            "adm_npz_verified": ref_record,
+            "fdd_ref_sha256": fdd_ref.sha256 if fdd_ref else None,
+            "fdd_ref_n": fdd_ref.moments["dinov2"].n if fdd_ref else None,
+            "fdd_ref_path": str(fdd_ref.path) if fdd_ref else None,
+            "fdd_ref_provenance": fdd_ref.provenance if fdd_ref else None,
+        },
+        "weights": {
+            "inception_sha256": inception_w.sha256,
+            "dinov2_sha256": fdd_info.sha256 if dinov2 is not None else None,
+            "inception": inception_w.record(),
+            "dinov2": fdd_info.record() if dinov2 is not None else None,
+            "weights_dir": str(wd.root),
+        },
+        "protocol": {
+            "inception_resize": "tf1_bilinear", "inception_layers": {
+                "fid": "pool_3 (2048)", "sfid": "mixed_6/conv[..., :7] NHWC (2023)", "is": "pool_3 @ W (no bias)"},
+            "fdd_resize": opts.fdd_resize if dinov2 is not None else None,
+            "pos_embed": "dinov2_offset0.1" if dinov2 is not None else None,
+            "fdd_arch": opts.fdd_arch if dinov2 is not None else None,
+            "pr_distance": opts.pr_distance, "pr_k": opts.pr_k,
+            "is_split_size": opts.is_split_size, "is_shuffle_seed": opts.is_shuffle_seed,
+            "class_sampling": opts.class_sampling, "frechet_method": opts.frechet_method,
+        },
+        "env": env_info(world, str(opts.device)),
+        "diagnostics": diag,
+        "skipped": skipped,
+    }
+    if extras is not None:
+        record.update(clean_fid=extras.pop("clean_fid"), kid=extras.pop("kid"), clean_fid_details=extras)
+        record["metric_names"].update(clean_fid=metric_label("clean_fid", n), kid=metric_label("kid", n))
+    validate_record(record)
+    if rank == 0 and opts.out != "":
+        out = Path(opts.out) if opts.out else default_record_path(Path(opts.samples))
+        write_json_atomic(out, record, overwrite=opts.overwrite)
+        record["_written_to"] = str(out)
+    D.barrier()
+    return record
+
+
+def default_record_path(samples: Path) -> Path:
+    return samples.with_name(samples.name.removesuffix(".npz") + ".eval.json")

@@ -1,0 +1,286 @@
+"""Train a DiT with any registered method, on any backend: one loop.
+
+    python -m bench.train --config run.toml --optim.lr=2e-4
+    torchrun --nproc_per_node 2 -m bench.train --config run.toml --engine.backend=deepspeed --engine.zero_stage=2
+    srun python -m bench.train --config run.toml          # one task per device; ranks from SLURM variables
+
+The run lives in ``<run.out_dir>/<run_id>/``: ``config.json``, ``train.jsonl``, ``checkpoints/``, and at the end
+``export.safetensors`` (fp32 EMA weights + metadata, what sampling and downstream stages load) and
+``summary.json``. A second start with the same config resumes from the newest complete checkpoint. SIGUSR1/SIGTERM
+make the trainer checkpoint and exit with ``EXIT_REQUEUE`` so a SLURM requeue resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bench.batching import GlobalBatchPlan, MicroBatch, derive_seed, sample_draws
+from bench.checkpoint import CheckpointError, Checkpoints
+from bench.config import ConfigError, RunConfig, load_config, save_resolved
+from bench.data.factory import build_dataset
+from bench.diffusion import GaussianDiffusion
+from bench.ema import EMA
+from bench.engine import (DistContext, EngineError, TrainEngine, any_rank, barrier, batch_geometry, build_engine,
+                          init_distributed, shutdown)
+from bench.preemption import EXIT_REQUEUE, PreemptionWatch
+from bench.provenance import environment
+from bench.trainlog import TrainLog
+from methods import Ancestry, ArchSpec, Method, MethodError, Task, get_method
+from methods.transfer import load_ancestry, save_ancestry
+
+
+#: Seed stream of model construction (distinct from the data and noise streams of bench.batching).
+INIT_STREAM = 0x1417
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; no checkpoint is written from the diverged state."""
+
+
+class Preempted(Exception):
+    """A stop was requested; a checkpoint was written."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                                                   Setup
+# --------------------------------------------------------------------------------------------------------------
+
+
+def arch_spec(cfg: RunConfig) -> ArchSpec:
+    m = cfg.model
+    return ArchSpec(m.arch, m.input_size, m.in_channels, m.learn_sigma, m.class_dropout_prob)
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> tuple[Method, torch.nn.Module, Ancestry | None]:
+    """The method's model for this run's stage, built on the CPU (the engine moves it).
+
+    Construction is seeded from ``engine.seed``: every rank and every restart builds the same initial weights.
+    """
+    method = get_method(cfg.method.name, cfg.method.options)
+    torch.manual_seed(derive_seed(cfg.engine.seed, INIT_STREAM))
+    arch = arch_spec(cfg)
+    if cfg.method.stage == "ancestry":
+        method.require_stage("ancestry")
+        if cfg.run.ancestry:
+            raise ConfigError("run.ancestry is set but method.stage = ancestry builds its own model from scratch")
+        return method, method.build_ancestry(arch, num_classes), None
+    method.require_stage(cfg.method.stage)
+    ancestry = load_ancestry(cfg.run.ancestry) if cfg.run.ancestry else None
+    task = Task(cfg.run.name or cfg.data.split, num_classes, cfg.method.stage)
+    return method, method.build(arch, task, ancestry), ancestry
+
+
+def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def frozen_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Frozen parameters and buffers as built: they never change, so the export takes them from here, exactly,
+    rather than from a backend that may hold them in bf16 or partitioned."""
+    state = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    state.update({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
+    return state
+
+
+class RankMicroBatches(Sampler[list[int]]):
+    """This rank's micro-batch index lists from ``start_step`` on, for a DataLoader's ``batch_sampler``."""
+
+    def __init__(self, plan: GlobalBatchPlan, ctx: DistContext, accum: int, start_step: int, steps: int):
+        self.plan, self.ctx, self.accum, self.start, self.steps = plan, ctx, accum, start_step, steps
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            for mb in self.plan.micro_batches(step, self.ctx.rank, self.ctx.world_size, self.accum):
+                yield mb.indices
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.accum
+
+
+def make_loader(dataset: Dataset, sampler: RankMicroBatches, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                                                 One step
+# --------------------------------------------------------------------------------------------------------------
+
+
+def micro_step_loss(cfg: RunConfig, engine: TrainEngine, method: Method, diffusion: GaussianDiffusion,
+                    batch: tuple[torch.Tensor, torch.Tensor], mb: MicroBatch, flip: bool) -> dict[str, torch.Tensor]:
+    """Diffusion loss (+ the method's regulariser) of one micro-batch, with per-sample reproducible draws."""
+    x0, y = batch
+    draws = sample_draws(cfg.engine.seed, mb.step, mb.positions, tuple(x0.shape[1:]), diffusion.num_timesteps,
+                         cfg.model.class_dropout_prob)
+    if flip:
+        x0 = torch.where(draws.flip[:, None, None, None], x0.flip(-1), x0)
+    device = engine.ctx.device
+    x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    kwargs = {"y": y}
+    if cfg.model.class_dropout_prob > 0:
+        kwargs["force_drop_ids"] = draws.drop_label.to(device)
+    with engine.autocast():
+        terms = diffusion.training_losses(engine.forward_module, x0, draws.timesteps.to(device), kwargs,
+                                          noise=draws.noise.to(device))
+        loss = terms["loss"].mean() + method.extra_loss(engine.module, {"x": x0, "y": y}).float()
+    return {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                                                  The loop
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: RunConfig, ctx: DistContext) -> dict[str, Any]:
+    """Train (or resume) the run ``cfg`` describes; returns the summary written to ``summary.json``."""
+    run_id = cfg.run_id()
+    run_dir = Path(cfg.run.out_dir) / run_id
+    watch = PreemptionWatch(cfg.run.max_wall_minutes)  # first: a signal during setup must not kill the job
+    try:
+        return _train(cfg, ctx, run_id, run_dir, watch)
+    finally:
+        watch.close()
+
+
+def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: PreemptionWatch) -> dict[str, Any]:
+    if ctx.is_main:
+        save_resolved(cfg, run_dir / "config.json")
+    dataset = build_dataset(cfg.data, cfg.model)
+    method, model, ancestry = build_model(cfg, dataset.num_classes)
+    groups = method.mark_trainable(model)
+    accounting = method.count(model).to_dict() if ctx.is_main else None
+    frozen = frozen_snapshot(model)
+    micro, accum = batch_geometry(cfg.schedule.global_batch, cfg.schedule.micro_batch, ctx.world_size)
+    model.train()  # label dropout must be live for classifier-free guidance
+    engine = build_engine(ctx, model, groups, cfg, micro, accum)
+    ema = EMA(trainable_params(engine.module), engine)
+    checkpoints = Checkpoints(run_dir, ctx, cfg.schedule.keep_checkpoints)
+
+    start_step = 0
+    latest = checkpoints.latest() if cfg.run.resume else None
+    if latest is not None:
+        checkpoints.load(latest[1], engine, ema, cfg.config_hash())
+        start_step = latest[0]
+
+    diffusion = GaussianDiffusion(cfg.diffusion.num_timesteps, cfg.diffusion.beta_schedule, cfg.model.learn_sigma)
+    plan = GlobalBatchPlan(len(dataset), cfg.schedule.global_batch, cfg.engine.seed)
+    steps = cfg.schedule.steps
+    batches = iter(make_loader(dataset, RankMicroBatches(plan, ctx, accum, start_step, steps), cfg.data.num_workers))
+    flip = cfg.data.random_flip and cfg.data.source != "latents"  # latent caches hold both flips themselves
+    log = TrainLog(run_dir, ctx, steps, start_step, cfg.schedule.global_batch)
+    meta = {"config_hash": cfg.config_hash(), "run_id": run_id}
+    t_start = time.perf_counter()
+    last_record: dict[str, Any] | None = None
+    try:
+        for step in range(start_step, steps):
+            for mb in plan.micro_batches(step, ctx.rank, ctx.world_size, accum):
+                with engine.no_sync():
+                    terms = micro_step_loss(cfg, engine, method, diffusion, next(batches), mb, flip)
+                    if any_rank(ctx, not torch.isfinite(terms["loss"]).item()):
+                        done = checkpoints.latest()
+                        raise NonFiniteLoss(f"non-finite loss at step {step} of run {run_id}; nothing was saved from "
+                                            f"this state; the last good checkpoint is "
+                                            f"{done[1] if done else 'none (no checkpoint yet)'}")
+                    engine.backward(terms["loss"])
+                engine.step()
+                log.add(terms["loss"], terms["mse"], terms["vb"])
+            ema.update(engine, cfg.schedule.ema_decay)
+            done_steps = step + 1
+            if done_steps % cfg.schedule.log_every == 0 or done_steps == steps:
+                last_record = log.flush(done_steps, engine.lr(), {"epoch": plan.epoch_of(done_steps)})
+            if cfg.run.stop_after_steps and done_steps - start_step >= cfg.run.stop_after_steps:
+                watch.request("run.stop_after_steps")
+            stop = any_rank(ctx, watch.requested)
+            if stop or done_steps % cfg.schedule.ckpt_every == 0 or done_steps == steps:
+                checkpoints.save(done_steps, engine, ema, meta)
+            if stop and done_steps < steps:
+                raise Preempted(watch.requested_by or "a peer rank")
+    finally:
+        log.close()
+
+    summary = {"run_id": run_id, "status": "success", "method": cfg.method.name, "stage": cfg.method.stage,
+               "steps": steps, "resumed_from_step": start_step, "wall_s": time.perf_counter() - t_start,
+               "images_seen": steps * cfg.schedule.global_batch, "micro_batch": micro, "grad_accum": accum,
+               "final": last_record, "accounting": accounting, "peak_mem_gb": peak_memory_gb(ctx),
+               "ancestry": {"path": ancestry.path, "sha256": ancestry.sha256} if ancestry else None,
+               "deepspeed_config": getattr(engine, "ds_config", None), "environment": environment(ctx.world_size)}
+    if ctx.is_main:
+        export(run_dir, cfg, method, dataset.num_classes, {**frozen, **ema.state_dict()}, summary)
+    barrier(ctx)
+    return summary
+
+
+def peak_memory_gb(ctx: DistContext) -> float:
+    if ctx.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(ctx.device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def export(run_dir: Path, cfg: RunConfig, method: Method, num_classes: int, state: dict[str, torch.Tensor],
+           summary: dict[str, Any]) -> None:
+    """``export.safetensors`` (EMA weights as the method built the model) and ``summary.json``, atomically."""
+    save_ancestry(run_dir / "export.safetensors", state, method=method.name, arch=arch_spec(cfg),
+                  num_classes=num_classes,
+                  meta={"run_id": summary["run_id"], "stage": cfg.method.stage, "steps": summary["steps"],
+                        "config_hash": cfg.config_hash(), "method_options": method.config.to_dict(),
+                        "ancestry": summary["ancestry"]})
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    tmp.replace(run_dir / "summary.json")
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                                                 Entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(prog="kindbench train", description=__doc__.split("\n\n")[0],
+                                     epilog="Any other --section.key=value overrides the config (type-checked).")
+    parser.add_argument("--config", help="TOML config file (overrides the defaults)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher adds it
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
+    if bad:
+        parser.error(f"overrides must look like --section.key=value, got {bad}")
+    return args.config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config_path, overrides = parse_args(argv)
+        cfg = load_config(config_path, overrides)
+    except ConfigError as err:
+        print(f"kindbench train: config error: {err}", file=sys.stderr)
+        return 2
+    ctx = init_distributed(cfg.engine)
+    try:
+        summary = train(cfg, ctx)
+    except Preempted as why:
+        if ctx.is_main:
+            print(f"kindbench train: stop requested ({why}); checkpoint written, exiting {EXIT_REQUEUE} for requeue",
+                  file=sys.stderr)
+        return EXIT_REQUEUE
+    except (ConfigError, MethodError, CheckpointError, EngineError, NonFiniteLoss, FileNotFoundError,
+            ValueError) as err:
+        print(f"kindbench train: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        print(f"kindbench train: done, run {summary['run_id']} in {summary['wall_s']:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

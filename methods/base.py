@@ -1,0 +1,230 @@
+"""The method contract: one shape for every method (DESIGN.md §3).
+
+A method acts once, when the model is built, by module surgery on a stock DiT (``bench.models.dit``); it never
+edits the DiT file. The harness knows methods only through this class and the registry, so adding a method never
+touches ``bench/``. Every registered method runs through the same parametrised contract test
+(``tests/test_methods_contract.py``).
+
+Checklist for a new method: a ``Config`` dataclass (fields with docstrings and defaults, validated in
+``__post_init__``), ``name``, ``stages``, ``build`` (and ``build_ancestry`` if it pre-trains its own ancestry),
+structural ``mark_trainable``, ``state_to_save``/``load_state``, ``merge``; a registry entry; contract-test rows; a
+README section.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bench.models.dit import DiT, build_dit
+
+#: Stages a method can support (style.md §3.2).
+STAGES = ("ancestry", "transfer", "descend", "domain")
+
+
+class MethodError(ValueError):
+    """A method was asked for something it cannot do (unsupported stage, incompatible ancestry, bad targets)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                                       What a method is built from
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Which DiT to build: a flavour name plus the input geometry. Carries no weights."""
+
+    name: str = "DiT-T/2"
+    input_size: int = 32
+    in_channels: int = 4
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+
+    def build(self, num_classes: int, device: torch.device | str | None = None) -> DiT:
+        """A freshly initialised stock DiT of this spec."""
+        return build_dit(self.name, input_size=self.input_size, in_channels=self.in_channels,
+                         num_classes=num_classes, learn_sigma=self.learn_sigma,
+                         class_dropout_prob=self.class_dropout_prob, device=device)
+
+
+@dataclass(frozen=True)
+class Task:
+    """The downstream problem a model is built for: its label space and kind of shift."""
+
+    name: str
+    num_classes: int
+    stage: str = "transfer"
+    """``transfer`` (new classes, same size), ``descend`` (other model size) or ``domain`` (large domain shift)."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise MethodError(f"task stage must be one of {STAGES}, got {self.stage!r}")
+        if self.num_classes <= 0:
+            raise MethodError(f"task {self.name!r} needs a positive number of classes")
+
+
+@dataclass
+class Ancestry:
+    """What a downstream method transfers from: the weights an ancestry run exported, with their provenance.
+
+    ``state`` holds plain tensors (the EMA weights of the ancestry model as its method built it); ``method``,
+    ``arch`` and ``num_classes`` say how to rebuild that model, so a consumer can check compatibility before use.
+    """
+
+    method: str
+    arch: ArchSpec
+    num_classes: int
+    state: dict[str, torch.Tensor]
+    sha256: str = ""
+    path: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Accounting:
+    """Parameters and compute of a built model, in DiT's convention (GMACs: one image, forward only, no CFG doubling)."""
+
+    params_total: int
+    params_trainable: int
+    params_inherited: int
+    """Parameters whose values come from the ancestry (frozen or not)."""
+    params_new: int
+    """Parameters the method initialised fresh (adapters, new embeddings, re-initialised heads)."""
+    stored_bytes: int
+    """Bytes of ``state_to_save``: what must be stored on top of the ancestry to reproduce the model."""
+    gmacs_fwd_trained: float
+    """Forward GMACs per image of the model as trained (factorised/adapter path)."""
+    gmacs_fwd_merged: float
+    """Forward GMACs per image after ``merge`` (what sampling costs)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's ``Config``. Subclasses add fields, each with a docstring and a default."""
+
+    targets: tuple[str, ...] = ()
+    """DiT Linear layers the method decomposes or adapts, as module-name suffixes (``attn.qkv``, ``attn.proj``,
+    ``mlp.fc1``, ``mlp.fc2``; ``adaLN_modulation.1`` and ``final_layer.linear`` are opt-in). A target matching no
+    module is an error."""
+    reinit: tuple[str, ...] = ()
+    """Modules re-initialised and trained in full for a new label space (peft's ``modules_to_save``), e.g.
+    ``y_embedder`` and ``final_layer``."""
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        self.reinit = tuple(self.reinit)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> MethodConfig:
+        """Build from a plain dict (a config file's ``method.options``); unknown keys are errors."""
+        data = dict(data or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(names)})"
+                raise MethodError(f"unknown option {key!r} for {cls.__qualname__}{hint}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                                                 The contract
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Method(abc.ABC):
+    """Base class of every method. Subclasses set ``name``, ``Config`` and ``stages`` and implement ``build``.
+
+    Methods hold no device, dtype, optimizer or distributed logic: the engine owns those.
+    """
+
+    name: ClassVar[str] = ""
+    """Registry key (lowercase, one word); also the prefix of tensors the method owns (``lora_``, ``kind_``)."""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    stages: ClassVar[frozenset[str]] = frozenset()
+    """Stages the method supports, a subset of ``STAGES``."""
+    ancestry_methods: ClassVar[tuple[str, ...]] = ()
+    """Methods whose ancestry exports ``build`` accepts (``("scratch", "full")`` for a dense DiT, ``("kind",)``
+    for KIND's own); empty means ``build`` starts from random weights and takes no ancestry. The contract test
+    builds its random ancestry with the first entry's ``build_ancestry``."""
+
+    def __init__(self, config: MethodConfig | dict[str, Any] | None = None):
+        if config is None or isinstance(config, dict):
+            config = self.Config.from_dict(config)
+        if not isinstance(config, self.Config):
+            raise MethodError(f"{type(self).__name__} needs a {self.Config.__qualname__}, got {type(config).__name__}")
+        self.config = config
+
+    # ---- building -------------------------------------------------------------------------------------------
+
+    def build_ancestry(self, arch: ArchSpec, num_classes: int) -> nn.Module:
+        """The model this method pre-trains in the ``ancestry`` stage. Default: a stock DiT (dense ancestry)."""
+        self.require_stage("ancestry")
+        return arch.build(num_classes)
+
+    @abc.abstractmethod
+    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> nn.Module:
+        """The downstream model for ``task``: a DiT of ``arch`` with inherited tensors loaded and new ones initialised."""
+
+    def require_stage(self, stage: str) -> None:
+        if stage not in self.stages:
+            raise MethodError(f"method {self.name!r} does not support stage {stage!r} (supports: {sorted(self.stages)})")
+
+    # ---- training -------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def mark_trainable(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Freeze everything, then unfreeze what the method owns, found structurally (by layer type, not by name).
+
+        Returns named param groups ``{"name": str, "params": [Tensor], "lr_scale": float}``; the trainer applies
+        weight decay only to tensors with >= 2 dims.
+        """
+
+    def extra_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """An optional regulariser added to the diffusion loss; zero by default."""
+        return torch.zeros((), device=next(model.parameters()).device)
+
+    # ---- saving ---------------------------------------------------------------------------------------------
+
+    def state_to_save(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Only the tensors that reproduce the trained model on top of its ancestry (the EMA tracks the same set).
+
+        Default: every trainable parameter, by its module path.
+        """
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``state_to_save``: load those tensors into a model built by ``build``; every key must fit."""
+        own = dict(model.named_parameters())
+        missing = [k for k in state if k not in own]
+        if missing:
+            raise MethodError(f"{self.name}: saved tensors not in the model: {missing[:5]}")
+        with torch.no_grad():
+            for key, value in state.items():
+                if own[key].shape != value.shape:
+                    raise MethodError(f"{self.name}: {key} has shape {tuple(value.shape)} in the file but "
+                                      f"{tuple(own[key].shape)} in the model")
+                own[key].copy_(value)
+
+    # ---- inference ------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def merge(self, model: nn.Module) -> DiT:
+        """Fold the method back into a plain DiT for sampling; merged and unmerged outputs agree (tested)."""
+
+    @abc.abstractmethod
+    def count(self, model: nn.Module) -> Accounting:
+        """Parameters and forward GMACs of ``model`` as trained and after merge."""

@@ -79,22 +79,30 @@ class GlobalBatchPlan:
 
 @dataclass(frozen=True)
 class Draws:
-    """Random draws of a micro-batch: noise (N, *shape), timesteps (N,), label-drop and flip flags (N,) bool."""
+    """Random draws of a micro-batch: diffusion noise (N, *shape), timesteps (N,), label-drop flags (N,) and, for
+    latent caches, the posterior noise (N, *shape) that turns stored (mean, std) into a latent sample."""
 
     noise: torch.Tensor
     timesteps: torch.Tensor
     drop_label: torch.Tensor
-    flip: torch.Tensor
+    posterior_eps: torch.Tensor | None = None
 
 
 def sample_draws(seed: int, step: int, positions: list[int], shape: tuple[int, ...], num_timesteps: int,
-                 drop_prob: float) -> Draws:
+                 drop_prob: float, posterior: bool = False) -> Draws:
     """Every random draw of each sample from its own (seed, step, j) stream (order of draws fixed: never reorder)."""
-    noise, steps, drops, flips = [], [], [], []
+    noise, steps, drops, eps = [], [], [], []
     for j in positions:
         g = torch.Generator().manual_seed(derive_seed(seed, 0x7E57, step, j))
         noise.append(torch.randn(shape, generator=g))
         steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
         drops.append(torch.rand(1, generator=g) < drop_prob)
-        flips.append(torch.rand(1, generator=g) < 0.5)
-    return Draws(torch.stack(noise), torch.cat(steps), torch.cat(drops), torch.cat(flips))
+        if posterior:
+            eps.append(torch.randn(shape, generator=g))
+    return Draws(torch.stack(noise), torch.cat(steps), torch.cat(drops), torch.stack(eps) if posterior else None)
+
+
+def flip_flags(seed: int, step: int, positions: list[int]) -> list[bool]:
+    """Horizontal-flip decision of each sample (its own stream, so the data loader can draw it without the noise)."""
+    return [bool(torch.rand(1, generator=torch.Generator().manual_seed(derive_seed(seed, 0xF11F, step, j))) < 0.5)
+            for j in positions]

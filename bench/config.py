@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -192,8 +193,16 @@ class SampleConfig:
     """Samples per rank per forward."""
     seed: int = 0
     """Base seed; sample i uses its own generator seeded by (seed, i), independent of world size and batch."""
+    label_mode: str = "uniform"
+    """Class of sample i: ``uniform`` (drawn at random per sample, the DiT/ADM protocol) or ``balanced`` (i mod C)."""
+    guide_channels: int = 0
+    """Output channels classifier-free guidance applies to; 0 = all (DiT's release used 3 for JAX parity)."""
+    vae_dir: str = ""
+    """Local diffusers AutoencoderKL directory to decode latents (empty: ``$KINDBENCH_VAE_DIR``); unused in pixel space."""
 
     def __post_init__(self) -> None:
+        _check(self.label_mode in {"uniform", "balanced"}, "sample.label_mode must be uniform or balanced")
+        _check(self.guide_channels >= 0, "sample.guide_channels must be >= 0")
         _check(self.num_steps > 0 and self.num_samples > 0 and self.per_proc_batch > 0,
                "sample.num_steps, num_samples and per_proc_batch must be positive")
         _check(self.cfg_scale >= 1.0, "sample.cfg_scale must be >= 1")
@@ -217,9 +226,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self, length: int = 8) -> str:
-        """Content hash of everything that changes the result (bookkeeping fields of ``run`` excluded)."""
+        """Content hash of what changes the trained model. Left out: bookkeeping (logging and checkpoint cadence,
+        loader workers, ``run.*`` but the name and ancestry), machine paths (the same experiment keeps its id on
+        another cluster) and the ``sample`` section (sampling is its own stage, named by its own tag)."""
         data = self.to_dict()
         data["run"] = {k: v for k, v in data["run"].items() if k in RunSection.HASHED}
+        for section, key in UNHASHED:
+            data[section].pop(key, None)
+        data.pop("sample")
         canonical = json.dumps(data, sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
@@ -228,8 +242,13 @@ class RunConfig:
         if self.run.id:
             return self.run.id
         arch = self.model.arch.replace("/", "-")
-        name = self.run.name or self.data.split
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", self.run.name or self.data.split)  # a name is never a path
         return f"{self.method.name}--{name}--{arch}--s{self.engine.seed}--{self.config_hash()}"
+
+
+#: Fields that do not change the trained model (see ``RunConfig.config_hash``).
+UNHASHED = (("schedule", "log_every"), ("schedule", "ckpt_every"), ("schedule", "keep_checkpoints"),
+            ("data", "num_workers"), ("data", "root"), ("data", "latent_dir"))
 
 
 @dataclass
@@ -280,7 +299,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(data, key, value)
+        _set_dotted(data, key, _CliValue(item.split("=", 1)[1], value))
     return from_dict(data)
 
 
@@ -295,6 +314,14 @@ def parse_override(item: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw  # bare words are strings (paths, flavour names)
     return key.strip(), value
+
+
+@dataclass(frozen=True)
+class _CliValue:
+    """An override as typed: its TOML reading, and the raw text for fields that are strings (``--run.name=123``)."""
+
+    text: str
+    parsed: Any
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -328,13 +355,15 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if isinstance(value, _CliValue):
+        value = value.text if hint is str else value.parsed
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
     origin = typing.get_origin(hint)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} expects a table, got {type(value).__name__} {value!r}")
-        return dict(value)
+        return {k: (v.parsed if isinstance(v, _CliValue) else v) for k, v in value.items()}
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import importlib
 import os
+import pickle
 import re
 import socket
 import subprocess
@@ -58,21 +59,35 @@ class DistContext:
         return self.backend != "none"
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p for p in parts + [current] if p]
+
+
+def _expand_one(name: str) -> list[str]:
+    match = re.match(r"([^\[]*)\[([^\]]*)\](.*)", name)
+    if not match:
+        return [name]
+    prefix, ranges, rest = match.groups()
+    out = []
+    for item in ranges.split(","):
+        lo, _, hi = item.partition("-")
+        for i in range(int(lo), int(hi or lo) + 1):
+            out.extend(_expand_one(f"{prefix}{str(i).zfill(len(lo))}{rest}"))  # rest may hold more brackets
+    return out
+
+
 def expand_hostlist(nodelist: str) -> list[str]:
-    """Expand a SLURM node list such as ``n[1-3,7],gpu-a[01-02]`` into host names (no scontrol needed)."""
-    hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", nodelist):
-        part = part.strip(",")
-        match = re.fullmatch(r"(.*)\[(.*)\](.*)", part)
-        if not match:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = match.groups()
-        for item in ranges.split(","):
-            lo, _, hi = item.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
-    return hosts
+    """Expand a SLURM node list such as ``n[1-3,7],gpu-a[01-02]-ib`` into host names (no scontrol needed)."""
+    return [host for item in _split_top_level(nodelist) for host in _expand_one(item)]
 
 
 def _slurm_master_addr() -> str:
@@ -329,7 +344,7 @@ class DDPEngine(TrainEngine):
             self.micro_step = int(state["micro_step"])
         except FileNotFoundError:
             raise EngineError(f"checkpoint {directory} has no engine.pt (written by another backend?)") from None
-        except (RuntimeError, KeyError, EOFError, ValueError) as err:
+        except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as err:
             raise EngineError(f"checkpoint file {path} is corrupt or incompatible: "
                               f"{(str(err) or type(err).__name__).splitlines()[0]}") from None  # EOFError has no text
 

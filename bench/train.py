@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bench.batching import GlobalBatchPlan, MicroBatch, derive_seed, sample_draws
+from bench.batching import GlobalBatchPlan, MicroBatch, derive_seed, flip_flags, sample_draws
 from bench.checkpoint import CheckpointError, Checkpoints
 from bench.config import ConfigError, RunConfig, load_config, save_resolved
 from bench.data.factory import build_dataset
@@ -37,6 +37,9 @@ from bench.trainlog import TrainLog
 from methods import Ancestry, ArchSpec, Method, MethodError, Task, get_method
 from methods.transfer import load_ancestry, save_ancestry
 
+
+#: File in the run directory saying the last attempt stopped early with a checkpoint (see ``mark_preempted``).
+PREEMPTED_MARKER = "PREEMPTED"
 
 #: Seed stream of model construction (distinct from the data and noise streams of bench.batching).
 INIT_STREAM = 0x1417
@@ -91,16 +94,42 @@ def frozen_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-class RankMicroBatches(Sampler[list[int]]):
-    """This rank's micro-batch index lists from ``start_step`` on, for a DataLoader's ``batch_sampler``."""
+class TrainView(Dataset):
+    """Items keyed by ``(index, flip)``: the flip is decided by the batch plan, applied here (in loader workers).
 
-    def __init__(self, plan: GlobalBatchPlan, ctx: DistContext, accum: int, start_step: int, steps: int):
+    Pixel datasets give ``(image, label)`` and flip the image. Latent caches give ``(mean, std, label)`` of the
+    posterior of the image or of its mirror image (flipping a latent is not encoding the flipped image); the
+    trainer draws the posterior sample itself from the per-sample stream.
+    """
+
+    def __init__(self, dataset: Dataset, latents: bool):
+        self.dataset, self.latents = dataset, latents
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, bool]):
+        index, flip = key
+        if self.latents:
+            mean, std = self.dataset.moments(index, flipped=flip)
+            return mean, std, int(self.dataset.labels[index])
+        image, label = self.dataset[index]
+        return (image.flip(-1) if flip else image), label
+
+
+class RankMicroBatches(Sampler[list[tuple[int, bool]]]):
+    """This rank's micro-batches from ``start_step`` on as ``(index, flip)`` keys, for a DataLoader's batch_sampler."""
+
+    def __init__(self, plan: GlobalBatchPlan, ctx: DistContext, accum: int, start_step: int, steps: int,
+                 seed: int, flip: bool):
         self.plan, self.ctx, self.accum, self.start, self.steps = plan, ctx, accum, start_step, steps
+        self.seed, self.flip = seed, flip
 
     def __iter__(self):
         for step in range(self.start, self.steps):
             for mb in self.plan.micro_batches(step, self.ctx.rank, self.ctx.world_size, self.accum):
-                yield mb.indices
+                flips = flip_flags(self.seed, step, mb.positions) if self.flip else [False] * len(mb.indices)
+                yield list(zip(mb.indices, flips))
 
     def __len__(self) -> int:
         return (self.steps - self.start) * self.accum
@@ -117,13 +146,14 @@ def make_loader(dataset: Dataset, sampler: RankMicroBatches, num_workers: int) -
 
 
 def micro_step_loss(cfg: RunConfig, engine: TrainEngine, method: Method, diffusion: GaussianDiffusion,
-                    batch: tuple[torch.Tensor, torch.Tensor], mb: MicroBatch, flip: bool) -> dict[str, torch.Tensor]:
+                    batch: list[torch.Tensor], mb: MicroBatch) -> dict[str, torch.Tensor]:
     """Diffusion loss (+ the method's regulariser) of one micro-batch, with per-sample reproducible draws."""
-    x0, y = batch
+    latents = len(batch) == 3
+    x0, y = batch[0], batch[-1]
     draws = sample_draws(cfg.engine.seed, mb.step, mb.positions, tuple(x0.shape[1:]), diffusion.num_timesteps,
-                         cfg.model.class_dropout_prob)
-    if flip:
-        x0 = torch.where(draws.flip[:, None, None, None], x0.flip(-1), x0)
+                         cfg.model.class_dropout_prob, posterior=latents)
+    if latents:  # a posterior sample of the VAE latent (LightningDiT: moments stored, sample drawn per step)
+        x0 = x0 + batch[1] * draws.posterior_eps
     device = engine.ctx.device
     x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
     kwargs = {"y": y}
@@ -175,8 +205,9 @@ def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: 
     diffusion = GaussianDiffusion(cfg.diffusion.num_timesteps, cfg.diffusion.beta_schedule, cfg.model.learn_sigma)
     plan = GlobalBatchPlan(len(dataset), cfg.schedule.global_batch, cfg.engine.seed)
     steps = cfg.schedule.steps
-    batches = iter(make_loader(dataset, RankMicroBatches(plan, ctx, accum, start_step, steps), cfg.data.num_workers))
-    flip = cfg.data.random_flip and cfg.data.source != "latents"  # latent caches hold both flips themselves
+    sampler = RankMicroBatches(plan, ctx, accum, start_step, steps, cfg.engine.seed, cfg.data.random_flip)
+    view = TrainView(dataset, latents=cfg.data.source == "latents")
+    batches = iter(make_loader(view, sampler, cfg.data.num_workers))
     log = TrainLog(run_dir, ctx, steps, start_step, cfg.schedule.global_batch)
     meta = {"config_hash": cfg.config_hash(), "run_id": run_id}
     t_start = time.perf_counter()
@@ -185,7 +216,7 @@ def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: 
         for step in range(start_step, steps):
             for mb in plan.micro_batches(step, ctx.rank, ctx.world_size, accum):
                 with engine.no_sync():
-                    terms = micro_step_loss(cfg, engine, method, diffusion, next(batches), mb, flip)
+                    terms = micro_step_loss(cfg, engine, method, diffusion, next(batches), mb)
                     if any_rank(ctx, not torch.isfinite(terms["loss"]).item()):
                         done = checkpoints.latest()
                         raise NonFiniteLoss(f"non-finite loss at step {step} of run {run_id}; nothing was saved from "
@@ -204,7 +235,10 @@ def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: 
             if stop or done_steps % cfg.schedule.ckpt_every == 0 or done_steps == steps:
                 checkpoints.save(done_steps, engine, ema, meta)
             if stop and done_steps < steps:
-                raise Preempted(watch.requested_by or "a peer rank")
+                reason = watch.requested_by or "a peer rank"
+                if ctx.is_main:
+                    mark_preempted(run_dir, done_steps, reason)
+                raise Preempted(reason)
     finally:
         log.close()
 
@@ -216,8 +250,15 @@ def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: 
                "deepspeed_config": getattr(engine, "ds_config", None), "environment": environment(ctx.world_size)}
     if ctx.is_main:
         export(run_dir, cfg, method, dataset.num_classes, {**frozen, **ema.state_dict()}, summary)
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     barrier(ctx)
     return summary
+
+
+def mark_preempted(run_dir: Path, step: int, reason: str) -> None:
+    """Leave ``PREEMPTED`` in the run directory: torchrun reports every non-zero worker exit as 1, so launch
+    scripts learn "checkpointed, requeue me" from this file rather than from the exit code alone."""
+    (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "reason": reason, "time": time.time()}))
 
 
 def peak_memory_gb(ctx: DistContext) -> float:

@@ -285,7 +285,8 @@ def print_table(markdown: str) -> None:
         from rich.console import Console
         from rich.markdown import Markdown
 
-        Console().print(Markdown(markdown))
+        # Outside a terminal rich would wrap at 80 columns and squash the table.
+        Console(width=None if sys.stdout.isatty() else 200).print(Markdown(markdown))
     except ImportError:
         print(markdown)
 

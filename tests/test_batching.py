@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.batching import GlobalBatchPlan, sample_draws
+from bench.batching import GlobalBatchPlan, derive_seed, flip_flags, sample_draws
 
 NUM_SAMPLES, GLOBAL_BATCH, SEED = 20, 8, 3  # 8 does not divide 20: global batches straddle epoch boundaries
 
@@ -89,7 +89,8 @@ SHAPE, T, DROP = (3, 4, 4), 1000, 0.1
 
 
 def _row(draws, i: int) -> tuple[torch.Tensor, ...]:
-    return draws.noise[i], draws.timesteps[i], draws.drop_label[i], draws.flip[i]
+    row = (draws.noise[i], draws.timesteps[i], draws.drop_label[i])
+    return row if draws.posterior_eps is None else (*row, draws.posterior_eps[i])
 
 
 def _assert_same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
@@ -101,9 +102,11 @@ def test_draws_shapes_and_ranges():
     draws = sample_draws(SEED, 5, list(range(64)), SHAPE, T, DROP)
     assert draws.noise.shape == (64, *SHAPE) and draws.noise.dtype == torch.float32
     assert draws.timesteps.shape == (64,) and draws.timesteps.dtype == torch.int64
-    assert draws.drop_label.shape == draws.flip.shape == (64,)
-    assert draws.drop_label.dtype == draws.flip.dtype == torch.bool
+    assert draws.drop_label.shape == (64,) and draws.drop_label.dtype == torch.bool
     assert int(draws.timesteps.min()) >= 0 and int(draws.timesteps.max()) < T
+    assert draws.posterior_eps is None
+    with_posterior = sample_draws(SEED, 5, list(range(64)), SHAPE, T, DROP, posterior=True)
+    assert with_posterior.posterior_eps.shape == (64, *SHAPE)
 
 
 def test_draw_of_a_position_does_not_depend_on_its_companions():
@@ -141,7 +144,34 @@ def test_draws_differ_between_steps_positions_and_seeds():
 def test_draw_probabilities():
     draws = sample_draws(SEED, 0, list(range(2000)), (1,), T, DROP)
     assert 0.07 < draws.drop_label.float().mean().item() < 0.13
-    assert 0.45 < draws.flip.float().mean().item() < 0.55
     assert abs(draws.noise.mean().item()) < 0.1 and 0.9 < draws.noise.std().item() < 1.1
     assert not sample_draws(SEED, 0, list(range(200)), (1,), T, 0.0).drop_label.any()
     assert sample_draws(SEED, 0, list(range(200)), (1,), T, 1.0).drop_label.all()
+
+
+def test_posterior_noise_is_drawn_last_and_does_not_shift_the_other_draws():
+    plain = sample_draws(SEED, 3, [0, 4], SHAPE, T, DROP)
+    latent = sample_draws(SEED, 3, [0, 4], SHAPE, T, DROP, posterior=True)
+    for i in range(2):
+        _assert_same(_row(plain, i), _row(latent, i)[:3])
+    assert not torch.equal(latent.posterior_eps, latent.noise)
+    _assert_same(_row(latent, 1), _row(sample_draws(SEED, 3, [4], SHAPE, T, DROP, posterior=True), 0))
+
+
+def test_flip_flags_are_per_position_and_balanced():
+    together = flip_flags(SEED, 6, [2, 7, 11])
+    assert together[1] == flip_flags(SEED, 6, [7])[0]
+    assert flip_flags(SEED, 6, [11, 2]) == [together[2], together[0]]
+    many = flip_flags(SEED, 0, list(range(2000)))
+    assert all(type(f) is bool for f in many)
+    assert 0.45 < sum(many) / len(many) < 0.55
+    assert many != flip_flags(SEED, 1, list(range(2000)))  # other step, other flips
+    assert many != flip_flags(SEED + 1, 0, list(range(2000)))
+
+
+def test_derive_seed_mixes_its_parts():
+    assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3)
+    seeds = {derive_seed(0, 0x7E57, step, j) for step in range(20) for j in range(20)}
+    assert len(seeds) == 400  # no collisions between nearby (step, j)
+    assert derive_seed(0, 1, 2) != derive_seed(0, 2, 1)  # order matters
+    assert all(0 <= s < 2**63 for s in seeds)  # fits torch.Generator.manual_seed

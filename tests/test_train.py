@@ -31,6 +31,13 @@ def _one_line_error(result, expected_code: int, needle: str) -> None:
     assert last.startswith("kindbench train:") and needle in last, last
 
 
+def _preempted(result) -> None:
+    """Stopped early with a checkpoint: exit 75 from a plain process; torchrun turns any worker failure into 1,
+    so the PREEMPTED marker in the run directory is what launch scripts check."""
+    assert result.returncode in (EXIT_REQUEUE, 1), result.stderr[-2000:]
+    assert (result.run_dir / "PREEMPTED").is_file(), result.stderr[-2000:]
+
+
 def _export(result) -> dict[str, torch.Tensor]:
     return load_file(str(result.run_dir / "export.safetensors"))
 
@@ -68,9 +75,11 @@ def test_resume_in_a_new_process_is_exact(run_train):
     _ok(straight)
     first = run_train("--schedule.steps=4", "--schedule.ckpt_every=2", "--run.stop_after_steps=2", out="split")
     assert first.returncode == EXIT_REQUEUE, first.stderr[-2000:]
+    _preempted(first)
     assert not (first.run_dir / "export.safetensors").exists()
     second = run_train("--schedule.steps=4", "--schedule.ckpt_every=2", out="split")
     _ok(second)
+    assert not (second.run_dir / "PREEMPTED").exists()
     assert json.loads((second.run_dir / "summary.json").read_text())["resumed_from_step"] == 2
 
     a = torch.load(straight.run_dir / "checkpoints/0000004/engine.pt", weights_only=True)
@@ -171,9 +180,61 @@ def test_deepspeed_bf16_trains_and_resumes_exactly(run_train, stage):
     straight = run_train(*common, nproc=2, out="straight")
     _ok(straight)
     first = run_train(*common, "--run.stop_after_steps=2", nproc=2, out="split")
-    assert first.returncode == EXIT_REQUEUE, first.stderr[-2000:]
+    _preempted(first)
     second = run_train(*common, nproc=2, out="split")
     _ok(second)
     assert all(math.isfinite(v) for v in straight.losses())
     _assert_same_tensors(_export(straight), _export(second))
     assert all(v.dtype == torch.float32 for v in _export(straight).values())
+
+
+def test_trains_from_a_vae_latent_cache(run_train, tmp_path):
+    """The ImageNet path in miniature: encode once with a (random, local) AutoencoderKL, then train on latents."""
+    from diffusers import AutoencoderKL
+
+    from bench.data.latents import build_latent_cache, finalize_latent_cache
+    from bench.data.synthetic import SyntheticImages
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                        sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    images = SyntheticImages([0, 1, 2], image_size=16, per_class=4)
+    build_latent_cache(images, tmp_path / "vae", tmp_path / "latents", batch_size=6, shard_size=8, rank=0,
+                       world_size=1)
+    finalize_latent_cache(tmp_path / "latents")
+    result = run_train("--schedule.steps=2", "--data.source=latents", f"--data.latent_dir={tmp_path / 'latents'}",
+                       "--model.in_channels=4", "--model.input_size=8")
+    _ok(result)
+    assert len(result.losses()) == 2 and all(math.isfinite(v) for v in result.losses())
+    assert load_ancestry(result.run_dir / "export.safetensors").num_classes == 3
+
+
+def test_missing_latent_cache_is_a_one_line_error(run_train, tmp_path):
+    missing = tmp_path / "no-latents"
+    result = run_train("--data.source=latents", f"--data.latent_dir={missing}", "--model.in_channels=4",
+                       "--model.input_size=8")
+    _one_line_error(result, 1, str(missing))
+
+
+@pytest.mark.slow
+def test_srun_style_launch_from_slurm_variables(tmp_path):
+    """Two plain processes with only SLURM's variables (what ``srun`` gives each task) form one 2-rank job."""
+    import os
+
+    out = tmp_path / "runs"
+    cmd = train_command(1) + TINY_RUN + [f"--run.out_dir={out}", "--schedule.steps=2"]
+    base = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT"}}
+    procs = []
+    for rank in range(2):
+        env = {**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
+               "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(4000 + os.getpid() % 1000),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    (run_dir,) = out.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["environment"]["world_size"] == 2 and summary["micro_batch"] == 4

@@ -128,7 +128,13 @@ def random_fb_checkpoint(arch: str = "vit_small_patch14_dinov2", seed: int = 0) 
     torch.manual_seed(seed)
     model = timm.create_model(arch, pretrained=False, img_size=518, num_classes=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    # timm initialises pos_embed with small noise; give it structure so resampling rules are distinguishable
-    state["pos_embed"] = torch.randn_like(state["pos_embed"])
+    # timm's init (pos_embed noise 0.02, LayerScale 1e-5) makes every output ≈ the constant CLS token. Give the
+    # embedding structure (so resampling rules are distinguishable) and the residual branches weight (as the hub's
+    # init_values=1.0), so random features depend on the image.
+    gen = torch.Generator().manual_seed(seed)
+    state["pos_embed"] = torch.randn(state["pos_embed"].shape, generator=gen)
+    for key in state:
+        if key.endswith(("ls1.gamma", "ls2.gamma")):
+            state[key] = torch.ones_like(state[key])
     state["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
     return state

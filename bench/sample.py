@@ -1,0 +1,163 @@
+"""Draw class-conditional samples from a trained run into an ADM-style ``.npz`` (``arr_0``, uint8 NHWC).
+
+    python -m bench.sample --run-dir runs/<run_id> [--sample.num_samples=50000 --sample.cfg_scale=1.5 ...]
+    torchrun --nproc_per_node 8 -m bench.sample --run-dir runs/<run_id>
+
+The model is rebuilt from the run's ``config.json`` and ``export.safetensors`` (fp32 EMA) and merged into a
+plain DiT by its method. Sample ``i`` takes its label, initial noise and every step's noise from its own generator
+seeded by ``(sample.seed, i)``: the samples do not depend on the world size or on restarts. Work is cut into
+chunks of ``per_proc_batch`` consecutive samples (chunk k goes to rank k mod world), each written atomically to
+``parts/``; a restart skips finished chunks. Rank 0 then writes the ``.npz`` in index order, a grid PNG and
+``labels.npy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.batching import derive_seed
+from bench.config import ConfigError, RunConfig, SampleConfig, from_dict, parse_override
+from bench.data.grid import save_grid
+from bench.diffusion import GaussianDiffusion, sample
+from bench.engine import DistContext, barrier, init_distributed, shutdown
+from bench.metrics.sample_io import to_uint8_dit, write_samples_npz
+from methods import Task, get_method
+from methods.transfer import load_ancestry
+
+#: Seed streams (distinct from training's): labels and diffusion noise of sample i.
+LABEL_STREAM, NOISE_STREAM = 0x1AB, 0x5A3
+
+
+def sample_tag(cfg: SampleConfig, steps_trained: int) -> str:
+    """Every sampling knob in the name (DiT's folder names omitted steps and count)."""
+    return (f"step{steps_trained:07d}--cfg{cfg.cfg_scale:g}--{cfg.scheduler}{cfg.num_steps}--n{cfg.num_samples}"
+            f"--{cfg.label_mode}--seed{cfg.seed}")
+
+
+def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, RunConfig, dict[str, Any]]:
+    """The run's EMA model, rebuilt by its method and merged into a plain DiT, plus its config and export meta."""
+    config_path, export_path = run_dir / "config.json", run_dir / "export.safetensors"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: is {run_dir} a kindbench run directory?")
+    if not export_path.is_file():
+        raise FileNotFoundError(f"{export_path} is missing: the run has not finished training")
+    cfg = from_dict(json.loads(config_path.read_text()))
+    export = load_ancestry(export_path)
+    method = get_method(cfg.method.name, cfg.method.options)
+    if cfg.method.stage == "ancestry":
+        model = method.build_ancestry(export.arch, export.num_classes)
+    else:
+        parent = load_ancestry(cfg.run.ancestry) if cfg.run.ancestry else None
+        model = method.build(export.arch, Task(cfg.run.name or cfg.data.split, export.num_classes, cfg.method.stage),
+                             parent)
+    missing, unexpected = model.load_state_dict(export.state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{export_path} does not match the model its method builds "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    merged = method.merge(model)
+    merged.eval()
+    return merged, cfg, export.meta
+
+
+def sample_labels(cfg: SampleConfig, indices: range, num_classes: int) -> torch.Tensor:
+    if cfg.label_mode == "balanced":
+        return torch.tensor([i % num_classes for i in indices])
+    return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(
+        derive_seed(cfg.seed, LABEL_STREAM, i)))) for i in indices])
+
+
+def _decoder(cfg: RunConfig, device: torch.device):
+    """Latents -> images in [-1, 1]: the VAE for latent models, identity in pixel space."""
+    if cfg.model.in_channels == 3:
+        return lambda x: x
+    from bench.models.vae import decode, load_vae
+
+    vae = load_vae(cfg.sample.vae_dir or None, device=device)
+    return lambda x: decode(vae, x)
+
+
+def draw_chunk(model: torch.nn.Module, cfg: RunConfig, indices: range, device: torch.device, decoder) -> tuple[
+        np.ndarray, np.ndarray]:
+    s = cfg.sample
+    labels = sample_labels(s, indices, model.num_classes)
+    generators = [torch.Generator(device).manual_seed(derive_seed(s.seed, NOISE_STREAM, i)) for i in indices]
+    shape = (model.in_channels, model.input_size, model.input_size)
+    diffusion = GaussianDiffusion(cfg.diffusion.num_timesteps, cfg.diffusion.beta_schedule, model.learn_sigma)
+    x = sample(model, labels.to(device), shape=shape, scheduler=s.scheduler, num_steps=s.num_steps,
+               cfg_scale=s.cfg_scale, guide_channels=s.guide_channels or None, generators=generators,
+               diffusion=diffusion)
+    with torch.no_grad():
+        images = decoder(x)
+    return to_uint8_dit(images.permute(0, 2, 3, 1)), labels.numpy()
+
+
+def sample_run(run_dir: Path, overrides: list[str], ctx: DistContext) -> dict[str, Any]:
+    """Sample the run in ``run_dir`` (every rank calls it); returns the sample record on every rank."""
+    model, cfg, meta = load_run_model(run_dir)
+    for item in overrides:
+        key, value = parse_override(item)
+        if not key.startswith("sample."):
+            raise ConfigError(f"bench.sample takes only sample.* overrides, got {key!r}")
+        data = cfg.to_dict()
+        data["sample"][key.split(".", 1)[1]] = value
+        cfg = from_dict(data)
+    s = cfg.sample
+    tag = sample_tag(s, int(meta.get("steps", 0)))
+    out_dir = run_dir / "samples" / tag
+    parts = out_dir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    model.to(ctx.device)
+    decoder = _decoder(cfg, ctx.device)
+    chunks = range(0, s.num_samples, s.per_proc_batch)
+    for k, start in enumerate(chunks):
+        part = parts / f"chunk_{k:06d}.npz"
+        if k % ctx.world_size != ctx.rank or part.exists():
+            continue
+        images, labels = draw_chunk(model, cfg, range(start, min(start + s.per_proc_batch, s.num_samples)),
+                                    ctx.device, decoder)
+        tmp = part.with_suffix(".tmp.npz")
+        np.savez(tmp, images=images, labels=labels)
+        tmp.replace(part)
+    barrier(ctx)
+    npz = out_dir / "samples.npz"
+    if ctx.is_main:
+        files = [parts / f"chunk_{k:06d}.npz" for k in range(len(chunks))]
+        write_samples_npz(npz, (np.load(f)["images"] for f in files), s.num_samples)
+        labels = np.concatenate([np.load(f)["labels"] for f in files])
+        np.save(out_dir / "labels.npy", labels)
+        first = np.concatenate([np.load(f)["images"] for f in files[: max(1, 64 // s.per_proc_batch + 1)]])[:64]
+        save_grid(first, out_dir / "grid.png", nrow=8)
+    barrier(ctx)
+    return {"npz": str(npz), "labels": str(out_dir / "labels.npy"), "grid_png": str(out_dir / "grid.png"),
+            "num_samples": s.num_samples, "scheduler": s.scheduler, "num_steps": s.num_steps,
+            "cfg_scale": s.cfg_scale, "guide_channels": s.guide_channels, "label_mode": s.label_mode,
+            "seed": s.seed, "tag": tag, "per_sample_seeding": True, "world_size": ctx.world_size}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kindbench sample", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments: --sample.key=value overrides.")
+    parser.add_argument("--run-dir", required=True, type=Path, help="a trained run directory (runs/<run_id>)")
+    args, overrides = parser.parse_known_args(argv)
+    ctx = init_distributed(RunConfig().engine)
+    try:
+        record = sample_run(args.run_dir, overrides, ctx)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"kindbench sample: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared offline fixtures for the metrics tests: random weights in the real layout, written once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DINO_ARCH = "vit_small_patch14_dinov2"  # ViT-L is the real one; S keeps CPU tests fast with the same code path
+
+
+@pytest.fixture(scope="session")
+def inception_state():
+    from bench.metrics.inception import random_inception_state_dict
+
+    return random_inception_state_dict(seed=0)
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory, inception_state):
+    """Random Inception + DINOv2-S weights under the §8.8 file names (no manifest yet)."""
+    from bench.metrics import dinov2 as dino
+    from bench.metrics.weights import DINOV2_FILES, LAYOUT
+
+    root = tmp_path_factory.mktemp("weights")
+    path = root / LAYOUT["inception"].paths[0]
+    path.parent.mkdir(parents=True)
+    torch.save(inception_state, path)
+    dpath = root / "dinov2" / DINOV2_FILES[DINO_ARCH]
+    dpath.parent.mkdir(parents=True)
+    torch.save(dino.random_fb_checkpoint(DINO_ARCH, seed=0), dpath)
+    return root
+
+
+@pytest.fixture(scope="session")
+def inception_model(weights_dir):
+    from bench.metrics.inception import load_inception
+
+    return load_inception(weights_dir / "inception/pt_inception-2015-12-05-6726825d.pth")

@@ -1,6 +1,10 @@
 """``kindbench``: the umbrella command. Each verb lives in its own module; this file only dispatches.
 
+    kindbench run --suite tiny                           run a suite (local executor)
+    kindbench plan --suite tiny                          its job graph and status
     kindbench train --config run.toml [--section.key=value ...]
+    kindbench sample --run-dir runs/<run_id>
+    kindbench leaderboard / plot                         derived results
     kindbench evaluate SAMPLES.npz --ref REF [...]      (bench.metrics)
     kindbench metrics acceptance ...                     (bench.metrics)
     kindbench methods                                    list registered methods
@@ -13,7 +17,12 @@ import sys
 
 #: verb -> (module with a ``main(argv) -> int``, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
+    "run": ("bench.executor:run_main", "run a suite on this machine (default: tiny)"),
+    "plan": ("bench.executor:plan_main", "print a suite's job graph and what is done"),
     "train": ("bench.train", "train a DiT with a method (torchrun/srun compatible)"),
+    "sample": ("bench.sample", "sample a trained run into an ADM-style .npz"),
+    "leaderboard": ("bench.leaderboard", "records -> leaderboard CSV, Markdown, LaTeX"),
+    "plot": ("bench.plots", "leaderboard CSVs -> plots (PNG + PDF)"),
     "evaluate": ("bench.metrics.cli", "score an ADM-style .npz of samples against a reference"),
     "metrics": ("bench.metrics.cli", "metric utilities: reference building, acceptance procedures"),
     "methods": ("bench.cli", "list the registered methods"),
@@ -46,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if verb == "methods":
         return list_methods_main(rest)
-    module = importlib.import_module(VERBS[verb][0])
+    module_name, _, function = VERBS[verb][0].partition(":")
+    module = importlib.import_module(module_name)
+    if function:
+        return getattr(module, function)(rest)
     # The metrics CLI takes its own verb ("evaluate ..." / "metrics ...") as the first argument.
     return module.main(argv if module.__name__ == "bench.metrics.cli" else rest)
 

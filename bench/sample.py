@@ -28,6 +28,7 @@ from bench.data.grid import save_grid
 from bench.diffusion import GaussianDiffusion, sample
 from bench.engine import DistContext, barrier, init_distributed, shutdown
 from bench.metrics.sample_io import to_uint8_dit, write_samples_npz
+from bench.train import ancestry_path
 from methods import Task, get_method
 from methods.transfer import load_ancestry
 
@@ -49,12 +50,13 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, RunConfig, dict[str,
     if not export_path.is_file():
         raise FileNotFoundError(f"{export_path} is missing: the run has not finished training")
     cfg = from_dict(json.loads(config_path.read_text()))
+    cfg.run.out_dir = str(run_dir.parent)  # the runs root may have moved since training
     export = load_ancestry(export_path)
     method = get_method(cfg.method.name, cfg.method.options)
     if cfg.method.stage == "ancestry":
         model = method.build_ancestry(export.arch, export.num_classes)
     else:
-        parent = load_ancestry(cfg.run.ancestry) if cfg.run.ancestry else None
+        parent = load_ancestry(ancestry_path(cfg)) if cfg.run.ancestry else None
         model = method.build(export.arch, Task(cfg.run.name or cfg.data.split, export.num_classes, cfg.method.stage),
                              parent)
     missing, unexpected = model.load_state_dict(export.state, strict=False)

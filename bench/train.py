@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -77,9 +78,18 @@ def build_model(cfg: RunConfig, num_classes: int) -> tuple[Method, torch.nn.Modu
             raise ConfigError("run.ancestry is set but method.stage = ancestry builds its own model from scratch")
         return method, method.build_ancestry(arch, num_classes), None
     method.require_stage(cfg.method.stage)
-    ancestry = load_ancestry(cfg.run.ancestry) if cfg.run.ancestry else None
+    ancestry = load_ancestry(ancestry_path(cfg)) if cfg.run.ancestry else None
     task = Task(cfg.run.name or cfg.data.split, num_classes, cfg.method.stage)
     return method, method.build(arch, task, ancestry), ancestry
+
+
+def ancestry_path(cfg: RunConfig) -> Path:
+    """``run.ancestry`` as given, or relative to ``run.out_dir`` (how plans write it, so that run ids do not depend
+    on where the runs root is mounted)."""
+    path = Path(os.path.expandvars(cfg.run.ancestry)).expanduser()
+    if not path.is_absolute() and not path.exists() and (Path(cfg.run.out_dir) / path).exists():
+        return Path(cfg.run.out_dir) / path
+    return path
 
 
 def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

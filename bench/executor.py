@@ -1,0 +1,189 @@
+"""The local executor and the ``kindbench run`` / ``kindbench plan`` commands.
+
+    kindbench plan --suite tiny                       # the job graph and what is already done
+    kindbench run --suite tiny                        # run what is missing, then leaderboards and plots
+    kindbench run --suite tiny --set schedule.steps=20 --set sample.num_samples=64   # a smoke run
+    kindbench run --suite tiny --nproc 2              # training/sampling jobs under torchrun
+
+Jobs run in dependency order; a job whose success record exists is skipped (``--force`` reruns). A failed job
+leaves a failed record; the jobs that depend on it are skipped and everything else goes on, and the aggregate job
+still builds leaderboards from whatever finished. The SLURM executor (``bench.slurm``) runs the same jobs through
+the same ``bench.jobs.run_job``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.config import RunConfig, from_dict, parse_override
+from bench.jobs import Roots, run_job
+from bench.plan import STAGES, Job, Plan, make_plan
+from bench.suite import Suite, SuiteError, deep_merge, load_suite
+
+
+def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--set`` items -> (config overrides for every training run, eval-protocol overrides)."""
+    config: dict[str, Any] = {}
+    evaluation: dict[str, Any] = {}
+    for item in items:
+        key, value = parse_override(item)
+        target, parts = (evaluation, key.split(".")[1:]) if key.startswith("eval.") else (config, key.split("."))
+        node = target
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return config, evaluation
+
+
+def build_plan(suite_name: str, sets: list[str]) -> tuple[Suite, Plan]:
+    suite = load_suite(suite_name)
+    config, evaluation = parse_sets(sets)
+    if evaluation:
+        suite.eval = deep_merge(suite.eval, evaluation)
+    if "sample" in config:  # sampling overrides belong to the protocol every run shares
+        suite.sample = deep_merge(suite.sample, config.pop("sample"))
+    return suite, make_plan(suite, config)
+
+
+def job_status(plan: Plan, roots: Roots) -> dict[str, str]:
+    store = roots.store
+    status = {}
+    for job_id in plan.jobs:
+        status[job_id] = "done" if store.exists(job_id) else ("failed" if store.failed(job_id) else "pending")
+    return status
+
+
+def print_plan(plan: Plan, roots: Roots, console: Console) -> None:
+    status = job_status(plan, roots)
+    table = Table(title=f"plan for suite {plan.suite!r}: {len(plan.jobs)} jobs")
+    for column in ("stage", "job", "after", "status"):
+        table.add_column(column)
+    colour = {"done": "green", "failed": "red", "pending": "yellow"}
+    for job in plan.jobs.values():
+        table.add_row(job.stage, job.job_id, str(len(job.deps)), f"[{colour[status[job.job_id]]}]{status[job.job_id]}")
+    console.print(table)
+    counts = defaultdict(int)
+    for value in status.values():
+        counts[value] += 1
+    console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+
+def _run_in_subprocess(plan_path: Path, job: Job, roots: Roots, nproc: int, force: bool) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "bench.jobs", "--plan", str(plan_path), "--job", job.job_id, "--runs", str(roots.runs),
+           "--results", str(roots.results)] + (["--force"] if force else [])
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if proc.returncode != 0:
+        raise RuntimeError(f"job {job.job_id} failed under torchrun (exit {proc.returncode}); see its record")
+
+
+def run_local(plan: Plan, roots: Roots, *, nproc: int = 1, force: bool = False,
+              console: Console | None = None) -> dict[str, Any]:
+    """Run every missing job of ``plan``; returns per-stage timings and the job outcomes."""
+    from bench.engine import init_distributed
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    plan_path = plan.save(roots.runs / "plans" / f"{plan.suite}-{plan.plan_id()}.json")
+    outcome: dict[str, str] = {}
+    stage_time: dict[str, float] = defaultdict(float)
+    store = roots.store
+    for job in plan.jobs.values():
+        blocked = [d for d in job.deps if outcome.get(d) in ("failed", "blocked")]
+        if job.stage == "aggregate":
+            blocked = [] if any(outcome.get(d) in ("done", "ran") for d in job.deps) else blocked
+        if blocked:
+            outcome[job.job_id] = "blocked"
+            console.print(f"[yellow]skip[/] {job.job_id}: depends on failed {blocked[0]}")
+            continue
+        if store.exists(job.job_id) and not force and job.stage != "aggregate":
+            outcome[job.job_id] = "done"
+            continue
+        console.print(f"[bold]{job.stage:9s}[/] {job.job_id}")
+        t0 = time.perf_counter()
+        try:
+            if nproc > 1 and job.stage in ("ancestry", "transfer", "sample"):
+                _run_in_subprocess(plan_path, job, roots, nproc, force)
+            else:
+                engine = from_dict(job.config).engine if job.config else RunConfig().engine
+                run_job(plan, job, roots, init_distributed(engine), force=force or job.stage == "aggregate")
+            outcome[job.job_id] = "ran"
+        except Exception as err:  # noqa: BLE001 - recorded by run_job; the other branches go on
+            outcome[job.job_id] = "failed"
+            console.print(f"[red]failed[/] {job.job_id}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        stage_time[job.stage] += time.perf_counter() - t0
+    summary = {"suite": plan.suite, "plan": str(plan_path), "stage_seconds": dict(stage_time),
+               "outcomes": {k: sum(1 for v in outcome.values() if v == k) for k in ("ran", "done", "failed", "blocked")}}
+    _print_timings(summary, console)
+    return summary
+
+
+def _print_timings(summary: dict[str, Any], console: Console) -> None:
+    table = Table(title="time per stage (this invocation)")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage in STAGES:
+        if stage in summary["stage_seconds"]:
+            table.add_row(stage, f"{summary['stage_seconds'][stage]:.1f}")
+    table.add_row("total", f"{sum(summary['stage_seconds'].values()):.1f}")
+    console.print(table)
+    console.print(", ".join(f"{n} {k}" for k, n in summary["outcomes"].items()))
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", default="tiny", help="shipped suite name or a suite TOML file")
+    parser.add_argument("--runs", type=Path, default=Path(os.environ.get("KINDBENCH_RUNS", "runs")),
+                        help="bulk artefacts (checkpoints, samples, references); default runs/ or $KINDBENCH_RUNS")
+    parser.add_argument("--results", type=Path, help="records, leaderboards, plots; default results/<suite>")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for every run (e.g. schedule.steps=20, sample.num_samples=64, eval.n=...)")
+
+
+def _roots(args: argparse.Namespace, suite: Suite) -> Roots:
+    return Roots(args.runs, args.results or Path("results") / suite.name)
+
+
+def plan_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kindbench plan", description="print a suite's job graph and its status")
+    _common_args(parser)
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead")
+    args = parser.parse_args(argv)
+    try:
+        suite, plan = build_plan(args.suite, args.sets)
+    except SuiteError as err:
+        print(f"kindbench plan: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(plan.to_json())
+    else:
+        print_plan(plan, _roots(args, suite), Console())
+    return 0
+
+
+def run_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kindbench run", description="run a suite on this machine")
+    _common_args(parser)
+    parser.add_argument("--nproc", type=int, default=1, help="processes per training/sampling job (torchrun)")
+    parser.add_argument("--force", action="store_true", help="rerun jobs that already have a record")
+    args = parser.parse_args(argv)
+    try:
+        suite, plan = build_plan(args.suite, args.sets)
+    except SuiteError as err:
+        print(f"kindbench run: {err}", file=sys.stderr)
+        return 2
+    roots = _roots(args, suite)
+    console = Console(stderr=True, soft_wrap=True)
+    summary = run_local(plan, roots, nproc=args.nproc, force=args.force, console=console)
+    (roots.results / "last_run.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    console.print(f"leaderboards: {roots.results / 'leaderboard'}    plots: {roots.results / 'plots'}")
+    return 1 if summary["outcomes"]["failed"] else 0

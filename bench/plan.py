@@ -1,0 +1,170 @@
+"""Plan: expand a suite into stage jobs with dependencies and content-addressed ids (DESIGN.md §1, §4).
+
+Jobs, per seed and model size::
+
+    prepare   (task, data geometry, eval protocol)  -> the reference set a task is scored against
+    ancestry  (ancestry spec)                      -> pre-trains what methods transfer from
+    transfer  (method x task)     after ancestry   -> trains the downstream model
+    sample                        after transfer   -> ADM .npz
+    evaluate                      after sample, prepare -> metrics with their protocol
+    aggregate                     after every evaluate  -> leaderboards and plots
+
+A job id is a readable prefix plus a hash of everything that determines its output, including the ids of what it
+consumes (a transfer run hashes its ancestry's run id through ``run.ancestry``), so changing one setting changes the
+ids of exactly the jobs that depend on it, and an unchanged job keeps its id and its finished record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.config import RunConfig, from_dict
+from bench.suite import Suite, resolve_config
+
+STAGES = ("prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate")
+
+#: Leaderboard family when the suite does not say (harness.md §6.3).
+DEFAULT_FAMILY = {"scratch": "pretrain", "full": "full_ft", "kind": "learngene", "fine": "learngene",
+                  "wave": "learngene"}
+
+
+def short_hash(payload: Any, length: int = 8) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    stage: str
+    deps: tuple[str, ...]
+    run_id: str | None = None
+    """Training run the job belongs to (the run directory ``<runs>/<run_id>``)."""
+    config: dict[str, Any] | None = None
+    """Resolved RunConfig (training jobs and their sample/evaluate jobs)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Labels (suite, benchmark, task, arch, method, family, variant, seed) and stage-specific settings."""
+
+
+@dataclass
+class Plan:
+    suite: str
+    jobs: dict[str, Job]
+    """In dependency order: every job comes after the jobs it depends on."""
+
+    def by_stage(self, stage: str) -> list[Job]:
+        return [j for j in self.jobs.values() if j.stage == stage]
+
+    def plan_id(self) -> str:
+        return short_hash(sorted(self.jobs))
+
+    def to_json(self) -> str:
+        return json.dumps({"suite": self.suite, "jobs": [asdict(j) for j in self.jobs.values()]}, indent=1,
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        jobs = {}
+        for j in data["jobs"]:
+            jobs[j["job_id"]] = Job(j["job_id"], j["stage"], tuple(j["deps"]), j["run_id"], j["config"], j["info"])
+        return cls(data["suite"], jobs)
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+
+def _arch_dash(arch: str) -> str:
+    return arch.replace("/", "-")
+
+
+def make_plan(suite: Suite, overrides: dict[str, Any] | None = None) -> Plan:
+    """Every job of ``suite`` in dependency order (pure: no filesystem access, so ids are reproducible).
+
+    ``overrides`` (nested config tables) apply last to every training run, e.g. fewer steps for a smoke run;
+    they are part of the resolved configs, hence of the ids.
+    """
+    final = overrides or {}
+    jobs: dict[str, Job] = {}
+
+    def add(job: Job) -> Job:
+        jobs.setdefault(job.job_id, job)
+        return jobs[job.job_id]
+
+    evaluations = []
+    for seed in suite.seeds:
+        for arch in suite.archs:
+            ancestry_jobs = {}
+            for spec in suite.ancestries.values():
+                if not any(m.ancestry == spec.name for m in suite.methods):
+                    continue
+                cfg = from_dict(resolve_config(suite, {
+                    "model": {"arch": spec.arch or arch}, "engine": {"seed": seed},
+                    "method": {"name": spec.method, "stage": "ancestry", "options": spec.options},
+                    "run": {"name": f"ancestry-{spec.name}"}}, spec.overrides, final))
+                ancestry_jobs[spec.name] = add(_train_job(suite, cfg, "ancestry", (), {
+                    "ancestry": spec.name, "method": spec.method, "family": "ancestry", "variant": "default",
+                    "seed": seed, "arch": cfg.model.arch, "task": f"ancestry-{spec.name}"}))
+            for spec in suite.methods:
+                for task_name in spec.tasks:
+                    task = suite.tasks[task_name]
+                    parent = ancestry_jobs.get(spec.ancestry) if spec.ancestry else None
+                    run_name = task.name if spec.variant == "default" else f"{task.name}.{spec.variant}"
+                    layers = [{"model": {"arch": arch}, "engine": {"seed": seed},
+                               "method": {"name": spec.name, "stage": task.stage, "options": spec.options},
+                               "run": {"name": run_name,
+                                       # relative to the runs root: the id must not depend on where runs live
+                                       "ancestry": f"{parent.run_id}/export.safetensors" if parent else ""}},
+                              task.overrides, spec.overrides, final]
+                    cfg = from_dict(resolve_config(suite, *layers))
+                    labels = {"method": spec.name, "variant": spec.variant, "seed": seed, "task": task.name,
+                              "task_stage": task.stage, "arch": cfg.model.arch,
+                              "family": spec.family or DEFAULT_FAMILY.get(spec.name, "peft"),
+                              "benchmark": f"{task.name}--{_arch_dash(cfg.model.arch)}",
+                              "ancestry_job": parent.job_id if parent else None}
+                    train = add(_train_job(suite, cfg, "transfer", (parent.job_id,) if parent else (), labels))
+                    prepare = add(_prepare_job(suite, cfg, task.name))
+                    evaluations.append(_sample_and_evaluate(suite, cfg, train, prepare, labels, add))
+    aggregate_id = f"aggregate--{suite.name}--{short_hash(sorted(e.job_id for e in evaluations))}"
+    add(Job(aggregate_id, "aggregate", tuple(e.job_id for e in evaluations), info={"suite": suite.name}))
+    return Plan(suite.name, jobs)
+
+
+def _train_job(suite: Suite, cfg: RunConfig, stage: str, deps: tuple[str, ...], labels: dict[str, Any]) -> Job:
+    run_id = cfg.run_id()
+    return Job(f"{run_id}--{stage}", stage, deps, run_id, cfg.to_dict(), {"suite": suite.name, **labels})
+
+
+def _prepare_job(suite: Suite, cfg: RunConfig, task: str) -> Job:
+    """The reference set of a task: its data (split, domain, size) and the evaluation protocol."""
+    data = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("num_workers",)}
+    payload = {"data": data, "eval": suite.eval, "in_channels": cfg.model.in_channels}
+    job_id = f"prepare--{task}--{data['image_size']}px--{short_hash(payload)}"
+    return Job(job_id, "prepare", (), None, None, {"suite": suite.name, "task": task, **payload})
+
+
+def _sample_and_evaluate(suite: Suite, cfg: RunConfig, train: Job, prepare: Job, labels: dict[str, Any], add) -> Job:
+    sample_cfg = cfg.to_dict()["sample"]
+    sample = add(Job(f"{train.run_id}--sample-{short_hash(sample_cfg)}", "sample", (train.job_id,), train.run_id,
+                     train.config, {"suite": suite.name, **labels}))
+    eval_hash = short_hash([sample_cfg, suite.eval, prepare.job_id])
+    return add(Job(f"{train.run_id}--evaluate-{eval_hash}", "evaluate", (sample.job_id, prepare.job_id), train.run_id,
+                   train.config, {"suite": suite.name, **labels, "sample_job": sample.job_id,
+                                  "prepare_job": prepare.job_id, "eval": suite.eval}))
+
+
+def dependents(plan: Plan, job_id: str) -> set[str]:
+    """Every job that (transitively) depends on ``job_id``."""
+    out: set[str] = set()
+    frontier = {job_id}
+    while frontier:
+        frontier = {j.job_id for j in plan.jobs.values() if set(j.deps) & frontier} - out
+        out |= frontier
+    return out

@@ -1,0 +1,1 @@
+"""Shipped suites (TOML data files); see bench.suite for the format."""

@@ -47,13 +47,53 @@ def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def build_plan(suite_name: str, sets: list[str]) -> tuple[Suite, Plan]:
+    """Load the suite, apply ``--set`` overrides, expand the plan and check every input path exists."""
     suite = load_suite(suite_name)
     config, evaluation = parse_sets(sets)
     if evaluation:
         suite.eval = deep_merge(suite.eval, evaluation)
     if "sample" in config:  # sampling overrides belong to the protocol every run shares
         suite.sample = deep_merge(suite.sample, config.pop("sample"))
-    return suite, make_plan(suite, config)
+    plan = make_plan(suite, config)
+    problems = missing_inputs(plan, suite)
+    if problems:
+        raise SuiteError(f"suite {suite.name!r} cannot run here; missing inputs:\n  " + "\n  ".join(problems))
+    return suite, plan
+
+
+def _expand(text: str) -> Path | None:
+    return Path(os.path.expandvars(text)).expanduser() if text and "$" not in os.path.expandvars(text) else None
+
+
+def missing_inputs(plan: Plan, suite: Suite) -> list[str]:
+    """Data, weights and reference paths the plan needs that do not exist (checked before anything runs)."""
+    problems: set[str] = set()
+
+    def need(text: str, what: str, is_dir: bool) -> None:
+        path = _expand(text)
+        if path is None:
+            problems.add(f"{what}: {text or '(empty)'} (unset environment variable or empty setting)")
+        elif not (path.is_dir() if is_dir else path.is_file()):
+            problems.add(f"{what}: {path} does not exist")
+
+    for job in plan.jobs.values():
+        if job.stage not in ("ancestry", "transfer") or not job.config:
+            continue
+        data, model = job.config["data"], job.config["model"]
+        if data["source"] == "imagefolder":
+            need(data["root"], "data.root (ImageFolder root)", True)
+            if data["class_list"] and os.sep in data["class_list"]:
+                need(data["class_list"], "data.class_list", False)
+        elif data["source"] == "latents":
+            need(data["latent_dir"], "data.latent_dir (VAE latent cache)", True)
+        if model["in_channels"] == 4:
+            need(job.config["sample"]["vae_dir"] or os.environ.get("KINDBENCH_VAE_DIR", ""),
+                 "sample.vae_dir / $KINDBENCH_VAE_DIR (SD-VAE to decode samples)", True)
+    if suite.eval.get("extractor", "synthetic") != "synthetic":
+        need(str(suite.eval.get("reference", "")), "eval.reference (ADM reference batch)", False)
+        need(str(suite.eval.get("weights_dir", "") or os.environ.get("KINDBENCH_WEIGHTS_DIR", "")),
+             "eval.weights_dir / $KINDBENCH_WEIGHTS_DIR (Inception, DINOv2 weights)", True)
+    return sorted(problems)
 
 
 def job_status(plan: Plan, roots: Roots) -> dict[str, str]:

@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", required=True, type=Path)
     parser.add_argument("--results", required=True, type=Path)
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--show-run-dir", action="store_true",
+                        help="print the job's run directory (empty for jobs without one) and exit")
     args = parser.parse_args(argv)
     plan = Plan.from_json(args.plan.read_text())
     if args.job:
@@ -226,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"job {job_id!r} is not in plan {args.plan}")
     job = plan.jobs[job_id]
     roots = Roots(args.runs, args.results)
+    if args.show_run_dir:
+        print(roots.runs / job.run_id if job.run_id and job.stage in ("ancestry", "transfer") else "")
+        return 0
     ctx = init_distributed(RunConfig().engine if job.config is None else from_dict(job.config).engine)
     try:
         run_job(plan, job, roots, ctx, force=args.force)

@@ -35,6 +35,7 @@ matplotlib.use("Agg")  # files only; never open a window (cluster nodes have no 
 import matplotlib.style  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.tables import metric_label, protocol_summary  # noqa: E402
@@ -136,6 +137,13 @@ def save(figure: Figure, stem: Path) -> list[Path]:
     return [png, pdf]
 
 
+def set_log_x(ax, xs: Sequence[float]) -> None:
+    """Log x padded by a factor 2 each side (so at least one labelled decade shows), minor ticks unlabelled."""
+    ax.set_xscale("log")
+    ax.set_xlim(min(xs) / 2, max(xs) * 2)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def pareto_figure(rows: list[dict[str, str]], axis: str, styles: dict[str, dict[str, Any]]) -> Figure | None:
     """One panel per metric: mean ± std vs the axis' cost, log x, and the flagged front as a dashed staircase."""
     column, xlabel = AXES[axis]
@@ -162,12 +170,11 @@ def pareto_figure(rows: list[dict[str, str]], axis: str, styles: dict[str, dict[
         if front:
             xs, ys = zip(*front)
             ax.step(xs, ys, where="post", linestyle="--", color="0.35", linewidth=1, zorder=0)
-        ax.set_xscale("log")
+        set_log_x(ax, [number(row[column]) for row in usable])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{metric_label(name)} {'↑' if higher else '↓'}")
-    handles, labels = axes[0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    figure.legend(list(unique.values()), list(unique.keys()), loc="center right", title="method")
+    unique = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
+    figure.legend([unique[k] for k in sorted(unique)], sorted(unique), loc="center right", title="method")
     figure.suptitle(f"{rows[0]['benchmark']}, protocol {rows[0]['protocol_id']}: {protocol_summary(rows[0])}\n"
                     f"dashed: Pareto front vs {xlabel}")
     return figure

@@ -18,6 +18,9 @@ _BUILTIN: dict[str, str] = {
     "scratch": "baselines.scratch:ScratchMethod",
     "full": "baselines.full:FullMethod",
     "lora": "baselines.peft_adapter:LoraMethod",
+    "kind": "kind.kind:KindMethod",
+    "kind_nogate": "kind.kind:KindNoGateMethod",
+    "kind_fulltransfer": "kind.kind:KindFullTransferMethod",
 }
 
 _lock = threading.Lock()

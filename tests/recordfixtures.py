@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 from bench.store import RecordStore, metric, new_record, new_run_info
 
@@ -101,9 +99,14 @@ def eval_info(numbers: dict, protocol: dict, fid: float | None = None) -> dict:
 
 def _artefacts(root: Path, run_id: str, seed: int) -> tuple[str, str]:
     """A train.jsonl and a sample-grid PNG for the run, as the train and sample stages leave them."""
+    import numpy as np  # lazy: the concurrency tests' worker processes import this module and need neither
+    from PIL import Image
+
     run_dir = root / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    lines = [{"step": step, "loss": 1.0 / (1 + 0.05 * step) + 0.01 * seed, "lr": 1e-4} for step in range(0, 200, 10)]
+    rate = 0.02 + int(hashlib.sha256(run_id.encode()).hexdigest()[:4], 16) / 65536 * 0.08  # a different curve per run
+    lines = [{"step": step, "loss": 0.1 + 0.9 / (1 + rate * step) + 0.01 * seed, "lr": 1e-4}
+             for step in range(0, 200, 10)]
     (run_dir / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     rng = np.random.default_rng(seed + len(run_id))
     Image.fromarray(rng.integers(0, 256, (34, 34, 3), dtype=np.uint8)).save(run_dir / "grid.png")
@@ -153,3 +156,56 @@ def write_fixture_store(root: Path) -> RecordStore:
     write_run(store, "novel-b--DiT-T-2", ("kind", "learngene", "default", 0), RUNS[("kind", "learngene", "default",
                                                                                       0)], None)
     return store
+
+
+# ---- minimal records and worker processes for the store tests (this module stays light: spawned workers import it)
+
+N_WRITERS = 50
+PER_WRITER = 3
+SIMPLE_PROTOCOL = P1
+
+
+def simple_record(job_id: str, *, stage: str = "evaluate", status: str = "success", blob: str = "",
+                  fid: float = 21.5) -> dict:
+    """A valid record; ``blob`` inflates the config (for big-file tests) and its sha256 is stored beside it."""
+    config = {"method": {"name": "kind"}, "blob": blob, "blob_sha256": hashlib.sha256(blob.encode()).hexdigest()}
+    info = new_run_info(job_id=job_id, run_id=job_id.rsplit("--", 1)[0], stage=stage, suite="tiny",
+                        benchmark="novel-a--DiT-T-2", task="novel-a", arch="DiT-T/2", method="kind",
+                        family="learngene", variant="default", seed=0, config=config, config_hash="3f9a1c2e", git=GIT)
+    blocks = {}
+    if status == "success" and stage == "evaluate":
+        blocks["eval_info"] = {"metrics": {"fid": metric(fid, False), "is": metric(5.1, True)},
+                               "protocol": dict(SIMPLE_PROTOCOL)}
+    return new_record(info, status=status, error=None if status == "success" else "RuntimeError: boom",
+                      meta_info={"hostname": "node001", "pid": os.getpid()}, **blocks)
+
+
+def concurrent_writer(root: str, worker: int, barrier, results) -> None:
+    """One job process: wait until all writers are up, race everyone for one job id, then write its own records."""
+    store = RecordStore(root)
+    records = [simple_record(f"w{worker:02d}-r{k}--evaluate", fid=worker + k / 10) for k in range(PER_WRITER)]
+    contested = simple_record("contested--evaluate", fid=float(worker))
+    barrier.wait(120)
+    try:  # first, while the barrier has just released everyone: the tightest race
+        store.write(contested)
+        results.put(("won", worker))
+    except FileExistsError:
+        results.put(("lost", worker))
+    for record in records:
+        store.write(record)
+
+
+def big_writer(root: str, n: int, blob_mb: float, done) -> None:
+    """Write ``n`` big records, and rewrite one job id with force each time, while a reader polls."""
+    store = RecordStore(root)
+    for k in range(n):
+        blob = f"{k:04d}" * int(blob_mb * 2**18)
+        store.write(simple_record(f"big{k:03d}--evaluate", blob=blob))
+        store.write(simple_record("hot--evaluate", blob=blob, fid=float(k)), force=k > 0)  # rewritten in place
+    done.set()
+
+
+def check_complete(record: dict) -> None:
+    """A torn or mixed file could parse by luck; the blob's checksum could not match too."""
+    config = record["run_info"]["config"]
+    assert hashlib.sha256(config["blob"].encode()).hexdigest() == config["blob_sha256"]

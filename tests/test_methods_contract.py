@@ -42,6 +42,11 @@ ROWS = [
     ("lora", {}, TINY),
     ("lora", {"rank": 2, "alpha": 4.0, "targets": ("attn.qkv", "adaLN_modulation.1")}, TINY),
     ("lora", {"rank": 3, "init": "pissa", "train_modules": ()}, TINY),
+    ("kind", {}, TINY),
+    ("kind", {"train_learngene_sigma": True, "train_dense": True, "train_modules": ()}, TINY),
+    ("kind", {"reinit": ("y_embedder", "final_layer"), "descend_tailors": 0, "descend_select": "index"}, TINY),
+    ("kind_nogate", {}, TINY),
+    ("kind_fulltransfer", {"domain_dense": "fresh", "train_dense": True}, TINY),
 ]
 ROW_IDS = [f"{name}-{i}" for i, (name, _, _) in enumerate(ROWS)]
 

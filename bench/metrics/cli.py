@@ -161,7 +161,12 @@ def _cmd_weights(args) -> int:
     report = wd.verify_all(pin=args.pin, repin=args.repin)
     for row in report:
         print(f"{row['status']:<9} {row['key']:<34} {row.get('path', ' or '.join(row.get('expected', [])))}")
-    return 1 if any(r["status"] == "MISMATCH" for r in report) else 0
+    status = {r["key"]: r["status"] for r in report}
+    if status["inception"] == "missing" or (status["adm_ref"] == "missing" and status["adm_ref_derived"] == "missing"):
+        print("error: required files are missing\n" + expected_files_text(wd.root, ["inception", "adm_ref"]),
+              file=sys.stderr)
+        return 2
+    return 1 if "MISMATCH" in status.values() else 0
 
 
 def _device(value):

@@ -1,0 +1,146 @@
+"""KIND's configuration: every unknown of methods.md §2/§7 as an option, each defaulting to the §7 choice.
+
+Options read as ``method.options`` in a run config (unknown keys are errors). "[§7 #n]" marks a default taken from
+the proposed-defaults table; "[ours]" marks a choice of this implementation that the spec leaves open.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kind.gate import GATE_POLICIES, NULL_GATES
+from methods.base import MethodConfig, MethodError
+from methods.surgery import check_reinit_names
+
+DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+ADALN = "adaLN_modulation.1"
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise MethodError(f"kind {name} must be one of {choices}, got {value!r}")
+
+
+def _optional_count(name: str, value: int | None, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise MethodError(f"kind {name} must be None or an int >= {minimum}, got {value!r}")
+
+
+@dataclass
+class KindConfig(MethodConfig):
+    """KIND (Xie et al., ICML 2025): SVD-structured DiT whose components are learngenes and class-gated tailors."""
+
+    # ---- structure (ancestry; downstream stages must agree with the ancestry) --------------------------------
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    """Block Linears decomposed: q, k, v (fused ``attn.qkv``, split by ``split_qkv``), o, fc1, fc2 [§7 #1]."""
+    decompose_adaln: bool = False
+    """Also decompose each block's ``adaLN_modulation.1`` (FINE style) [§7 #1]."""
+    split_qkv: bool = True
+    """Decompose q, k and v as three matrices inside ``attn.qkv`` (DivControl's S); False keeps qkv fused [§2.2]."""
+    n_learngenes: int | None = None
+    """N_G, learngene components per matrix. None: d/2 in the ancestry, the ancestry's value downstream [§7 #3]."""
+    n_tailors: int | None = None
+    """N_T, tailor components per matrix. None: d/2 in the ancestry (N_G + N_T = d, full rank for d x d),
+    the ancestry's value downstream [§7 #3]."""
+
+    # ---- class gate (ancestry) ------------------------------------------------------------------------------
+    gate: str = "random"
+    """``random``: fixed seeded subset per class; ``disjoint``: one block of tailors per class; ``none``: no gate,
+    every tailor always on (the gate-off ablation) [§7 #4]."""
+    gate_active: int | None = None
+    """K_act, tailors on per class under ``random``. None: N_T / 2 (DivControl's 288 of 576) [§7 #4]."""
+    gate_seed: int = 0
+    """Seed of the ``random`` gate (the mask of class c depends only on the seed and c) [ours]."""
+    class_groups: tuple[int, ...] = ()
+    """Optional class -> gate-group list (e.g. WordNet superclasses): classes of a group share one mask; empty means
+    one group per class [§2.5 alternative]."""
+    null_gate: str = "learngenes"
+    """Gate of the CFG null class: ``learngenes`` (every tailor off), ``all``, or ``random`` (its own mask) [§7 #5]."""
+    ortho_reg: float = 0.0
+    """Weight of sum ||U^T U - I||^2 + ||V^T V - I||^2 over decomposed matrices, added as ``extra_loss`` [§7 #2]."""
+
+    # ---- downstream (transfer / domain / descend) -------------------------------------------------------------
+    reinit: tuple[str, ...] = ("y_embedder",)
+    """Modules re-initialised and trained in full: the new label space's class embeddings [§7 #6]."""
+    train_modules: tuple[str, ...] = ("final_layer",)
+    """Modules inherited from the ancestry and trained in full downstream (the final layer) [§7 #6]."""
+    train_learngene_sigma: bool = False
+    """Also train the learngenes' sigma downstream (U and V stay frozen) [§2.8 (a) optional flag]."""
+    train_dense: bool = False
+    """Also train every parameter outside the decomposed matrices downstream (adaLN, embedders, biases); §7 #6/#7
+    keep them frozen, §2.8 (b) reads "everything outside the decomposed matrices is trained" [§2.8 alternative]."""
+    transfer_gate: str = "none"
+    """Stage ``transfer``: ``none`` runs every tailor for every new class (merge exact for all classes) [§7 #6];
+    ``classes`` gates the new classes with the same policy, one mask per new class."""
+    domain_tailors: str = "fresh"
+    """Stage ``domain``: ``fresh`` tailors (SVD components N_G..N_G+N_T-1 of a freshly initialised DiT) [§7 #7], or
+    ``inherit`` the pre-trained ones (whole-model transfer, the ablation KIND argues against)."""
+    domain_dense: str = "inherit"
+    """Stage ``domain``: ``inherit`` the ancestry's non-decomposed parameters [§7 #7 "same trainables as #6"], or
+    ``fresh`` (DiT's init: strictly learngenes only; needs ``train_dense``) [§2.1 item 4 literal reading]."""
+    descend_depth: int | None = None
+    """Stage ``descend``: number of blocks of the deployed model (None: the requested flavour's depth) [ours]."""
+    descend_blocks: str = "first"
+    """Stage ``descend``: which ancestry blocks a shallower model keeps: ``first`` k, or ``even`` (evenly spaced,
+    first and last included) [ours]."""
+    descend_tailors: int | None = None
+    """Stage ``descend``: tailors kept per matrix (0 = learngenes only). None: K_act = N_T / 2 [ours]."""
+    descend_select: str = "norm"
+    """Stage ``descend``: which tailors to keep per matrix: ``norm`` (largest |sigma| ||u|| ||v||), ``index``
+    (lowest indices, i.e. largest initial singular values), ``classes`` (union of the ancestry gates of
+    ``descend_classes``) [ours]."""
+    descend_classes: tuple[int, ...] = ()
+    """Ancestry class ids whose tailors ``descend_select = classes`` keeps."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.class_groups = tuple(self.class_groups)
+        self.train_modules = tuple(self.train_modules)
+        self.descend_classes = tuple(self.descend_classes)
+        if not self.targets:
+            raise MethodError("kind needs at least one target Linear")
+        if ADALN in self.targets:
+            raise MethodError(f"put adaLN in kind through decompose_adaln = true, not in targets ({ADALN!r})")
+        _optional_count("n_learngenes", self.n_learngenes, 1)
+        _optional_count("n_tailors", self.n_tailors, 1)
+        _optional_count("gate_active", self.gate_active, 1)
+        _optional_count("descend_depth", self.descend_depth, 1)
+        _optional_count("descend_tailors", self.descend_tailors, 0)
+        _choice("gate", self.gate, GATE_POLICIES)
+        _choice("null_gate", self.null_gate, NULL_GATES)
+        _choice("transfer_gate", self.transfer_gate, ("none", "classes"))
+        _choice("domain_tailors", self.domain_tailors, ("fresh", "inherit"))
+        _choice("domain_dense", self.domain_dense, ("inherit", "fresh"))
+        _choice("descend_blocks", self.descend_blocks, ("first", "even"))
+        _choice("descend_select", self.descend_select, ("norm", "index", "classes"))
+        if not self.ortho_reg >= 0:
+            raise MethodError(f"kind ortho_reg must be >= 0, got {self.ortho_reg!r}")
+        if self.domain_dense == "fresh" and not self.train_dense:
+            raise MethodError("kind domain_dense = 'fresh' leaves DiT's zero-initialised adaLN frozen (every block "
+                              "the identity); set train_dense = true with it")
+        if self.descend_select == "classes" and not self.descend_classes:
+            raise MethodError("kind descend_select = 'classes' needs descend_classes (ancestry class ids)")
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.descend_classes):
+            raise MethodError("kind descend_classes must be non-negative class ids")
+        check_reinit_names(self.reinit)
+
+    @property
+    def all_targets(self) -> tuple[str, ...]:
+        """The decomposed Linears, adaLN included when ``decompose_adaln``."""
+        return self.targets + ((ADALN,) if self.decompose_adaln else ())
+
+
+@dataclass
+class KindNoGateConfig(KindConfig):
+    """Ablation: pre-training without the class gate (every tailor always on)."""
+
+    gate: str = "none"
+    """``none``: every tailor is trained by every class, so nothing is diverted."""
+
+
+@dataclass
+class KindFullTransferConfig(KindConfig):
+    """Ablation: the ``domain`` stage transfers the whole pre-trained model (learngenes and tailors)."""
+
+    domain_tailors: str = "inherit"
+    """``inherit``: the pre-trained tailors replace the fresh ones of learngene-only transfer."""

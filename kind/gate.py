@@ -1,0 +1,148 @@
+"""KIND's class gate: which tailor components each class switches on, and how each sample's gate reaches the layers.
+
+The gate is a fixed binary table ``(rows, N_T)``: row ``c`` says which tailors class ``c`` uses; the last row is the
+null class of classifier-free guidance when the DiT has one. Learngenes are always on. The table is shared by every
+decomposed layer and matrix type (methods.md §2.5, inferred from DivControl). Policies (§7 #4, #5):
+
+* ``random`` (default): a fixed seeded subset of ``active`` tailors per gate group (default ``N_T / 2``, the
+  288-of-576 ratio of DivControl); the subset of group ``g`` depends only on ``(seed, g)``, not on how many classes
+  there are.
+* ``disjoint``: the tailors are split into equal contiguous blocks, one per gate group (needs ``N_T >= groups``).
+* gate groups default to one per class; ``class_groups`` (a class -> group list, e.g. WordNet superclasses) makes
+  classes of one group share a mask.
+* null row: ``learngenes`` (all tailors off, default), ``all`` (all on) or ``random`` (its own random subset, as an
+  extra group).
+
+A gate must follow each sample's *effective* label, i.e. after label dropout, ``force_drop_ids`` and the null ids
+of ``forward_with_cfg``. DiT applies all of those inside ``LabelEmbedder`` and then looks the label up in
+``y_embedder.embedding_table``; ``GateEmbedding`` replaces that table (same weight Parameter, same module path) and,
+on every lookup, records the looked-up labels' rank-space masks in a ``GateContext`` that the decomposed layers of
+the same model read later in the same forward. The surgery lives inside the module tree, so DDP/DeepSpeed wrappers,
+``torch.func.functional_call`` and deep copies carry it along; the table is a buffer, so ZeRO-3 (which partitions
+only parameters) leaves it whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+GATE_POLICIES = ("random", "disjoint", "none")
+NULL_GATES = ("learngenes", "all", "random")
+#: Multiplier that makes the per-group seeds of ``random`` gates independent of each other.
+_SEED_STRIDE = 1_000_003
+
+
+def gate_groups(num_classes: int, class_groups: Sequence[int] = ()) -> list[int]:
+    """Gate group of every class: ``class_groups`` when given (one int per class), else one group per class."""
+    if not class_groups:
+        return list(range(num_classes))
+    groups = list(class_groups)
+    if len(groups) != num_classes:
+        raise ValueError(f"class_groups lists {len(groups)} classes but the model has {num_classes}")
+    if any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in groups):
+        raise ValueError("class_groups must hold non-negative int group ids, one per class")
+    return groups
+
+
+def random_subset(n_tailors: int, active: int, seed: int, group: int) -> torch.Tensor:
+    """The sorted tailor indices of group ``group`` under the ``random`` policy (CPU generator: portable)."""
+    generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + group)
+    return torch.randperm(n_tailors, generator=generator)[:active].sort().values
+
+
+def build_gate_table(policy: str, num_classes: int, n_tailors: int, *, active: int | None = None, seed: int = 0,
+                     class_groups: Sequence[int] = (), null: str = "learngenes", null_row: bool = True) -> torch.Tensor:
+    """The float {0, 1} gate table ``(num_classes + null_row, n_tailors)`` of ``policy`` (see the module doc)."""
+    if policy not in GATE_POLICIES:
+        raise ValueError(f"gate policy must be one of {GATE_POLICIES}, got {policy!r}")
+    if null not in NULL_GATES:
+        raise ValueError(f"null gate must be one of {NULL_GATES}, got {null!r}")
+    if n_tailors < 1:
+        raise ValueError(f"a class gate needs at least one tailor, got n_tailors={n_tailors}")
+    active = n_tailors // 2 if active is None else active
+    if not 1 <= active <= n_tailors:
+        raise ValueError(f"gate_active must be in [1, {n_tailors}] (the number of tailors), got {active}")
+    groups = gate_groups(num_classes, class_groups)
+    n_groups = max(groups) + 1 if groups else 0
+    table = torch.zeros(num_classes + int(null_row), n_tailors)
+    if policy == "none":
+        return table.fill_(1.0)
+    if policy == "disjoint":
+        if n_tailors < n_groups:
+            raise ValueError(f"gate 'disjoint' needs at least one tailor per gate group: {n_groups} groups but "
+                             f"n_tailors={n_tailors}")
+        blocks = torch.tensor_split(torch.arange(n_tailors), n_groups)
+        for cls, group in enumerate(groups):
+            table[cls, blocks[group]] = 1.0
+    else:
+        for cls, group in enumerate(groups):
+            table[cls, random_subset(n_tailors, active, seed, group)] = 1.0
+    if null_row:
+        if null == "all":
+            table[-1] = 1.0
+        elif null == "random":
+            table[-1, random_subset(n_tailors, active, seed, n_groups)] = 1.0
+    return table
+
+
+class GateContext:
+    """Hands each sample's rank-space mask from the label embedding to the decomposed layers of one forward.
+
+    Masks are kept per device, so replicas of one model on several devices (``nn.DataParallel``) do not overwrite
+    each other. A layer reading the context checks that the recorded batch matches its input, so a layer called
+    outside a DiT forward (or after a forward of another batch size) fails loudly instead of using a stale gate.
+    """
+
+    def __init__(self) -> None:
+        self._masks: dict[torch.device, torch.Tensor] = {}
+
+    def record(self, mask: torch.Tensor) -> None:
+        self._masks[mask.device] = mask
+
+    def rank_mask(self, x: torch.Tensor, rank: int) -> torch.Tensor:
+        """The (batch, rank) mask recorded for the forward ``x`` belongs to."""
+        mask = self._masks.get(x.device)
+        if mask is None:
+            raise RuntimeError("KIND gate: no class gate was recorded on this device; gated KIND layers must run "
+                               "inside the DiT forward (its y_embedder records each sample's gate)")
+        if mask.shape[0] != x.shape[0] or mask.shape[1] != rank:
+            raise RuntimeError(f"KIND gate: the recorded gate has shape {tuple(mask.shape)} but this layer needs "
+                               f"({x.shape[0]}, {rank}); was the layer called outside its DiT's forward?")
+        return mask
+
+
+class GateEmbedding(nn.Embedding):
+    """DiT's class-embedding table that also records the class gate of every label it embeds.
+
+    Shares the original table's weight Parameter, so parameter names (``y_embedder.embedding_table.weight``) and
+    values are unchanged. Buffer ``kind_gate`` is the (rows, N_T) tailor table; the recorded rank-space mask
+    prepends ``n_learngenes`` ones (learngenes are always on).
+    """
+
+    def __init__(self, table: nn.Embedding, gate: torch.Tensor, n_learngenes: int, context: GateContext):
+        super().__init__(table.num_embeddings, table.embedding_dim, device="meta")
+        if gate.ndim != 2 or gate.shape[0] != table.num_embeddings:
+            raise ValueError(f"gate table of shape {tuple(gate.shape)} does not fit a class table with "
+                             f"{table.num_embeddings} rows")
+        self.weight = table.weight
+        self.register_buffer("kind_gate", gate.to(device=table.weight.device, dtype=table.weight.dtype))
+        self.n_learngenes = n_learngenes
+        self.context = context
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        tailors = self.kind_gate[labels]
+        learngenes = tailors.new_ones(*tailors.shape[:-1], self.n_learngenes)
+        self.context.record(torch.cat([learngenes, tailors], dim=-1))
+        return super().forward(labels)
+
+    def to_embedding(self) -> nn.Embedding:
+        """A plain nn.Embedding holding the same weight Parameter (the gate is dropped)."""
+        plain = nn.Embedding(self.num_embeddings, self.embedding_dim, device="meta")
+        plain.weight = self.weight
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tailors={self.kind_gate.shape[1]}, learngenes={self.n_learngenes}"

@@ -1,0 +1,112 @@
+"""Plots from the leaderboard CSVs: every figure produced, fronts drawn from the CSV flags, byte-identical reruns."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench.leaderboard import build_leaderboards, protocol_id
+from bench.plots import BOARD_COLUMNS, DPI, PlotWarning, label_of, make_plots, pareto_figure, read_csv, styles_for
+from recordfixtures import P1, P2, write_fixture_store
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_A, BENCH_B = "novel-a--DiT-T-2", "novel-b--DiT-T-2"
+
+
+@pytest.fixture(scope="module")
+def plotted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("plots")
+    write_fixture_store(base / "results")
+    build_leaderboards(base / "results", base / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlotWarning)  # every input the fixture promises is there
+        written = make_plots(base / "out", base / "figs")
+    return base, written
+
+
+def test_every_figure_is_written_as_png_and_pdf(plotted):
+    base, written = plotted
+    names = {p.relative_to(base / "figs").as_posix() for p in written}
+    expected = set()
+    for bench, protocols in ((BENCH_A, (P1, P2)), (BENCH_B, (P1,))):
+        stems = [f"{bench}/loss_curves"] + [f"{bench}/{protocol_id(p)}/{kind}" for p in protocols
+                                            for kind in ("pareto_params", "pareto_compute", "samples")]
+        expected |= {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
+    assert names == expected
+    for path in written:
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n" if path.suffix == ".png" else b"%PDF-")
+        if path.suffix == ".pdf":
+            assert b"CreationDate" not in data and b"/Producer" not in data  # nothing that changes run to run
+    # fixed sizes: a six-metric Pareto figure is 3 x 2 panels of 3.4 x 2.8 in, plus legend and title room
+    with Image.open(base / "figs" / BENCH_A / protocol_id(P1) / "pareto_params.png") as image:
+        assert image.size == (round((3 * 3.4 + 1.6) * DPI), round((2 * 2.8 + 0.6) * DPI))
+        assert not any(key.lower() in ("software", "creation time") for key in image.info)
+
+
+def test_pareto_front_is_the_csv_front(plotted):
+    base = plotted[0]
+    rows = [r for r in read_csv(base / "out" / BENCH_A / "leaderboard.csv", BOARD_COLUMNS)
+            if r["protocol_id"] == protocol_id(P1)]
+    figure = pareto_figure(rows, "params", styles_for([label_of(r) for r in rows]))
+    fid_axes = figure.axes[0]
+    assert fid_axes.get_ylabel() == "FID ↓" and fid_axes.get_xscale() == "log"
+    (front,) = [line for line in fid_axes.get_lines() if line.get_linestyle() == "--"]
+    # the leaderboard's flags: lora (30K, 26), kind (120K, 21), full_ft (800K, 19); bitfit is dominated
+    assert list(front.get_xdata()) == [30_000, 120_000, 800_000]
+    assert list(front.get_ydata()) == pytest.approx([26.0, 21.0, 19.0])
+    precision = figure.axes[3]
+    assert precision.get_ylabel() == "Precision ↑"
+
+
+def test_same_csv_gives_identical_files(plotted, tmp_path):
+    """Rerun (in a fresh process, through the CLI) on one benchmark's CSVs: every byte must match."""
+    base = plotted[0]
+    subset = base / "out_b"  # a sibling of out/, so the runs CSV's relative paths still resolve
+    shutil.copytree(base / "out" / BENCH_B, subset / BENCH_B, dirs_exist_ok=True)
+    shutil.copy(base / "out" / "leaderboard_runs.csv", subset / "leaderboard_runs.csv")
+    first = make_plots(subset, tmp_path / "one")
+    env = {**os.environ, "PYTHONHASHSEED": "123", "MPLBACKEND": "pdf"}  # a different hash seed and backend env
+    proc = subprocess.run([sys.executable, "-m", "bench.plots", "--leaderboard", str(subset), "--out",
+                           str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(first) == 8
+    for path in first:
+        again = tmp_path / "two" / path.relative_to(tmp_path / "one")
+        assert path.read_bytes() == again.read_bytes(), f"{path.name} differs between runs"
+        assert path.read_bytes() == (base / "figs" / path.relative_to(tmp_path / "one")).read_bytes()
+
+
+def test_missing_inputs_warn_and_skip(plotted, tmp_path):
+    base = plotted[0]
+    out = base / "out_missing"
+    shutil.copytree(base / "out" / BENCH_B, out / BENCH_B, dirs_exist_ok=True)
+    with (base / "out" / "leaderboard_runs.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["grid_png"] = "../results/runs/nowhere/grid.png"
+    with (out / "leaderboard_runs.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.warns(PlotWarning, match="sample grid of .* not found"):
+        written = make_plots(out, tmp_path / "figs")
+    assert not [p for p in written if p.stem == "samples"]
+    assert {p.stem for p in written} == {"loss_curves", "pareto_params", "pareto_compute"}
+
+
+def test_bad_leaderboard_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `kindbench leaderboard` first"):
+        make_plots(tmp_path, tmp_path / "figs")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "leaderboard.csv").write_text("method,fid\nkind,3.0\n")
+    with pytest.raises(ValueError, match=r"leaderboard.csv lacks columns \['benchmark', 'protocol_id'"):
+        make_plots(tmp_path, tmp_path / "figs")

@@ -37,6 +37,11 @@ class Roots:
     results: Path
     """Records, leaderboards, plots (small; committed for shipped suites)."""
 
+    def __post_init__(self) -> None:
+        # absolute: records point at artefacts, and jobs may run from another working directory (SLURM)
+        object.__setattr__(self, "runs", Path(self.runs).resolve())
+        object.__setattr__(self, "results", Path(self.results).resolve())
+
     @property
     def store(self) -> RecordStore:
         return RecordStore(self.results)
@@ -197,10 +202,7 @@ def run_job(plan: Plan, job: Job, roots: Roots, ctx: DistContext, *, force: bool
         raise
     if not ctx.is_main:
         return None
-    extra = blocks.pop("extra", None)
     record = new_record(run_info, timings={"stage_wall_s": time.perf_counter() - t0}, **blocks)
-    if extra is not None:
-        record["extra"] = extra
     store.write(record, force=force)
     return record
 

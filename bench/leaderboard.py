@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import tables
-from bench.store import TRAINING_STAGES, EvalProtocol, MalformedRecordError, Record, RecordStore
+from bench.store import EvalProtocol, MalformedRecordError, Record, RecordStore
 
 #: metrics in display order; unknown metrics follow alphabetically
 METRIC_ORDER = ("fid", "sfid", "is", "precision", "recall", "fdd")
@@ -101,8 +101,21 @@ class RecordIndex:
             self.by_run_stage[(info["run_id"], info["stage"])].append(record)
 
     def upstream(self, record: Record, stages: Sequence[str]) -> Record | None:
-        """The nearest successful ancestor (breadth-first over depends_on) in ``stages``, else the same run's
-        record of the first stage in ``stages`` that has one."""
+        """The first of ``stages`` (in that order of preference) that has a successful record upstream of
+        ``record``: the nearest one over ``depends_on``, else the record of that stage with the same run id."""
+        for stage in stages:
+            found = self._nearest(record, stage)
+            if found is not None:
+                return found
+        for stage in stages:
+            candidates = self.by_run_stage.get((record["run_info"]["run_id"], stage))
+            if candidates:
+                return candidates[0]
+        return None
+
+    def _nearest(self, record: Record, stage: str) -> Record | None:
+        """Breadth-first over depends_on: an evaluation that also lists the ancestry directly still reaches the
+        transfer through its sample, because ``upstream`` asks for the transfer first."""
         queue, seen = deque(record["run_info"]["depends_on"]), set()
         while queue:
             job_id = queue.popleft()
@@ -110,13 +123,9 @@ class RecordIndex:
                 continue
             seen.add(job_id)
             parent = self.by_job[job_id]
-            if parent["run_info"]["stage"] in stages:
+            if parent["run_info"]["stage"] == stage:
                 return parent
             queue.extend(parent["run_info"]["depends_on"])
-        for stage in stages:
-            candidates = self.by_run_stage.get((record["run_info"]["run_id"], stage))
-            if candidates:
-                return candidates[0]
         return None
 
 
@@ -131,7 +140,7 @@ def _relative_artefact(path: str | None, store_root: Path, out_dir: Path) -> str
 def run_row(evaluation: Record, index: RecordIndex, store_root: Path, out_dir: Path) -> dict[str, Any]:
     """One seed-run row: identity + protocol + costs (from the training record) + metric values."""
     info, protocol = evaluation["run_info"], evaluation["eval_info"]["protocol"]
-    train = index.upstream(evaluation, ("transfer", "ancestry"))
+    train = index.upstream(evaluation, ("transfer", "ancestry"))  # a run's own transfer before any ancestry
     sample = index.upstream(evaluation, ("sample",))
     row: dict[str, Any] = {key: info[key] for key in ("benchmark", "task", "arch", "method", "family", "variant",
                                                       "seed", "run_id", "config_hash", "git_sha", "git_dirty")}
@@ -347,7 +356,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) ->
     return path
 
 
-def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike, *, strict: bool = False) -> list[Path]:
+def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       strict: bool = False) -> list[Path]:
     """Read every record under ``store_root``, write the leaderboards under ``out_dir``; return the files written.
 
     ``strict=True`` raises ``MalformedRecordError`` on a broken record file instead of skipping it.
@@ -370,7 +380,8 @@ def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike
     written = [write_csv(out_dir / "leaderboard_runs.csv", runs, list(RUN_COLUMNS) + metrics)]
     boards = aggregate(runs, directions)
     counts = status_counts(records)
-    for benchmark in sorted(set(boards) | set(counts)):
+    # suite-level jobs (prepare, aggregate) may have no benchmark: counted in status.*, no leaderboard of their own
+    for benchmark in sorted(set(boards) | {name for name in counts if name}):
         rows = boards.get(benchmark, [])
         folder = out_dir / _safe_folder(benchmark)
         written.append(write_csv(folder / "leaderboard.csv", rows, agg_columns(metrics)))

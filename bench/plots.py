@@ -273,9 +273,11 @@ def make_plots(leaderboard_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     """
     base, out = Path(leaderboard_dir), Path(out_dir)
     boards = sorted(base.glob("*/leaderboard.csv"))
-    if not boards:
-        raise FileNotFoundError(f"no <benchmark>/leaderboard.csv under {base}: run `kindbench leaderboard` first")
     runs_csv = base / "leaderboard_runs.csv"
+    if not boards and not runs_csv.is_file():
+        raise FileNotFoundError(f"no <benchmark>/leaderboard.csv under {base}: run `kindbench leaderboard` first")
+    if not boards:
+        warnings.warn(f"{base}: the leaderboard has no benchmark yet; no figures", PlotWarning, stacklevel=2)
     runs = read_csv(runs_csv, RUN_COLUMNS) if runs_csv.is_file() else []
     written: list[Path] = []
     with matplotlib.style.context("default"), matplotlib.rc_context(STYLE):

@@ -34,7 +34,6 @@ from typing import Any, Literal, TypedDict
 SCHEMA_VERSION = 1
 STATUSES = ("success", "failed", "cancelled")
 STAGES = ("prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate")
-TRAINING_STAGES = ("ancestry", "transfer")
 
 # One path component that is safe on every filesystem we meet (no "/", no leading dot, no "..").
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
@@ -56,7 +55,7 @@ class RunInfo(TypedDict):
     run_id: str  # readable prefix + config hash; every stage job of one run shares it
     stage: str  # one of STAGES
     suite: str  # suite the job was planned from ("tiny", ...)
-    benchmark: str  # task x model size; one leaderboard per benchmark ("novel-a--DiT-T-2")
+    benchmark: str  # task x model size; one leaderboard per benchmark ("novel-a--DiT-T-2"); "" for suite-level jobs
     task: str  # downstream task ("novel-a")
     arch: str  # DiT display name ("DiT-T/2")
     method: str  # registry key of the method ("kind", "lora", ...)
@@ -140,6 +139,7 @@ class Record(TypedDict, total=False):
     eval_info: EvalInfo  # evaluate jobs
     timings: dict[str, float]  # {"stage_wall_s": ...}
     meta_info: dict[str, Any]  # environment: hostname, python, packages, cuda, gpu, world size, SLURM ids, git
+    extra: dict[str, Any]  # stage-specific payload without a block of its own (prepare: reference; aggregate: files)
 
 
 REQUIRED = {
@@ -206,8 +206,10 @@ def validate_record(record: Any) -> None:
         raise ValueError(f"run_info.stage must be one of {STAGES}, got {info['stage']!r}")
     if not isinstance(info["seed"], int) or isinstance(info["seed"], bool):
         raise ValueError(f"run_info.seed must be an integer, got {info['seed']!r}")
-    if not isinstance(info["depends_on"], list):
+    if not isinstance(info["depends_on"], list) or not all(isinstance(j, str) for j in info["depends_on"]):
         raise ValueError("run_info.depends_on must be a list of job ids")
+    if not isinstance(info["config"], dict):
+        raise ValueError("run_info.config must be an object (the resolved config)")
     for key in ("created_at", "finished_at"):
         _check_time(info[key], f"run_info.{key}")
     for name in ("timings", "meta_info"):
@@ -280,7 +282,8 @@ def new_run_info(*, job_id: str, run_id: str, stage: str, suite: str, benchmark:
 def new_record(run_info: RunInfo, *, status: str = "success", error: BaseException | str | None = None,
                train_info: TrainInfo | None = None, sample_info: SampleInfo | None = None,
                eval_info: EvalInfo | None = None, timings: dict[str, float] | None = None,
-               meta_info: dict[str, Any] | None = None, finished_at: str | None = None) -> Record:
+               meta_info: dict[str, Any] | None = None, finished_at: str | None = None,
+               extra: dict[str, Any] | None = None) -> Record:
     """A complete record around ``run_info``: ``finished_at`` now, ``timings.stage_wall_s`` from the two stamps
     unless given, ``meta_info`` from ``bench.provenance.environment()`` unless given. Validated before return."""
     if meta_info is None:
@@ -294,7 +297,8 @@ def new_record(run_info: RunInfo, *, status: str = "success", error: BaseExcepti
         timings = {"stage_wall_s": max((end - start).total_seconds(), 0.0)}
     record = Record(schema_version=SCHEMA_VERSION, run_info=info, status=status,  # type: ignore[typeddict-item]
                     error=None if error is None else one_line(error), timings=timings, meta_info=meta_info)
-    for name, block in (("train_info", train_info), ("sample_info", sample_info), ("eval_info", eval_info)):
+    for name, block in (("train_info", train_info), ("sample_info", sample_info), ("eval_info", eval_info),
+                        ("extra", extra)):
         if block is not None:
             record[name] = block  # type: ignore[literal-required]
     validate_record(record)
@@ -302,6 +306,7 @@ def new_record(run_info: RunInfo, *, status: str = "success", error: BaseExcepti
 
 
 def metric(value: float | None, higher_is_better: bool) -> MetricValue:
+    """One ``eval_info.metrics`` entry; ``None`` for a metric that could not be computed."""
     return MetricValue(value=None if value is None else float(value), higher_is_better=higher_is_better)
 
 
@@ -345,9 +350,10 @@ class RecordStore:
         """
         try:
             validate_record(record)
-            payload = json.dumps(record, indent=2, allow_nan=False) + "\n"
-        except ValueError as exc:
-            job = record.get("run_info", {}).get("job_id", "?") if isinstance(record, dict) else "?"
+            payload = json.dumps(record, indent=2, allow_nan=False) + "\n"  # NaN/inf anywhere is invalid JSON
+        except (ValueError, TypeError) as exc:  # TypeError: a value json cannot encode (a Path, a tensor)
+            info = record.get("run_info") if isinstance(record, dict) else None
+            job = info.get("job_id", "?") if isinstance(info, dict) else "?"
             raise ValueError(f"cannot write record {job!r}: {exc}") from None
         job_id = record["run_info"]["job_id"]
         target = self.path(job_id, record["status"])

@@ -156,7 +156,7 @@ def status_markdown(counts: dict[str, Counter], failed: Sequence[dict[str, Any]]
                     malformed: Sequence[tuple[Any, str]]) -> str:
     lines = ["# Record status", ""]
     for benchmark, counter in sorted(counts.items()):
-        lines += [f"## {benchmark}", ""]
+        lines += [f"## {benchmark or '(suite-level jobs)'}", ""]
         lines += status_lines(counter, [r for r in failed if r["run_info"]["benchmark"] == benchmark])
     if malformed:
         lines += ["## Malformed record files (skipped)", ""]

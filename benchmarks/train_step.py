@@ -187,7 +187,7 @@ def summarise(results: list[dict], device: str) -> list[dict]:
     """One row per (precision, arch): the best repeat of each implementation and the ratio ours / diffusers."""
     peak = peak_bf16_flops() if device == "cuda" else None
     rows = []
-    keys = sorted({(r["precision"], r["arch"]) for r in results}, key=lambda k: (k[0], DIT_ORDER.index(k[1])))
+    keys = dict.fromkeys((r["precision"], r["arch"]) for r in results)  # plan order, no duplicates
     for precision, arch in keys:
         best = {}
         for impl in IMPLEMENTATIONS:
@@ -206,9 +206,6 @@ def summarise(results: list[dict], device: str) -> list[dict]:
     return rows
 
 
-DIT_ORDER = list(DIT_FLAVOURS)
-
-
 def peak_bf16_flops() -> float | None:
     name = torch.cuda.get_device_name()
     for key, flops in PEAK_BF16_FLOPS.items():  # insertion order puts "H100 PCIe" before "H100"
@@ -217,7 +214,7 @@ def peak_bf16_flops() -> float | None:
     return None
 
 
-def machine_description(device: str) -> list[str]:
+def machine_description(device: str, load_start: float, load_end: float) -> list[str]:
     cpu_model = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -229,7 +226,8 @@ def machine_description(device: str) -> list[str]:
 
     lines = [
         f"- CPU: {cpu_model}, {len(os.sched_getaffinity(0))} usable cores, torch threads {torch.get_num_threads()}",
-        f"- load average at start (other processes share the cores): {os.getloadavg()[0]:.2f}",
+        f"- 1-min load average (other processes may share the cores): {load_start:.2f} at start, "
+        f"{load_end:.2f} at end",
         f"- torch {torch.__version__}, diffusers {diffusers.__version__}, timm {timm.__version__}, "
         f"Python {platform.python_version()}",
     ]
@@ -238,7 +236,8 @@ def machine_description(device: str) -> list[str]:
     return lines
 
 
-def render_markdown(rows: list[dict], args: argparse.Namespace, device: str, command: str) -> str:
+def render_markdown(rows: list[dict], results: list[dict], args: argparse.Namespace, device: str, command: str,
+                    load_start: float) -> str:
     first = rows[0]["ours"]
     memory_note = ("peak `torch.cuda.max_memory_allocated`" if device == "cuda" else
                    "peak RSS of the benchmark process (`getrusage` maxrss), and in brackets its growth over the "
@@ -248,7 +247,7 @@ def render_markdown(rows: list[dict], args: argparse.Namespace, device: str, com
         "",
         f"Command: `{command}`",
         "",
-        *machine_description(device),
+        *machine_description(device, load_start, os.getloadavg()[0]),
         "",
         f"Setup: {first['input_size']}x{first['input_size']}x{first['in_channels']} latents, "
         f"{first['num_classes']} classes, learned sigma, AdamW (lr 1e-4), MSE loss, engine `{args.engine}`; "
@@ -266,11 +265,13 @@ def render_markdown(rows: list[dict], args: argparse.Namespace, device: str, com
     for row in rows:
         cells = [row["precision"], row["arch"], str(row["batch"]), f"{row['gmacs']:.2f}",
                  f"{row['ours']['images_per_s']:.2f}", f"{row['diffusers']['images_per_s']:.2f}",
-                 f"{row['ratio']:.3f}x", f"{row['ours_tflops']:.3f}", _memory(row["ours"]),
+                 f"{row['ratio']:.3f}x", f"{row['ours_tflops']:.4g}", _memory(row["ours"]),
                  _memory(row["diffusers"])]
         if mfu:
             cells += [f"{row['mfu'][impl]:.1%}" if "mfu" in row else "-" for impl in IMPLEMENTATIONS]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "All runs (img/s, in execution order): " + "; ".join(
+        f"{r['precision']} {r['arch']} {r['impl']} {r['images_per_s']:.3f}" for r in results)]
     return "\n".join(lines) + "\n"
 
 
@@ -325,13 +326,14 @@ def main(argv: list[str] | None = None) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
     command = "python benchmarks/train_step.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    load_start = os.getloadavg()[0]
     results = []
     for cfg in plan(args, device):
         result = run_in_subprocess(cfg)
         print(f"  {cfg['precision']} {cfg['arch']} {cfg['impl']:9s} repeat {cfg['repeat']}: "
               f"{result['images_per_s']:.2f} img/s, peak {result['peak_mem_mib']:.0f} MiB", flush=True)
         results.append(result)
-    markdown = render_markdown(summarise(results, device), args, device, command.strip())
+    markdown = render_markdown(summarise(results, device), results, args, device, command.strip(), load_start)
     output = args.output or REPO_ROOT / "results" / "benchmarks" / f"train_step_{device}.md"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(markdown)

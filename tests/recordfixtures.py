@@ -18,6 +18,9 @@ Pareto (FID vs training GMACs): bitfit, kind, full_ft (lora is dominated by kind
 
 Protocol P2 (Inception extractor, another reference) scores kind s0 and lora s0 again: a separate ranking.
 Benchmark ``novel-b--DiT-T-2`` holds one kind run, to check one leaderboard per benchmark.
+
+The end of the file has ``simple_record`` and the worker functions of the store's concurrency tests: spawned
+processes import this module, so it imports only ``bench.store`` at the top (numpy and PIL lazily).
 """
 
 from __future__ import annotations
@@ -125,7 +128,9 @@ def write_run(store: RecordStore, benchmark: str, key: tuple, numbers: dict, anc
     store.write(_finish(sample, sample_info={
         "npz": f"runs/{run_id}/samples.npz", "npz_sha256": "s" * 64, "num_samples": 1000, "scheduler": "ddpm",
         "num_steps": 50, "cfg_scale": 1.5, "label_mode": "uniform", "seed": seed, "grid_png": grid}))
-    evaluate = _info("evaluate", run_id, benchmark, method, family, variant, seed, [sample["job_id"]])
+    # KIND's evaluation lists its ancestry too (first): the join must still pick the run's own transfer
+    upstream = ([ancestry_job] if ancestry_job else []) + [sample["job_id"]]
+    evaluate = _info("evaluate", run_id, benchmark, method, family, variant, seed, upstream)
     store.write(_finish(evaluate, eval_info=eval_info(numbers, P1)))
     return {"run_id": run_id, "sample": sample["job_id"], "evaluate": evaluate["job_id"]}
 
@@ -133,6 +138,9 @@ def write_run(store: RecordStore, benchmark: str, key: tuple, numbers: dict, anc
 def write_fixture_store(root: Path) -> RecordStore:
     store = RecordStore(root)
     bench_a = "novel-a--DiT-T-2"
+    # A suite-level job (no benchmark): counted in the status summary, no leaderboard of its own.
+    prepare = _info("prepare", "prepare--novel-a--0000abcd", "", "", "", "", 0, [])
+    store.write(_finish(prepare, extra={"reference": {"path": "refs/novel-a.npz", "sha256": "f" * 64}}))
     # The KIND ancestry: a separate run whose training cost must not be mistaken for the transfer's.
     ancestry = _info("ancestry", "kind--ancestry--DiT-T-2--s0--aaaa0000", bench_a, "kind", "learngene", "default",
                      0, [])

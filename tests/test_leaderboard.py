@@ -1,4 +1,4 @@
-"""Leaderboards from run records: golden CSV/Markdown/LaTeX from realistic fixture records (tests/recordfixtures.py)."""
+"""Leaderboards from run records: golden CSV, Markdown and LaTeX from realistic fixture records (recordfixtures)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def test_files_written(built):
     for bench in (BENCH_A, BENCH_B):
         assert {f"{bench}/leaderboard.csv", f"{bench}/leaderboard.md", f"{bench}/leaderboard.tex"} <= names
     assert {"leaderboard_runs.csv", "status.csv", "status.md"} <= names
+    assert sorted(p.name for p in (base / "out").iterdir() if p.is_dir()) == [BENCH_A, BENCH_B]  # none for ""
     assert all(p.stat().st_size > 0 for p in written)
 
 
@@ -147,7 +148,8 @@ def test_runs_csv_one_row_per_seed_run_joined_to_its_training(built):
 
 def test_status_summary_counts_failures(built):
     base = built[0]
-    status = {(r["benchmark"], r["stage"], r["status"]): int(r["count"]) for r in read_csv(base / "out" / "status.csv")}
+    rows = read_csv(base / "out" / "status.csv")
+    status = {(r["benchmark"], r["stage"], r["status"]): int(r["count"]) for r in rows}
     assert status[(BENCH_A, "transfer", "failed")] == 1
     assert status[(BENCH_A, "sample", "cancelled")] == 1
     assert status[(BENCH_A, "evaluate", "success")] == len(RUNS) + len(P2_FID)
@@ -156,6 +158,8 @@ def test_status_summary_counts_failures(built):
     assert f"`{failed_id}` (failed): RuntimeError: CUDA out of memory" in md
     assert "(cancelled): cancelled: SLURM preemption" in md
     assert failed_id in (base / "out" / "status.md").read_text()
+    assert status[("", "prepare", "success")] == 1  # suite-level jobs are counted too
+    assert "## (suite-level jobs)" in (base / "out" / "status.md").read_text()
 
 
 # ---- Markdown and LaTeX --------------------------------------------------------------------------------------------

@@ -14,7 +14,17 @@ import pytest
 from PIL import Image
 
 from bench.leaderboard import build_leaderboards, protocol_id
-from bench.plots import BOARD_COLUMNS, DPI, PlotWarning, label_of, make_plots, pareto_figure, read_csv, styles_for
+from bench.plots import (
+    BOARD_COLUMNS,
+    DPI,
+    RUN_COLUMNS,
+    PlotWarning,
+    label_of,
+    make_plots,
+    pareto_figure,
+    read_csv,
+    styles_for,
+)
 from recordfixtures import P1, P2, write_fixture_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,6 +116,9 @@ def test_missing_inputs_warn_and_skip(plotted, tmp_path):
 def test_bad_leaderboard_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `kindbench leaderboard` first"):
         make_plots(tmp_path, tmp_path / "figs")
+    (tmp_path / "leaderboard_runs.csv").write_text(",".join(RUN_COLUMNS) + "\n")  # leaderboard ran, nothing finished
+    with pytest.warns(PlotWarning, match="no benchmark yet"):
+        assert make_plots(tmp_path, tmp_path / "figs") == []
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "leaderboard.csv").write_text("method,fid\nkind,3.0\n")
     with pytest.raises(ValueError, match=r"leaderboard.csv lacks columns \['benchmark', 'protocol_id'"):

@@ -14,7 +14,6 @@ from bench.store import (
     MalformedRecordError,
     RecordStore,
     load_record,
-    metric,
     new_record,
     new_run_info,
     utc_now,
@@ -57,6 +56,7 @@ def test_failure_record_gets_a_one_line_error():
     (lambda r: r["run_info"].update(job_id=".hidden"), "not safe as a file name"),
     (lambda r: r["run_info"].pop("benchmark"), "run_info lacks benchmark"),
     (lambda r: r["run_info"].update(stage="train"), "run_info.stage must be one of"),
+    (lambda r: r["run_info"].update(depends_on="a--sample"), "depends_on must be a list"),
     (lambda r: r["run_info"].update(created_at="yesterday"), "ISO-8601"),
     (lambda r: r["run_info"].update(created_at="2025-03-01T10:00:00+02:00"), "must be in UTC"),
     (lambda r: r["eval_info"]["protocol"].pop("extractor"), "eval_info.protocol lacks extractor"),
@@ -64,6 +64,8 @@ def test_failure_record_gets_a_one_line_error():
     (lambda r: r["eval_info"]["metrics"]["fid"].update(value=float("nan")), "finite number"),
     (lambda r: r.pop("eval_info"), "successful evaluate record needs eval_info"),
     (lambda r: r.update(error="should not be here"), "error=None"),
+    (lambda r: r["run_info"]["config"].update(lr=float("inf")), "not JSON compliant"),
+    (lambda r: r["run_info"]["config"].update(path=object()), "not JSON serializable"),
 ])
 def test_write_rejects_invalid_records_with_a_clear_message(tmp_path, mutate, message):
     record = simple_record("kind--s0--3f9a1c2e--evaluate")
@@ -164,6 +166,7 @@ def test_stray_temp_files_are_ignored(tmp_path):
 
 
 # ---- concurrency (real processes, spawn) ---------------------------------------------------------------------------
+
 
 def test_fifty_concurrent_writers_lose_nothing(tmp_path):
     ctx = multiprocessing.get_context("spawn")

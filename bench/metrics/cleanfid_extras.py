@@ -37,7 +37,7 @@ def clean_features(model: torch.nn.Module, source: SampleSource, *, batch_size: 
     device = next(model.parameters()).device
     n = len(source) if limit is None else min(limit, len(source))
     rank, world = D.rank_and_world()
-    start, stop = D.shard_range(n, rank, world)
+    start, stop = D.shard_range(n, rank, world, align=batch_size)
     parts = []
     with strict_fp32():
         for _, images in source.batches(batch_size, start, stop):
@@ -45,7 +45,7 @@ def clean_features(model: torch.nn.Module, source: SampleSource, *, batch_size: 
             x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(device)
             parts.append(model(x).float().cpu())
     local = torch.cat(parts) if parts else torch.empty(0, 2048)
-    return D.all_gather_rows(local, n).numpy()
+    return D.all_gather_rows(local, n, align=batch_size).numpy()
 
 
 def clean_fid_and_kid(sample_feats: np.ndarray, ref_feats: np.ndarray, *, kid_seed: int = 0,

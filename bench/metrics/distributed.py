@@ -21,17 +21,24 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous global index range of ``rank`` among ``world`` ranks."""
+def shard_range(n: int, rank: int, world: int, align: int = 1) -> tuple[int, int]:
+    """Contiguous global index range of ``rank`` among ``world`` ranks.
+
+    With ``align=1`` this is [⌊rN/W⌋, ⌊(r+1)N/W⌋). With ``align=B`` the same split is applied to the ⌈N/B⌉ blocks of
+    B consecutive indices, so shard boundaries fall on multiples of B. Feature extraction aligns shards to its batch
+    size: every image is then processed in the same batch, with the same neighbours, whatever the world size, and
+    float32 features (hence all metrics) are bitwise independent of W, not just equal up to rounding.
+    """
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"invalid rank {rank} for world size {world}")
-    if n < 0:
-        raise ValueError(f"invalid item count {n}")
-    return rank * n // world, (rank + 1) * n // world
+    if n < 0 or align < 1:
+        raise ValueError(f"invalid item count {n} or alignment {align}")
+    blocks = -(-n // align)
+    return min(rank * blocks // world * align, n), min((rank + 1) * blocks // world * align, n)
 
 
-def shard_sizes(n: int, world: int) -> list[int]:
-    sizes = [b - a for a, b in (shard_range(n, r, world) for r in range(world))]
+def shard_sizes(n: int, world: int, align: int = 1) -> list[int]:
+    sizes = [b - a for a, b in (shard_range(n, r, world, align) for r in range(world))]
     assert sum(sizes) == n, "shard sizes must cover every index exactly once"
     return sizes
 
@@ -49,14 +56,14 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
+def all_gather_rows(local: torch.Tensor, n_total: int, align: int = 1) -> torch.Tensor:
     """Concatenate every rank's contiguous shard of rows in global order (rank 0's rows first).
 
-    ``local`` must hold exactly this rank's ``shard_range(n_total, rank, world)`` rows. Shards are padded to the
-    largest size for the collective and trimmed afterwards.
+    ``local`` must hold exactly this rank's ``shard_range(n_total, rank, world, align)`` rows. Shards are padded to
+    the largest size for the collective and trimmed afterwards.
     """
     rank, world = rank_and_world()
-    sizes = shard_sizes(n_total, world)
+    sizes = shard_sizes(n_total, world, align)
     if local.shape[0] != sizes[rank]:
         raise ValueError(f"rank {rank} holds {local.shape[0]} rows but owns {sizes[rank]} of {n_total}")
     if not is_distributed():
@@ -67,6 +74,15 @@ def all_gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(local.device)
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (a no-op in one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=collective_device())
+    return box[0]
 
 
 def barrier() -> None:

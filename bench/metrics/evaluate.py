@@ -21,11 +21,11 @@ from bench.metrics.features import FeatureSet, extract_features
 from bench.metrics.frechet import frechet_distance
 from bench.metrics.inception import load_inception
 from bench.metrics.inception_score import ADM_SPLIT_SIZE, inception_score
-from bench.metrics.precision_recall import precision_recall
+from bench.metrics.precision_recall import PrecisionRecall, precision_recall
 from bench.metrics.record import env_info, metric_label, now_iso, validate_record, write_json_atomic, SCHEMA
 from bench.metrics.references import Reference, load_reference
 from bench.metrics.sample_io import open_samples
-from bench.metrics.weights import WeightsDir, resolve_weights_dir, sha256_file
+from bench.metrics.weights import VerifiedFile, WeightsDir, resolve_weights_dir, sha256_file
 
 ADM_N_REF_PR = 10_000
 
@@ -165,8 +165,29 @@ def _clean_extras(opts, wd, source, ref: Reference, n: int) -> dict:
     return out
 
 
+@dataclasses.dataclass
+class _Run:
+    """What one evaluation gathered before the (rank-0) arithmetic and the record."""
+
+    opts: EvalOptions
+    wd: WeightsDir
+    world: int
+    inception_w: VerifiedFile
+    ref: Reference
+    ref_record: dict
+    feats: FeatureSet
+    samples_shape: tuple
+    extra_keys: list
+    fdd_ref: Reference | None = None
+    dinov2_w: VerifiedFile | None = None
+    pr: PrecisionRecall | None = None
+    ref_pool_origin: str = ""
+    extras: dict | None = None
+    skipped: dict = dataclasses.field(default_factory=dict)
+
+
 def evaluate(opts: EvalOptions) -> dict:
-    """Run one evaluation and return its record (rank 0 also writes it unless ``opts.out == ''``)."""
+    """Run one evaluation and return its record on every rank (rank 0 writes it unless ``opts.out == ''``)."""
     wd = resolve_weights_dir(opts.weights_dir)
     opts.device = opts.device or default_device()
     rank, world = D.rank_and_world()
@@ -179,100 +200,125 @@ def evaluate(opts: EvalOptions) -> dict:
     dinov2, fdd_ref, fdd_info = _fdd_setup(opts, wd)
     inception = load_inception(inception_w.path, opts.device)
     source = open_samples(opts.samples)
+    _warn_about_inputs(source, ref)
+    feats = extract_features(source, inception=inception, dinov2=dinov2, fdd_resize=opts.fdd_resize,
+                             batch_size=opts.batch_size, num_workers=opts.num_workers, limit=opts.limit)
+    run = _Run(opts, wd, world, inception_w, ref, ref_record, feats, tuple(source.shape),
+               list(getattr(source, "extra_keys", [])), fdd_ref=fdd_ref)
+    if dinov2 is not None:
+        run.dinov2_w = fdd_info
+    else:
+        run.skipped["fdd"] = fdd_info
+    ref_pool, run.ref_pool_origin = _ref_pool(ref, inception, inception_w.sha256, opts)
+    if ref_pool is not None:  # collective: every rank takes part
+        run.pr = precision_recall(ref_pool, feats.pool, opts.pr_k, row_block=opts.pr_block, col_block=opts.pr_block,
+                                  distance=opts.pr_distance, device=opts.device)
+    else:
+        run.skipped["precision_recall"] = run.ref_pool_origin
+    if "clean-fid" in opts.extras:
+        run.extras = _clean_extras(opts, wd, source, ref, feats.n)
+    source.close()
+    record = None
+    if rank == 0:  # the rest is cheap arithmetic on merged statistics: one rank computes, all receive it
+        record = _record(run, _metric_values(run))
+        if opts.out != "":
+            out = Path(opts.out) if opts.out else default_record_path(Path(opts.samples))
+            write_json_atomic(out, record, overwrite=opts.overwrite)
+            record["_written_to"] = str(out)
+    return D.broadcast_object(record)
+
+
+def _warn_about_inputs(source, ref: Reference) -> None:
     ref_images = ref.images()
-    if ref_images is not None and ref_images.shape[1:] != source.shape[1:]:
-        warnings.warn(f"sample size {source.shape[1:]} differs from the reference images {ref_images.shape[1:]}")
-    extra_keys = getattr(source, "extra_keys", [])
-    if any(k in extra_keys for k in ("mu", "sigma", "mu_s", "sigma_s")):
+    if ref_images is not None:
+        if ref_images.shape[1:] != source.shape[1:]:
+            warnings.warn(f"sample size {source.shape[1:]} differs from the reference images {ref_images.shape[1:]}")
+        ref_images.close()
+    if any(k in getattr(source, "extra_keys", []) for k in ("mu", "sigma", "mu_s", "sigma_s")):
         warnings.warn("the sample npz carries mu/sigma keys: ADM's evaluator would use those stale statistics "
                       "instead of arr_0; we ignore them and compute from arr_0")
-    feats: FeatureSet = extract_features(source, inception=inception, dinov2=dinov2, fdd_resize=opts.fdd_resize,
-                                         batch_size=opts.batch_size, num_workers=opts.num_workers, limit=opts.limit)
-    n = feats.n
-    labels = _sample_labels(Path(opts.samples), n)
-    ref_pool, ref_pool_origin = _ref_pool(ref, inception, inception_w.sha256, opts)
 
-    diag: dict = {"min_eig_sigma": {}, "frechet": {}}
-    fid, diag["frechet"]["pool"] = _frechet(feats.moments["pool"], ref.moments["pool"], opts.frechet_method)
-    sfid, diag["frechet"]["spatial"] = _frechet(feats.moments["spatial"], ref.moments["spatial"], opts.frechet_method)
-    is_ = inception_score(feats.logits, split_size=opts.is_split_size, shuffle_seed=opts.is_shuffle_seed,
-                          labels=labels)
-    skipped = {}
-    pr = None
-    if ref_pool is not None:
-        pr = precision_recall(ref_pool, feats.pool, opts.pr_k, row_block=opts.pr_block, col_block=opts.pr_block,
-                              distance=opts.pr_distance, device=opts.device)
-    else:
-        skipped["precision_recall"] = ref_pool_origin
-    fdd = None
-    if dinov2 is not None:
-        fdd, diag["frechet"]["dinov2"] = _frechet(feats.moments["dinov2"], fdd_ref.moments["dinov2"],
+
+def _metric_values(run: _Run) -> dict:
+    """FID, sFID, IS, FDD and the diagnostics (rank 0 only)."""
+    opts, feats = run.opts, run.feats
+    frechet = {}
+    values = {}
+    values["fid"], frechet["pool"] = _frechet(feats.moments["pool"], run.ref.moments["pool"], opts.frechet_method)
+    values["sfid"], frechet["spatial"] = _frechet(feats.moments["spatial"], run.ref.moments["spatial"],
                                                   opts.frechet_method)
-    else:
-        skipped["fdd"] = fdd_info
-    extras = _clean_extras(opts, wd, source, ref, n) if "clean-fid" in opts.extras else None
-    source.close()
-
-    for space, fr in diag["frechet"].items():
-        diag["min_eig_sigma"][space] = fr["min_eig_sigma_samples"]
-    diag["n_vs_d_ok"] = {space: feats.moments[space].n > feats.moments[space].dim for space in feats.moments}
-    if not all(diag["n_vs_d_ok"].values()):
+    values["fdd"] = None
+    if run.dinov2_w is not None:
+        values["fdd"], frechet["dinov2"] = _frechet(feats.moments["dinov2"], run.fdd_ref.moments["dinov2"],
+                                                    opts.frechet_method)
+    values["is"] = inception_score(feats.logits, split_size=opts.is_split_size, shuffle_seed=opts.is_shuffle_seed,
+                                   labels=_sample_labels(Path(opts.samples), feats.n))
+    n_vs_d = {space: m.n > m.dim for space, m in feats.moments.items()}
+    if not all(n_vs_d.values()):
         warnings.warn("N <= d in some feature space: covariances are rank-deficient and FD is unstable (P6)")
-    diag["duplicates_found"] = feats.duplicates()
-    diag["sample_npz_extra_keys"] = extra_keys
-    diag["ref_pool_origin"] = ref_pool_origin
+    values["diagnostics"] = {
+        "min_eig_sigma": {space: fr["min_eig_sigma_samples"] for space, fr in frechet.items()},
+        "n_vs_d_ok": n_vs_d,
+        "duplicates_found": feats.duplicates(),
+        "frechet": frechet,
+        "sample_npz_extra_keys": run.extra_keys,
+        "ref_pool_origin": run.ref_pool_origin,
+    }
+    return values
 
+
+def _record(run: _Run, values: dict) -> dict:
+    """The §8.13 record (key list in ``bench.metrics.record``)."""
+    opts, n, pr, fdd_ref, with_fdd = run.opts, run.feats.n, run.pr, run.fdd_ref, run.dinov2_w is not None
+    is_ = values["is"]
     record = {
         "schema": SCHEMA,
         "created_at": now_iso(),
-        "fid": fid, "sfid": sfid, "is": is_.value, "is_splits": list(is_.splits), "is_std": is_.std,
-        "precision": pr.precision if pr else None, "recall": pr.recall if pr else None,
-        "fdd": fdd,
+        "fid": values["fid"], "sfid": values["sfid"], "is": is_.value, "is_splits": list(is_.splits),
+        "is_std": is_.std, "precision": pr.precision if pr else None, "recall": pr.recall if pr else None,
+        "fdd": values["fdd"],
         "metric_names": {m: metric_label(m, n) for m in ("fid", "sfid", "is", "precision", "recall", "fdd")},
         "n_samples": n,
         "n_ref_pr": pr.n_real if pr else 0,
         "counts": ({"precision": pr.n_precision, "recall": pr.n_recall, "real": pr.n_real, "fake": pr.n_fake}
                    if pr else None),
-        "samples": {"path": str(Path(opts.samples).resolve()), "n_in_file": len(source),
-                    "shape": list(source.shape[1:])},
+        "samples": {"path": str(Path(opts.samples).resolve()), "n_in_file": run.samples_shape[0],
+                    "shape": list(run.samples_shape[1:])},
         "reference": {
-            "adm_npz_path": str(ref.path), "adm_npz_sha256": ref.sha256, "adm_npz_keys": ref.keys,
-            "adm_npz_verified": ref_record,
+            "adm_npz_path": str(run.ref.path), "adm_npz_sha256": run.ref.sha256, "adm_npz_keys": run.ref.keys,
+            "adm_npz_verified": run.ref_record,
             "fdd_ref_sha256": fdd_ref.sha256 if fdd_ref else None,
             "fdd_ref_n": fdd_ref.moments["dinov2"].n if fdd_ref else None,
             "fdd_ref_path": str(fdd_ref.path) if fdd_ref else None,
             "fdd_ref_provenance": fdd_ref.provenance if fdd_ref else None,
         },
         "weights": {
-            "inception_sha256": inception_w.sha256,
-            "dinov2_sha256": fdd_info.sha256 if dinov2 is not None else None,
-            "inception": inception_w.record(),
-            "dinov2": fdd_info.record() if dinov2 is not None else None,
-            "weights_dir": str(wd.root),
+            "inception_sha256": run.inception_w.sha256,
+            "dinov2_sha256": run.dinov2_w.sha256 if with_fdd else None,
+            "inception": run.inception_w.record(),
+            "dinov2": run.dinov2_w.record() if with_fdd else None,
+            "weights_dir": str(run.wd.root),
         },
         "protocol": {
-            "inception_resize": "tf1_bilinear", "inception_layers": {
-                "fid": "pool_3 (2048)", "sfid": "mixed_6/conv[..., :7] NHWC (2023)", "is": "pool_3 @ W (no bias)"},
-            "fdd_resize": opts.fdd_resize if dinov2 is not None else None,
-            "pos_embed": "dinov2_offset0.1" if dinov2 is not None else None,
-            "fdd_arch": opts.fdd_arch if dinov2 is not None else None,
+            "inception_resize": "tf1_bilinear",
+            "inception_layers": {"fid": "pool_3 (2048)", "sfid": "mixed_6/conv[..., :7] NHWC (2023)",
+                                 "is": "pool_3 @ W_softmax (no bias), 1008 classes"},
+            "fdd_resize": opts.fdd_resize if with_fdd else None,
+            "pos_embed": "dinov2_offset0.1" if with_fdd else None,
+            "fdd_arch": opts.fdd_arch if with_fdd else None,
             "pr_distance": opts.pr_distance, "pr_k": opts.pr_k,
             "is_split_size": opts.is_split_size, "is_shuffle_seed": opts.is_shuffle_seed,
             "class_sampling": opts.class_sampling, "frechet_method": opts.frechet_method,
         },
-        "env": env_info(world, str(opts.device)),
-        "diagnostics": diag,
-        "skipped": skipped,
+        "env": env_info(run.world, str(opts.device)),
+        "diagnostics": values["diagnostics"],
+        "skipped": run.skipped,
     }
-    if extras is not None:
+    if run.extras is not None:
+        extras = dict(run.extras)
         record.update(clean_fid=extras.pop("clean_fid"), kid=extras.pop("kid"), clean_fid_details=extras)
         record["metric_names"].update(clean_fid=metric_label("clean_fid", n), kid=metric_label("kid", n))
     validate_record(record)
-    if rank == 0 and opts.out != "":
-        out = Path(opts.out) if opts.out else default_record_path(Path(opts.samples))
-        write_json_atomic(out, record, overwrite=opts.overwrite)
-        record["_written_to"] = str(out)
-    D.barrier()
     return record
 
 

@@ -85,7 +85,7 @@ def extract_features(
         source = open_samples(source)
     n = len(source) if limit is None else min(limit, len(source))
     rank, world = D.rank_and_world()
-    start, stop = D.shard_range(n, rank, world)
+    start, stop = D.shard_range(n, rank, world, align=batch_size)  # whole batches: W-independent features
     device = (inception or dinov2).parameters().__next__().device
     acc: dict[str, MomentAccumulator] = {}
     if inception is not None:
@@ -112,13 +112,13 @@ def extract_features(
                 acc["dinov2"].update(dinov2(dino_in.to(device)).float())
     moments = {name: a.all_reduce_().moments() for name, a in acc.items()}
     result = FeatureSet(n=n, moments=moments)
-    result.digests = D.all_gather_rows(torch.cat(digests) if digests else torch.empty(0, dtype=torch.int64), n).numpy()
+    result.digests = _gather(digests, (), n, batch_size, torch.int64).numpy()
     if inception is not None and keep_per_sample:
-        result.pool = _gather(pools, 2048, n).numpy()
-        result.logits = _gather(logits, 1008, n).numpy()
+        result.pool = _gather(pools, (2048,), n, batch_size).numpy()
+        result.logits = _gather(logits, (1008,), n, batch_size).numpy()
     return result
 
 
-def _gather(parts: list[torch.Tensor], dim: int, n: int) -> torch.Tensor:
-    local = torch.cat(parts) if parts else torch.empty(0, dim)
-    return D.all_gather_rows(local, n)
+def _gather(parts: list[torch.Tensor], shape: tuple, n: int, align: int, dtype=torch.float32) -> torch.Tensor:
+    local = torch.cat(parts) if parts else torch.empty((0,) + shape, dtype=dtype)
+    return D.all_gather_rows(local, n, align)

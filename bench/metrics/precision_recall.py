@@ -120,15 +120,18 @@ def inside_any_ball(
     return hit
 
 
+# Row shards are aligned to the row block, so every rank computes exactly the blocks a single process would and the
+# distances (hence radii and counts) are bitwise independent of the world size.
 def _sharded_radii(feats, k, **kw) -> torch.Tensor:
     rank, world = D.rank_and_world()
-    local = knn_radii(feats, k, rows=D.shard_range(feats.shape[0], rank, world), **kw)
-    return D.all_gather_rows(local, feats.shape[0])
+    rows = D.shard_range(feats.shape[0], rank, world, align=kw["row_block"])
+    return D.all_gather_rows(knn_radii(feats, k, rows=rows, **kw), feats.shape[0], align=kw["row_block"])
 
 
 def _sharded_count(queries, centers, radii, **kw) -> int:
     rank, world = D.rank_and_world()
-    hit = inside_any_ball(queries, centers, radii, rows=D.shard_range(queries.shape[0], rank, world), **kw)
+    rows = D.shard_range(queries.shape[0], rank, world, align=kw["row_block"])
+    hit = inside_any_ball(queries, centers, radii, rows=rows, **kw)
     count = torch.tensor(int(hit.sum()), dtype=torch.int64, device=D.collective_device())
     return int(D.all_reduce_sum_(count).item())
 

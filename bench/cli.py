@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "plan": ("bench.executor:plan_main", "print a suite's job graph and what is done"),
     "train": ("bench.train", "train a DiT with a method (torchrun/srun compatible)"),
     "sample": ("bench.sample", "sample a trained run into an ADM-style .npz"),
+    "latents": ("bench.data.encode", "encode an ImageFolder dataset into a VAE latent cache"),
     "leaderboard": ("bench.leaderboard", "records -> leaderboard CSV, Markdown, LaTeX"),
     "plot": ("bench.plots", "leaderboard CSVs -> plots (PNG + PDF)"),
     "evaluate": ("bench.metrics.cli", "score an ADM-style .npz of samples against a reference"),

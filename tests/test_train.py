@@ -238,3 +238,31 @@ def test_srun_style_launch_from_slurm_variables(tmp_path):
     (run_dir,) = out.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["environment"]["world_size"] == 2 and summary["micro_batch"] == 4
+
+
+def test_kindbench_latents_encodes_an_imagefolder(tmp_path):
+    """The command that builds the ImageNet suites' latent caches, on a tiny folder and a tiny random VAE."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from bench.data.encode import main as encode_main
+    from bench.data.latents import LatentDataset
+
+    for folder in ("n01", "n02"):
+        (tmp_path / "images" / folder).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / folder / f"{i}.png")
+    (tmp_path / "list.txt").write_text("cat n01\ndog n02\n")
+    torch.manual_seed(0)
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                  sample_size=16).save_pretrained(tmp_path / "vae")
+    args = ["--root", str(tmp_path / "images"), "--class-list", str(tmp_path / "list.txt"), "--vae",
+            str(tmp_path / "vae"), "--out", str(tmp_path / "latents"), "--image-size", "16"]
+    assert encode_main(args) == 0
+    cache = LatentDataset(tmp_path / "latents")
+    assert len(cache) == 6 and cache.num_classes == 2 and cache.latent_shape == (4, 8, 8)
+    assert encode_main(args[:-6] + ["--vae", str(tmp_path / "no-vae"), "--out", str(tmp_path / "x"),
+                                    "--image-size", "16"]) == 1

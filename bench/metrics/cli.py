@@ -56,6 +56,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--extras", nargs="*", choices=("clean-fid",), default=[],
                    help="extra columns: clean-fid (clean_fid and kid through clean-fid's API)")
     p.add_argument("--frechet-method", choices=("cholesky", "eigh"), default="cholesky")
+    p.add_argument("--save-stats", type=Path, default=None, help="also write the samples' float64 moments (npz)")
 
 
 def _add_acceptance(sub) -> None:
@@ -141,7 +142,7 @@ def _cmd_evaluate(args) -> int:
         pr_distance=args.pr_distance, pr_k=args.pr_k, n_ref_pr=args.n_ref_pr, is_split_size=args.is_split_size,
         is_shuffle_seed=args.is_shuffle_seed, class_sampling=args.class_sampling, limit=args.limit,
         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, extras=tuple(args.extras),
-        frechet_method=args.frechet_method)
+        frechet_method=args.frechet_method, save_stats=args.save_stats)
     record = evaluate(opts)
     if "_written_to" in record:
         names = record["metric_names"]

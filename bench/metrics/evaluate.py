@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from bench.metrics import dinov2 as dino
+from bench.metrics.atomic import atomic_path
 from bench.metrics import distributed as D
 from bench.metrics.features import FeatureSet, extract_features
 from bench.metrics.frechet import frechet_distance
@@ -60,6 +61,8 @@ class EvalOptions:
     """``clean-fid``: add clean-fid's clean_fid and kid columns (needs inception/inception-2015-12-05.pt)."""
     frechet_method: str = "cholesky"
     overwrite: bool = False
+    save_stats: Path | None = None
+    """Also write the samples' float64 moments (mu, sigma, mu_s, sigma_s[, mu_dinov2, sigma_dinov2], n) here."""
 
 
 def default_device() -> str:
@@ -221,6 +224,9 @@ def evaluate(opts: EvalOptions) -> dict:
     record = None
     if rank == 0:  # the rest is cheap arithmetic on merged statistics: one rank computes, all receive it
         record = _record(run, _metric_values(run))
+        if opts.save_stats:
+            save_sample_stats(opts.save_stats, feats)
+            record["sample_stats_path"] = str(opts.save_stats)
         if opts.out != "":
             out = Path(opts.out) if opts.out else default_record_path(Path(opts.samples))
             write_json_atomic(out, record, overwrite=opts.overwrite)
@@ -320,6 +326,16 @@ def _record(run: _Run, values: dict) -> dict:
         record["metric_names"].update(clean_fid=metric_label("clean_fid", n), kid=metric_label("kid", n))
     validate_record(record)
     return record
+
+
+def save_sample_stats(path: str | Path, feats: FeatureSet) -> None:
+    """The merged sample moments, ADM key names for Inception (never written into the sample npz itself)."""
+    names = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s"), "dinov2": ("mu_dinov2", "sigma_dinov2")}
+    arrays = {"n": np.array(feats.n)}
+    for space, m in feats.moments.items():
+        arrays[names[space][0]], arrays[names[space][1]] = m.mu, m.sigma
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def default_record_path(samples: Path) -> Path:

@@ -13,7 +13,6 @@ half-written success.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 from bench.config import RunConfig, from_dict
 from bench.engine import DistContext, init_distributed, shutdown
+from bench.hashing import file_sha256
 from bench.plan import Job, Plan
 from bench.preemption import EXIT_REQUEUE
 from bench.store import RecordStore, metric, new_record, new_run_info
@@ -48,14 +48,6 @@ class Roots:
 
     def reference_dir(self, job: Job) -> Path:
         return self.runs / "references" / job.job_id
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------

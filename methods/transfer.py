@@ -14,7 +14,6 @@ the file may hold nothing the model lacks. Mismatches are reported all at once, 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from bench.hashing import file_sha256
 from bench.models.dit import DIT_FLAVOURS
 from methods.base import Ancestry, ArchSpec, Method, MethodError
 
@@ -41,15 +41,6 @@ _SHOWN = 5  # mismatches named per kind in one error line
 # --------------------------------------------------------------------------------------------------------------
 #                                          Writing and reading files
 # --------------------------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (recorded with every run that uses the file)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _plain_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

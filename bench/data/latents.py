@@ -20,7 +20,6 @@ byte size and sha256, and the channel-wise mean/std of the scaled posterior mean
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,11 +30,13 @@ from typing import Literal
 
 import numpy as np
 import torch
+
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from bench.hashing import file_sha256  # also re-exported: callers use bench.data.latents.file_sha256
 from bench.models.vae import (
     encode_moments,
     load_vae,
@@ -65,13 +66,6 @@ def shard_ranges(count: int, shard_size: int) -> list[tuple[int, int]]:
     """Contiguous global index range [start, stop) of every shard."""
     return [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
 
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -121,9 +121,11 @@ def _evaluate(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> d
         from bench.metrics.domain import load_domain_extractor
         from bench.metrics.domain_eval import evaluate_domain
 
-        result = evaluate_domain(samples, Path(reference["path"]), load_domain_extractor(protocol.get("cache_dir")),
+        extractor = load_domain_extractor(protocol.get("cache_dir"))
+        result = evaluate_domain(samples, Path(reference["path"]), extractor,
                                  protocol={"cfg_scale": s["cfg_scale"], "sampler": s["scheduler"],
                                            "num_steps": s["num_steps"]})
+        result["protocol"].setdefault("extractor_sha256", extractor.sha256)
     else:
         from bench.metrics.evaluate import EvalOptions, evaluate
 
@@ -131,7 +133,9 @@ def _evaluate(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> d
                                       weights_dir=protocol.get("weights_dir") or None, fdd=protocol.get("fdd", "auto"),
                                       out=samples.with_suffix(".eval.json")))
     metrics = {name: metric(m["value"], m["higher_is_better"]) for name, m in result["metrics"].items()}
-    protocol_out = {**result["protocol"], "cfg_scale": s["cfg_scale"], "sampler": s["scheduler"],
+    # the reference is the prepare job's output: its id names it, its sha256 pins it
+    protocol_out = {"reference_id": job.info["prepare_job"], "reference_sha256": reference.get("sha256", ""),
+                    **result["protocol"], "cfg_scale": s["cfg_scale"], "sampler": s["scheduler"],
                     "num_steps": s["num_steps"]}
     return {"eval_info": {"metrics": metrics, "protocol": protocol_out}}
 

@@ -145,9 +145,20 @@ def _train_job(suite: Suite, cfg: RunConfig, stage: str, deps: tuple[str, ...], 
 def _prepare_job(suite: Suite, cfg: RunConfig, task: str) -> Job:
     """The reference set of a task: its data (split, domain, size) and the evaluation protocol."""
     data = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("num_workers",)}
-    payload = {"data": data, "eval": suite.eval, "in_channels": cfg.model.in_channels}
+    payload = {"data": data, "eval": suite.eval, "in_channels": cfg.model.in_channels,
+               "extractor_id": _extractor_id(suite.eval)}
     job_id = f"prepare--{task}--{data['image_size']}px--{short_hash(payload)}"
     return Job(job_id, "prepare", (), None, None, {"suite": suite.name, "task": task, **payload})
+
+
+def _extractor_id(protocol: dict[str, Any]) -> str:
+    """The feature extractor's identity, hashed into reference and evaluation ids: a new extractor version means
+    new references and scores, never a stale reference reused under the same id."""
+    if protocol.get("extractor", "synthetic") == "synthetic":
+        from bench.metrics.domain import EXTRACTOR_NAME
+
+        return EXTRACTOR_NAME
+    return str(protocol.get("extractor"))
 
 
 def _sample_and_evaluate(suite: Suite, cfg: RunConfig, train: Job, prepare: Job, labels: dict[str, Any], add) -> Job:

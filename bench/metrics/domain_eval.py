@@ -1,0 +1,228 @@
+"""FID / IS / precision / recall in the domain extractor's feature space, for the embedded synthetic suite.
+
+The metric code is the ADM protocol's (``frechet``, ``inception_score``, ``precision_recall``, ``stats``); only the
+network differs (``bench.metrics.domain``). Every reference and every record names the extractor and its weights
+sha256 (``protocol.extractor = kindbench-synthetic-cnn-v1``), a reference refuses features of other weights, and the
+leaderboard groups rows by protocol, so these numbers are never ranked with Inception FIDs.
+
+Reference file (``build_domain_reference``): a kindbench reference ``.npz`` written by ``references.save_reference``
+(atomically): ``mu``/``sigma`` float64 of the features (space ``domain``), ``ref_pool`` = the features used as the
+real side of precision/recall (all of them, or a seeded subset of ``max_pr_features``), and a JSON ``provenance``
+(extractor name, weights sha256 and accuracy, input rule, image size, N, the images' sha256 and the caller's
+description of the source).
+
+Protocol choices: Fréchet distance with the project's float64 Cholesky/eigh route; IS with ADM's contiguous
+5000-sample splits, which is one split over all samples whenever N <= 5000 (the record says so in
+``protocol.is_note``); precision/recall with k = 3 and fp32 distances.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from bench.metrics import METRICS
+from bench.metrics import distributed as D
+from bench.metrics.domain import DomainExtractor
+from bench.metrics.frechet import frechet_distance
+from bench.metrics.inception_score import ADM_SPLIT_SIZE, inception_score
+from bench.metrics.precision_recall import precision_recall
+from bench.metrics.record import env_info, metric_label, now_iso, write_json_atomic
+from bench.metrics.references import load_reference, save_reference
+from bench.metrics.sample_io import open_samples, validate_images
+from bench.metrics.stats import moments_of
+from bench.metrics.weights import sha256_file
+
+SPACE = "domain"
+SCHEMA = "kindbench.eval-domain/1"
+MAX_PR_FEATURES = 10_000
+MIN_PR_FEATURES = 4  # k = 3 neighbours besides the point itself
+PR_SUBSET_SEED = 0
+METRIC_NAMES = ("fid", "is", "precision", "recall")
+# Protocol fields evaluate_domain fills itself; a caller passing one of them is a bug, not an override.
+_OWN_PROTOCOL_KEYS = ("n_samples", "extractor", "extractor_sha256", "reference_id", "reference_sha256", "resize")
+
+
+def _images_sha256(images: np.ndarray) -> str:
+    h = hashlib.sha256(f"{images.shape}|{images.dtype}|".encode())
+    h.update(np.ascontiguousarray(images).tobytes())
+    return h.hexdigest()
+
+
+def _pr_subset(n: int, cap: int) -> tuple[np.ndarray, str]:
+    """Rows kept as P/R reference features: all, or a seeded random subset (reference sets are often class-sorted)."""
+    if n <= cap:
+        return np.arange(n), "all"
+    return np.sort(np.random.default_rng(PR_SUBSET_SEED).choice(n, cap, replace=False)), \
+        f"seeded_random(seed={PR_SUBSET_SEED}, n={cap})"
+
+
+def build_domain_reference(images_uint8: np.ndarray, out_path: str | os.PathLike, extractor: DomainExtractor, *,
+                           meta: dict | None = None, max_pr_features: int = MAX_PR_FEATURES,
+                           batch_size: int = 256) -> dict:
+    """Reference statistics of real ``images_uint8`` (uint8 NHWC) in the extractor's space, written to ``out_path``.
+
+    ``meta`` describes the source (task, split, domain, generator seed, first index ...) and goes into the
+    provenance; ``meta['reference_id']`` names the reference, otherwise the id is derived from the images' sha256
+    (so rebuilding the same images gives the same id). Returns path, sha256 of the file, reference_id, n, n_pr,
+    image_size, feature_dim, extractor name and sha256, and the stored provenance.
+    """
+    validate_images(images_uint8, where="reference images")
+    if len(images_uint8) < 2:
+        raise ValueError(f"a reference needs at least 2 images for a covariance, got {len(images_uint8)}")
+    if max_pr_features < MIN_PR_FEATURES:
+        raise ValueError(f"max_pr_features must be at least {MIN_PR_FEATURES}, got {max_pr_features}")
+    meta = dict(meta or {})
+    feats, _ = extractor.features(images_uint8, batch_size=batch_size)
+    if len(feats) <= extractor.feature_dim:
+        warnings.warn(f"reference of {len(feats)} images in a {extractor.feature_dim}-d space: the covariance is "
+                      "rank-deficient and FID is unstable (pitfall P6)")
+    images_sha = _images_sha256(images_uint8)
+    reference_id = str(meta.pop("reference_id", None) or f"images-{images_sha[:16]}")
+    keep, subset = _pr_subset(len(feats), max_pr_features)
+    provenance = {
+        "reference_id": reference_id, "extractor": extractor.name, "extractor_sha256": extractor.sha256,
+        "extractor_heldout_accuracy": extractor.accuracy, "feature_dim": extractor.feature_dim,
+        "resize": extractor.resize_rule, "working_size": extractor.working_size,
+        "image_size": int(images_uint8.shape[1]), "n_images": int(len(images_uint8)), "n_pr": int(len(keep)),
+        "pr_subset": subset, "images_sha256": images_sha, "source": meta,
+    }
+    digest = save_reference(out_path, {SPACE: moments_of(feats)}, provenance, ref_pool=feats[keep])
+    return {"path": str(Path(out_path)), "sha256": digest, "reference_id": reference_id, "n": int(len(feats)),
+            "n_pr": int(len(keep)), "image_size": provenance["image_size"], "feature_dim": extractor.feature_dim,
+            "extractor": extractor.name, "extractor_sha256": extractor.sha256, "provenance": provenance}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _load_checked_reference(ref_path: str | os.PathLike, extractor: DomainExtractor):
+    ref = load_reference(ref_path)
+    prov = ref.provenance
+    if SPACE not in ref.moments or ref.ref_pool is None:
+        raise ValueError(f"{ref_path} is not a domain-extractor reference (spaces {sorted(ref.moments)}, "
+                         f"ref_pool {'present' if ref.ref_pool is not None else 'missing'}); build it with "
+                         "build_domain_reference")
+    if prov.get("extractor") != extractor.name or prov.get("extractor_sha256") != extractor.sha256:
+        raise ValueError(f"{ref_path} was built with {prov.get('extractor')} weights "
+                         f"{str(prov.get('extractor_sha256'))[:12]}, not {extractor.name} weights "
+                         f"{extractor.sha256[:12]}; rebuild the reference with this extractor")
+    return ref
+
+
+def _sample_labels(path: Path, n: int) -> np.ndarray | None:
+    """Class labels stored next to ``arr_0`` (``labels``, ``y`` or ``arr_1``), if any."""
+    if path.is_dir():
+        return None
+    with np.load(path) as data:
+        for key in ("labels", "y", "arr_1"):
+            if key in data.files and data[key].ndim == 1 and len(data[key]) >= n:
+                return np.asarray(data[key][:n])
+    return None
+
+
+def _extract(samples: Path, extractor: DomainExtractor, image_size: int, batch_size: int, limit: int | None):
+    source = open_samples(samples)
+    try:
+        if source.shape[1] != image_size:
+            raise ValueError(f"samples are {source.shape[1]}x{source.shape[2]} but the reference images are "
+                             f"{image_size}x{image_size}; score samples against a reference of their own resolution")
+        stop = len(source) if limit is None else min(limit, len(source))
+        parts, digests = [], set()
+        for _, batch in source.batches(batch_size, 0, stop):
+            parts.append(extractor.features(batch, batch_size=batch_size))
+            digests.update(hashlib.sha256(image.tobytes()).digest() for image in batch)
+        shape = list(source.shape)
+    finally:
+        source.close()
+    if not parts:
+        raise ValueError(f"{samples}: no samples to score")
+    feats = np.concatenate([p[0] for p in parts])
+    logits = np.concatenate([p[1] for p in parts])
+    return feats, logits, shape, len(feats) - len(digests)
+
+
+def _is_protocol(n: int, split_size: int, shuffle_seed: int | None) -> dict:
+    splits = -(-n // split_size)
+    note = (f"single split over all {n} samples (N <= {split_size})" if splits == 1
+            else f"{splits} contiguous splits of {split_size} in file order (ADM)")
+    return {"is_split_size": split_size, "is_num_splits": splits, "is_shuffle_seed": shuffle_seed, "is_note": note}
+
+
+def evaluate_domain(samples_npz: str | os.PathLike, ref_path: str | os.PathLike, extractor: DomainExtractor, *,
+                    protocol: dict, out: str | os.PathLike | None = None, overwrite: bool = False,
+                    pr_k: int = 3, is_split_size: int = ADM_SPLIT_SIZE, is_shuffle_seed: int | None = None,
+                    batch_size: int = 256, limit: int | None = None) -> dict:
+    """Score an ADM-style sample batch (``.npz`` with ``arr_0`` or a PNG folder) against a domain reference.
+
+    ``protocol`` carries the sampling side of the protocol (``cfg_scale``, ``sampler``, ``num_steps``, ...) and is
+    copied into the record's protocol; the fields this function fills (``n_samples``, ``extractor``,
+    ``extractor_sha256``, ``reference_id``, ``reference_sha256``, ``resize``) may not be passed. Returns the record;
+    with ``out`` rank 0 also writes it atomically (refusing to replace an existing one unless ``overwrite``).
+
+    The record's ``metrics`` (``{name: {value, higher_is_better, label}}``) and ``protocol`` are in the shape of the
+    run record's ``eval_info``; the flat ``fid``/``is``/``precision``/``recall`` keys mirror the Inception record.
+    """
+    clash = [k for k in _OWN_PROTOCOL_KEYS if k in protocol]
+    if clash:
+        raise ValueError(f"protocol keys {clash} are set by evaluate_domain and cannot be passed in")
+    if is_split_size < 1:
+        raise ValueError(f"is_split_size must be positive, got {is_split_size}")
+    samples_npz = Path(samples_npz)
+    ref = _load_checked_reference(ref_path, extractor)
+    image_size = int(ref.provenance["image_size"])
+    feats, logits, shape, duplicates = _extract(samples_npz, extractor, image_size, batch_size, limit)
+    n = len(feats)
+    if n < max(2, pr_k + 1):
+        raise ValueError(f"need at least {max(2, pr_k + 1)} samples for FID and k={pr_k} precision/recall, got {n}")
+
+    sample_m, ref_m = moments_of(feats), ref.moments[SPACE]
+    fd = frechet_distance(sample_m.mu, sample_m.sigma, ref_m.mu, ref_m.sigma, sigma_eigs=True)
+    is_proto = _is_protocol(n, is_split_size, is_shuffle_seed)
+    # The class-order check (pitfall P10) matters only when there are several splits: one split ignores order.
+    labels = _sample_labels(samples_npz, n) if is_proto["is_num_splits"] > 1 else None
+    is_ = inception_score(logits, split_size=is_split_size, shuffle_seed=is_shuffle_seed, labels=labels)
+    pr = precision_recall(ref.ref_pool, feats, pr_k)
+    values = {"fid": fd.value, "is": is_.value, "precision": pr.precision, "recall": pr.recall}
+    _, world = D.rank_and_world()
+
+    record = {
+        "schema": SCHEMA,
+        "created_at": now_iso(),
+        "metrics": {name: {"value": float(values[name]), "higher_is_better": METRICS[name].higher_is_better,
+                           "label": metric_label(name, n)} for name in METRIC_NAMES},
+        "protocol": {
+            "n_samples": n, "extractor": extractor.name, "extractor_sha256": extractor.sha256,
+            "reference_id": ref.provenance.get("reference_id", ref.path.stem), "reference_sha256": ref.sha256,
+            **protocol,
+            "resize": extractor.resize_rule, "working_size": extractor.working_size, "image_size": image_size,
+            "feature_space": SPACE, "feature_dim": extractor.feature_dim,
+            "feature_layer": "pooled last conv block (fid, precision, recall); classifier logits (is)",
+            "n_ref": ref_m.n, "n_ref_pr": pr.n_real, "pr_k": pr_k, "pr_distance": pr.distance, **is_proto,
+            "frechet_method": fd.method,
+        },
+        **values,
+        "is_splits": list(is_.splits), "is_std": is_.std,
+        "n_samples": n,
+        "metric_names": {name: metric_label(name, n) for name in METRIC_NAMES},
+        "counts": {"precision": pr.n_precision, "recall": pr.n_recall, "real": pr.n_real, "fake": pr.n_fake},
+        "samples": {"path": str(samples_npz.resolve()), "n_in_file": shape[0], "shape": shape[1:],
+                    "sha256": sha256_file(samples_npz) if samples_npz.is_file() else None},
+        "reference": {"path": str(ref.path), "sha256": ref.sha256, "n": ref_m.n, "provenance": ref.provenance},
+        "extractor": extractor.describe(),
+        "env": env_info(world, str(extractor.device)),
+        "diagnostics": {"min_eig_sigma_samples": fd.min_eig_sigma1, "min_eig_sigma_ref": fd.min_eig_sigma2,
+                        "min_eig_product": fd.min_eig_product, "n_vs_d_ok": n > extractor.feature_dim,
+                        "duplicates_found": duplicates},
+    }
+    if n <= extractor.feature_dim:
+        warnings.warn(f"{n} samples in a {extractor.feature_dim}-d space: FID is unstable (pitfall P6)")
+    if out is not None and D.rank_and_world()[0] == 0:
+        write_json_atomic(out, record, overwrite=overwrite)
+    return record

@@ -28,8 +28,8 @@ from bench.suite import Suite, resolve_config
 STAGES = ("prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate")
 
 #: Leaderboard family when the suite does not say (harness.md §6.3).
-DEFAULT_FAMILY = {"scratch": "pretrain", "full": "full_ft", "kind": "learngene", "fine": "learngene",
-                  "wave": "learngene"}
+DEFAULT_FAMILY = {"scratch": "pretrain", "full": "full_ft", "kind": "learngene", "kind_nogate": "learngene",
+                  "kind_fulltransfer": "learngene", "fine": "learngene", "wave": "learngene", "tleg": "learngene"}
 
 
 def short_hash(payload: Any, length: int = 8) -> str:

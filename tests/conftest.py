@@ -26,3 +26,12 @@ def run_train(tmp_path):
         return TrainResult(proc, out_dir)
 
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_extractor_cache(tmp_path_factory):
+    """One cache for the synthetic-suite feature extractor across tests (and the SLURM jobs they submit): it is
+    trained once per session, not once per test. Tests of the cache itself pass their own directories."""
+    if "KINDBENCH_CACHE_DIR" not in os.environ:
+        os.environ["KINDBENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("kindbench-cache"))
+    yield os.environ["KINDBENCH_CACHE_DIR"]

@@ -43,7 +43,6 @@ SUITE = textwrap.dedent("""
     [protocol.eval]
     extractor = "synthetic"
     ref_per_class = 4
-    cache_dir = "CACHE"
     [ancestries.dense]
     method = "scratch"
     overrides = { data = { split = "pretrain" } }
@@ -107,7 +106,7 @@ def _logs(tmp: Path) -> str:
 @needs_cluster
 def test_run_all_submits_a_job_graph_that_finishes_and_resubmitting_submits_nothing(tmp_path):
     suite = tmp_path / "slurm-mini.toml"
-    suite.write_text(SUITE.replace("CACHE", str(tmp_path / "cache")))
+    suite.write_text(SUITE)
     text = _run_all(tmp_path, "--suite", str(suite))
     for stage in ("prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate"):
         assert re.search(rf"^{stage}\s+\d+", text, flags=re.M), text
@@ -131,7 +130,7 @@ def test_run_all_submits_a_job_graph_that_finishes_and_resubmitting_submits_noth
 def test_a_signalled_training_job_is_requeued_and_resumes(tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@N does before the time limit): the trainer checkpoints, the job
     is requeued, and the next attempt resumes from that checkpoint and finishes."""
-    text = SUITE.replace("CACHE", str(tmp_path / "cache")).replace('overrides = { data = { split = "pretrain" } }',
+    text = SUITE.replace('overrides = { data = { split = "pretrain" } }',
                         'overrides = { data = { split = "pretrain" }, schedule = { steps = 400, ckpt_every = 100000 } }')
     suite = tmp_path / "slurm-mini.toml"
     suite.write_text(text)

@@ -1,0 +1,42 @@
+"""``kindbench run --suite tiny`` end to end through the local executor, with a reduced step count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainrun import REPO
+
+SMOKE = ["--set", "schedule.steps=3", "--set", "sample.num_samples=32", "--set", "sample.num_steps=3"]
+
+
+@pytest.mark.slow
+def test_tiny_suite_end_to_end_and_rerun_is_a_no_op(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "run", "--suite", "tiny", "--runs", str(tmp_path / "runs"), "--results",
+           str(tmp_path / "results"), *SMOKE]
+    env = dict(os.environ)  # conftest shares one extractor cache (KINDBENCH_CACHE_DIR) across the session
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+    assert first.returncode == 0, first.stderr[-4000:]
+    summary = json.loads((tmp_path / "results/last_run.json").read_text())
+    assert summary["outcomes"]["failed"] == 0 and summary["outcomes"]["blocked"] == 0
+    assert set(summary["stage_seconds"]) == {"prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate"}
+
+    from bench.executor import build_plan
+
+    plan = build_plan("tiny", [s for s in SMOKE if s != "--set"])[1]
+    records = {p.stem for p in (tmp_path / "results/records").glob("*.json")}
+    assert records == set(plan.jobs)
+    for benchmark in {j.info["benchmark"] for j in plan.by_stage("evaluate")}:
+        csv = (tmp_path / "results/leaderboard" / benchmark / "leaderboard.csv").read_text()
+        for method in {j.info["method"] for j in plan.by_stage("evaluate")}:
+            assert f",{method}," in csv or csv.startswith(method), (benchmark, method)
+        assert (tmp_path / "results/plots" / benchmark / "loss_curves.png").stat().st_size > 0
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    rerun = json.loads((tmp_path / "results/last_run.json").read_text())
+    assert rerun["outcomes"]["ran"] == 1  # only the aggregation is redone; every other job is found done

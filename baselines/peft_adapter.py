@@ -1,95 +1,73 @@
-"""PEFT baselines through HF ``peft`` (methods.md §6): LoRA on the DiT's attention and MLP Linears.
+"""PEFT baselines through HF ``peft`` (methods.md §6): LoRA, DoRA, PiSSA, VeRA, OFT, BOFT, LoHa, LoKr.
 
-peft injects its adapter layers into any ``nn.Module`` with ``inject_adapter_in_model``, which keeps the DiT's
-class and module names (a ``PeftModel`` wrapper would not); we use that rather than re-implement LoRA. Around it
-this module adds what the benchmark needs: our target check first (an unmatched target is our ``MethodError``,
-never a peft warning), re-initialised class embeddings and a fully trained final layer ("new class embeddings and
-the final layer trainable in every method"), structural trainability by peft's tuner-layer type, and a merge that
-hands back a plain DiT.
+One class hierarchy, not copies: ``PeftAdapterMethod`` (on ``baselines.adapters.AdapterMethod``) maps its Config
+to a peft config (``peft_config``) and names peft's tuner-layer type (``tuner_layer``), which is how trainable
+tensors are found (structurally, by ``adapter_layer_names`` on every tuner layer, as peft's own
+``_mark_only_adapters_as_trainable`` does) and how ``merge`` finds what to fold.
+
+peft injects its layers into any ``nn.Module`` with ``inject_adapter_in_model``, which keeps the DiT's class and
+module names (a ``PeftModel`` wrapper would not); we use it rather than re-implement the methods. Tuners whose
+state is shared across layers (VeRA's frozen random projections) are refused by ``inject_adapter_in_model``; for
+those the tuner class itself does the same injection, and every layer keeps a reference to the shared buffers.
 
 peft's own ``modules_to_save`` is not used for ``reinit``/``train_modules``: it wraps the module and renames its
-parameters, so the merged model would no longer load with DiT's names.
+parameters, so the merged model would no longer load with DiT's names. Where peft silently changes what was asked
+for (OFT adjusts a block size that does not divide a layer; BOFT drops to one butterfly factor without its CUDA
+extension) we check first and fail instead.
 """
 
 from __future__ import annotations
 
+import abc
+import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import peft
 import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.boft import BOFTLayer
+from peft.tuners.loha import LoHaLayer
+from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lora import LoraLayer
+from peft.tuners.oft import OFTLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.vera import VeraLayer
 from torch import nn
 
-from baselines.common import build_from_dense_ancestry
-from bench.models.dit import DiT
-from methods.accounting import method_accounting
-from methods.base import Accounting, Ancestry, ArchSpec, Method, MethodConfig, MethodError, Task
-from methods.surgery import (check_reinit_names, find_linears, freeze_all, matches_suffix, resolve_modules,
-                             set_submodule)
-from methods.transfer import DENSE_METHODS
+from baselines.adapters import AdapterConfig, AdapterMethod, check_dropout, check_positive_int
+from methods.base import MethodError
+from methods.surgery import set_submodule
 
 #: The one adapter every injected layer carries (peft supports several; a benchmark run trains one).
 ADAPTER = "default"
-#: ``init`` values that rewrite the frozen base weight (W_res = W0 - B A); their residuals are saved with the adapter.
-_BASE_REWRITING_INIT = re.compile(r"^(pissa|pissa_niter_\d+|olora)$")
-_INITS = "True, 'gaussian', 'pissa', 'pissa_niter_<k>', 'olora'"
 
 
-@dataclass
-class LoraConfig(MethodConfig):
-    """LoRA: W = W0 + (alpha / rank) * B A with W0 frozen (Hu et al., arXiv 2106.09685)."""
+def inject(peft_config: peft.PeftConfig, model: nn.Module) -> None:
+    """Inject peft's layers for ``peft_config`` into ``model`` in place (module docstring: why two paths)."""
+    tuner_cls = peft.PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type]
+    if tuner_cls.uses_shared_state:
+        tuner_cls(model, peft_config, adapter_name=ADAPTER)
+    else:
+        peft.inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
 
-    targets: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-    """Linears that get an adapter: q/k/v (fused), o, fc1, fc2, the same matrices KIND decomposes (methods.md §6)."""
-    reinit: tuple[str, ...] = ("y_embedder",)
-    """Modules re-initialised for the new label space and trained in full (default: the class table)."""
-    rank: int = 16
-    """LoRA rank r; methods.md §6 reports each PEFT at r = 16 and at a KIND-matched budget."""
-    alpha: float | None = None
-    """LoRA alpha; the update is scaled by alpha / rank. None means alpha = rank (methods.md §6)."""
-    dropout: float = 0.0
-    """Dropout on the adapter input (peft ``lora_dropout``)."""
-    init: bool | str = True
-    """peft ``init_lora_weights``: True (A Kaiming-uniform, B = 0, the adapter starts as a no-op), 'gaussian',
-    'pissa' / 'pissa_niter_<k>' (principal singular components; rewrites the frozen base) or 'olora'."""
-    train_modules: tuple[str, ...] = ("final_layer",)
-    """Modules inherited from the ancestry and trained in full alongside the adapters (default: the final layer)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.train_modules = tuple(self.train_modules)
-        if not self.targets:
-            raise MethodError("lora needs at least one target Linear")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise MethodError(f"lora rank must be a positive int, got {self.rank!r}")
-        if self.alpha is None:
-            self.alpha = float(self.rank)
-        if not self.alpha > 0:
-            raise MethodError(f"lora alpha must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise MethodError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
-        if not (self.init is True or self.init == "gaussian" or
-                (isinstance(self.init, str) and _BASE_REWRITING_INIT.match(self.init))):
-            raise MethodError(f"lora init must be one of {_INITS}; got {self.init!r}")
-        check_reinit_names(self.reinit)
-
-    @property
-    def rewrites_base(self) -> bool:
-        return isinstance(self.init, str) and bool(_BASE_REWRITING_INIT.match(self.init))
+def tuner_layers(model: nn.Module, layer_type: type[BaseTunerLayer] = BaseTunerLayer) -> dict[str, BaseTunerLayer]:
+    """Every peft tuner layer of ``layer_type`` in ``model``, by qualified name (found by type, never by name)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, layer_type)}
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
-    """Every peft LoRA layer in ``model``, by qualified name (found by type, never by name)."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    """Every peft LoRA layer (LoRA, DoRA, PiSSA) in ``model``, by qualified name."""
+    return tuner_layers(model, LoraLayer)
 
 
-def _adapter_params(prefix: str, layer: LoraLayer) -> dict[str, nn.Parameter]:
-    # peft keeps each kind of adapter tensor (lora_A, lora_B, DoRA magnitude, ...) in a dict keyed by adapter name;
-    # the kinds are listed structurally on the layer class as adapter_layer_names.
+def layer_adapter_params(prefix: str, layer: BaseTunerLayer) -> dict[str, nn.Parameter]:
+    """The trainable tensors of one tuner layer: peft lists each kind (``lora_A``, ``lora_magnitude_vector``,
+    ``oft_R``, ...) on the layer class as ``adapter_layer_names``, each a dict keyed by adapter name."""
     params: dict[str, nn.Parameter] = {}
-    for kind in layer.adapter_layer_names:
+    for kind in dict.fromkeys(layer.adapter_layer_names):  # DoRA's layer lists the magnitude vector twice
         container = getattr(layer, kind, None)
         if container is None or ADAPTER not in container:
             continue
@@ -101,98 +79,441 @@ def _adapter_params(prefix: str, layer: LoraLayer) -> dict[str, nn.Parameter]:
     return params
 
 
-class LoraMethod(Method):
-    """LoRA adapters (peft) on a frozen dense DiT, plus re-initialised class embeddings and a trained final layer."""
+# --------------------------------------------------------------------------------------------------------------
+#                                             The generic wrapper
+# --------------------------------------------------------------------------------------------------------------
 
-    name = "lora"
-    Config = LoraConfig
-    stages = frozenset({"transfer", "domain"})
-    ancestry_methods = DENSE_METHODS
 
-    # ---- building -------------------------------------------------------------------------------------------
+class PeftAdapterMethod(AdapterMethod):
+    """A peft method on a frozen dense DiT: subclasses set ``name``, ``Config``, ``tuner_layer`` and implement
+    ``peft_config``; everything else (targets, trainability, saving, merge, accounting) is shared."""
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> nn.Module:
-        cfg = self.config
-        self.require_stage(task.stage)
-        # Validate names before any weights are loaded: an unmatched target or module fails fast and in our words.
-        probe = arch.build(task.num_classes, device="meta")
-        targets = self._adapted_linears(probe)
-        model = build_from_dense_ancestry(self, arch, task, ancestry, cfg.reinit)
-        peft_config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                                      init_lora_weights=cfg.init, target_modules=list(targets))
-        peft.inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
-        self.mark_trainable(model)
-        return model
+    tuner_layer: ClassVar[type[BaseTunerLayer]] = BaseTunerLayer
+    rank_option = "rank"
+    meta_countable: ClassVar[bool] = True
+    """Whether a meta-device build works (``baselines.budget`` counts on meta; peft's BOFT needs real tensors)."""
 
-    def _adapted_linears(self, model: nn.Module) -> list[str]:
-        """Names of the Linears that get an adapter: target matches outside the modules trained in full.
+    @abc.abstractmethod
+    def peft_config(self, targets: list[str]) -> peft.PeftConfig:
+        """The peft config for this method's options, adapting exactly the Linears named in ``targets``."""
 
-        A suffix such as ``adaLN_modulation.1`` also matches ``final_layer.adaLN_modulation.1``; when the final layer
-        is trained in full an adapter there would be redundant, so it is left out. A target left with no Linear at
-        all is an error, as is a target that matches nothing.
-        """
-        full = tuple(self.config.reinit) + self.config.train_modules
-        resolve_modules(model, full)  # a missing module is an error here, before any weights are loaded
-        found = find_linears(model, self.config.targets)
-        kept = [n for n in found if not any(n.startswith(m + ".") for m in full)]
-        for target in self.config.targets:
-            if not any(matches_suffix(n, target) for n in kept):
-                raise MethodError(f"lora target {target!r} only matches Linears inside modules trained in full "
-                                  f"{full}; drop it from 'targets' or the module from 'reinit'/'train_modules'")
-        return kept
+    def attach(self, model: nn.Module, targets: list[str]) -> None:
+        inject(self.peft_config(targets), model)
+        self.check_injected(model)
 
-    # ---- training -------------------------------------------------------------------------------------------
+    def check_injected(self, model: nn.Module) -> None:
+        """Verify peft built what was asked for (default: nothing to check)."""
 
-    def _owned(self, model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
-        """Parameters this method owns, by group: adapter tensors, re-initialised modules, inherited-but-trained."""
-        layers = lora_layers(model)
-        if not layers:
-            raise MethodError("lora: the model has no LoRA layers; build it with LoraMethod.build")
-        adapter: dict[str, nn.Parameter] = {}
-        for prefix, layer in layers.items():
-            adapter.update(_adapter_params(prefix, layer))
-        groups = {"adapter": adapter, "reinit": {}, "trained": {}}
-        for group, names in (("reinit", self.config.reinit), ("trained", self.config.train_modules)):
-            for prefix, module in resolve_modules(model, names).items():
-                for name, param in module.named_parameters(prefix=prefix):
-                    if not any(name in g for g in groups.values()):
-                        groups[group][name] = param
-        return groups
+    def rank_candidates(self, shapes: list[tuple[int, int]]) -> list[int]:
+        """Values ``rank_option`` may take for Linears of these (out, in) shapes, ascending (``budget`` searches
+        them). Default: 1 .. the smallest matrix rank, beyond which a low-rank update stops adding expressiveness."""
+        return list(range(1, min(min(shape) for shape in shapes) + 1))
 
-    def mark_trainable(self, model: nn.Module) -> list[dict[str, Any]]:
-        freeze_all(model)
-        param_groups = []
-        for group, params in self._owned(model).items():
-            for param in params.values():
-                param.requires_grad_(True)
-            if params:
-                param_groups.append({"name": group, "params": list(params.values()), "lr_scale": 1.0})
-        return param_groups
+    def budget_options(self, value: int) -> dict[str, int]:
+        """The options that set ``rank_option`` to ``value`` (``baselines.budget`` rebuilds with them)."""
+        return {self.rank_option: value}
 
-    # ---- saving ---------------------------------------------------------------------------------------------
+    def adapter_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params: dict[str, nn.Parameter] = {}
+        for prefix, layer in tuner_layers(model, self.tuner_layer).items():
+            params.update(layer_adapter_params(prefix, layer))
+        return params
 
-    def state_to_save(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = {name: p.detach() for params in self._owned(model).values() for name, p in params.items()}
-        if self.config.rewrites_base:
-            # PiSSA/OLoRA subtract the initial adapter from the frozen base; the residual depends on the SVD/QR
-            # backend, so it is stored rather than recomputed (exact reproduction at the cost of dense bytes).
-            for prefix, layer in lora_layers(model).items():
-                state[f"{prefix}.base_layer.weight"] = layer.get_base_layer().weight.detach()
-        return state
-
-    # ---- inference ------------------------------------------------------------------------------------------
-
-    def merge(self, model: nn.Module) -> DiT:
-        """Fold every adapter into its base weight and put the plain ``nn.Linear`` back, in place; returns a DiT."""
-        for name, layer in lora_layers(model).items():
+    def unwrap(self, model: nn.Module) -> None:
+        for name, layer in tuner_layers(model, self.tuner_layer).items():
             layer.merge(safe_merge=True, adapter_names=[ADAPTER])
             set_submodule(model, name, layer.get_base_layer())
         # peft records its config on the model it injected into; a merged DiT carries no adapter state.
         model.__dict__.pop("peft_config", None)
-        if not isinstance(model, DiT):
-            raise MethodError(f"lora: merged model is a {type(model).__name__}, not a DiT")
-        return model
 
-    def count(self, model: nn.Module) -> Accounting:
-        groups = self._owned(model)
-        return method_accounting(self, model, set(groups["adapter"]) | set(groups["reinit"]))
+
+# --------------------------------------------------------------------------------------------------------------
+#                                      LoRA and its variants (DoRA, PiSSA)
+# --------------------------------------------------------------------------------------------------------------
+
+#: ``init`` values that rewrite the frozen base weight (W_res = W0 - B A); their residuals are saved with the adapter.
+_BASE_REWRITING_INIT = re.compile(r"^(pissa|pissa_niter_\d+|olora)$")
+_INITS = "True, 'gaussian', 'pissa', 'pissa_niter_<k>', 'olora'"
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA: W = W0 + (alpha / rank) * B A with W0 frozen (Hu et al., arXiv 2106.09685)."""
+
+    label = "lora"
+
+    rank: int = 16
+    """LoRA rank r; methods.md §6/§7 #15 reports each PEFT at r = 16 and at a KIND-matched budget."""
+    alpha: float | None = None
+    """LoRA alpha; the update is scaled by alpha / rank. None means alpha = rank (methods.md §6)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (peft ``lora_dropout``)."""
+    init: bool | str = True
+    """peft ``init_lora_weights``: True (A Kaiming-uniform, B = 0, the adapter starts as a no-op), 'gaussian',
+    'pissa' / 'pissa_niter_<k>' (principal singular components; rewrites the frozen base) or 'olora'."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.label, "rank", self.rank)
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise MethodError(f"{self.label} alpha must be positive, got {self.alpha!r}")
+        check_dropout(self.label, "dropout", self.dropout)
+        if not (self.init is True or self.init == "gaussian" or
+                (isinstance(self.init, str) and _BASE_REWRITING_INIT.match(self.init))):
+            raise MethodError(f"{self.label} init must be one of {_INITS}; got {self.init!r}")
+
+    @property
+    def rewrites_base(self) -> bool:
+        return isinstance(self.init, str) and bool(_BASE_REWRITING_INIT.match(self.init))
+
+
+class LoraMethod(PeftAdapterMethod):
+    """LoRA adapters (peft) on a frozen dense DiT, plus re-initialised class embeddings and a trained final layer."""
+
+    name = "lora"
+    Config = LoraConfig
+    tuner_layer = LoraLayer
+    use_dora: ClassVar[bool] = False
+
+    def peft_config(self, targets: list[str]) -> peft.PeftConfig:
+        cfg = self.config
+        return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                               init_lora_weights=cfg.init, use_dora=self.use_dora, target_modules=list(targets))
+
+    def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        if not self.config.rewrites_base:
+            return {}
+        # PiSSA/OLoRA subtract the initial adapter from the frozen base; the residual depends on the SVD/QR
+        # backend, so it is stored rather than recomputed (exact reproduction at the cost of dense bytes).
+        return {f"{prefix}.base_layer.weight": layer.get_base_layer().weight.detach()
+                for prefix, layer in lora_layers(model).items()}
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    """DoRA: W = m * (W0 + s B A) / ||W0 + s B A||_row with the magnitude m (one per output, init ||W0||_row)
+    trained next to LoRA's A and B (Liu et al., arXiv 2402.09353); same rank as LoRA (methods.md §6)."""
+
+    label = "dora"
+
+
+class DoraMethod(LoraMethod):
+    """DoRA (peft ``use_dora``): LoRA plus a trained per-output magnitude vector."""
+
+    name = "dora"
+    Config = DoraConfig
+    use_dora = True
+
+
+@dataclass
+class PissaConfig(LoraConfig):
+    """PiSSA: LoRA whose A, B start at the top-r singular components of W0 (A = S_r^1/2 V_r^T, B = U_r S_r^1/2) and
+    whose frozen base is the residual W0 - B A (Meng et al., arXiv 2404.02948)."""
+
+    label = "pissa"
+
+    init: bool | str = "pissa"
+    """'pissa' (exact SVD, the paper's) or 'pissa_niter_<k>' (peft's randomised SVD with k subspace iterations,
+    much faster to build on CPU for DiT-L/2)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.init, str) and self.init.startswith("pissa")):
+            raise MethodError(f"pissa init must be 'pissa' or 'pissa_niter_<k>', got {self.init!r}")
+
+
+class PissaMethod(LoraMethod):
+    """PiSSA (peft ``init_lora_weights='pissa'``): principal singular components trained, residual frozen."""
+
+    name = "pissa"
+    Config = PissaConfig
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                                                     VeRA
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VeraConfig(AdapterConfig):
+    """VeRA: dW = diag(b) B diag(d) A with A (r x in) and B (out x r) frozen random matrices shared by all layers and
+    the vectors d (r) and b (out) trained per layer (Kopiczko et al., arXiv 2310.11454)."""
+
+    label = "vera"
+
+    rank: int = 256
+    """Width r of the shared random projections (methods.md §6: 256)."""
+    d_initial: float = 0.1
+    """Initial value of every entry of d (b starts at 0, so the adapter starts as a no-op)."""
+    projection_seed: int = 0
+    """Seed of the shared random projections A and B (peft ``projection_prng_key``)."""
+    save_projection: bool = True
+    """Store A and B in ``state_to_save`` (one copy each; peft's default) rather than regenerating them."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (peft ``vera_dropout``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.label, "rank", self.rank)
+        check_dropout(self.label, "dropout", self.dropout)
+        check_positive_int(self.label, "projection_seed", self.projection_seed, minimum=0)
+        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)):
+            raise MethodError(f"vera d_initial must be a number, got {self.d_initial!r}")
+
+
+class VeraMethod(PeftAdapterMethod):
+    """VeRA (peft): per-layer scaling vectors over frozen random projections shared across layers."""
+
+    name = "vera"
+    Config = VeraConfig
+    tuner_layer = VeraLayer
+
+    def peft_config(self, targets: list[str]) -> peft.PeftConfig:
+        cfg = self.config
+        return peft.VeraConfig(r=cfg.rank, d_initial=cfg.d_initial, projection_prng_key=cfg.projection_seed,
+                               save_projection=cfg.save_projection, vera_dropout=cfg.dropout, bias="none",
+                               target_modules=list(targets))
+
+    def attach(self, model: nn.Module, targets: list[str]) -> None:
+        super().attach(model, targets)
+        # peft hands every layer the same BufferDict *module*. torch.func.functional_call (bench.accounting's meta
+        # FLOP count) cannot restore a submodule reachable under several paths and would leave the projections on
+        # the meta device; one BufferDict per layer holding the same two tensors behaves identically and does not.
+        for layer in tuner_layers(model, VeraLayer).values():
+            for attr in ("vera_A", "vera_B"):
+                shared = getattr(layer, attr)
+                setattr(layer, attr, BufferDict(dict(shared.items()), persistent=shared.persistent))
+
+    def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        if not self.config.save_projection:
+            return {}
+        # Every layer references the same two buffers; named_buffers lists each once, under its first path.
+        return {name: buf.detach() for name, buf in model.named_buffers()
+                if name.endswith((f"vera_A.{ADAPTER}", f"vera_B.{ADAPTER}"))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                                         Orthogonal fine-tuning: OFT, BOFT
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _divisors(value: int) -> list[int]:
+    return [d for d in range(1, value + 1) if value % d == 0]
+
+
+@dataclass
+class OftConfig(AdapterConfig):
+    """OFT: W = W0 R with R block-diagonal orthogonal, each block the Cayley transform (I + Q)(I - Q)^-1 of a
+    trained skew-symmetric Q (zero init, R = I) acting on the input features (Qiu et al., arXiv 2306.07280)."""
+
+    label = "oft"
+
+    block_size: int = 32
+    """Size b of each orthogonal block (peft ``oft_block_size``; its default); must divide every adapted Linear's
+    in_features. Trainable per layer: in * (b - 1) / 2. Set 0 to give ``blocks`` instead."""
+    blocks: int = 0
+    """Number of blocks per layer instead of a block size (peft ``r``; the OFT paper's "r = 4"), 0 = use
+    ``block_size``. Exactly one of the two is non-zero."""
+    coft: bool = False
+    """Constrained OFT: project R back to within ``eps`` of the identity after every step."""
+    eps: float = 6e-5
+    """COFT's radius (peft's default)."""
+    block_share: bool = False
+    """Share one block across the whole layer."""
+    cayley_neumann: bool = False
+    """Approximate the Cayley inverse by a Neumann series (faster, inexact); the exact transform by default."""
+    dropout: float = 0.0
+    """Multiplicative block dropout (peft ``module_dropout``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.label, "block_size", self.block_size, minimum=0)
+        check_positive_int(self.label, "blocks", self.blocks, minimum=0)
+        if (self.block_size == 0) == (self.blocks == 0):
+            raise MethodError(f"oft needs exactly one of block_size and blocks non-zero, got block_size="
+                              f"{self.block_size}, blocks={self.blocks}")
+        check_dropout(self.label, "dropout", self.dropout)
+
+
+class OftMethod(PeftAdapterMethod):
+    """OFT (peft): a trained block-diagonal orthogonal rotation of each adapted Linear's input."""
+
+    name = "oft"
+    Config = OftConfig
+    tuner_layer = OFTLayer
+    rank_option = "block_size"
+
+    def peft_config(self, targets: list[str]) -> peft.PeftConfig:
+        cfg = self.config
+        return peft.OFTConfig(r=cfg.blocks, oft_block_size=cfg.block_size, coft=cfg.coft, eps=cfg.eps,
+                              block_share=cfg.block_share, use_cayley_neumann=cfg.cayley_neumann,
+                              module_dropout=cfg.dropout, bias="none", target_modules=list(targets))
+
+    def check_targets(self, probe: nn.Module, targets: list[str]) -> None:
+        # peft silently moves a block size (or count) that does not divide a layer to the nearest one that does.
+        cfg = self.config
+        for name in targets:
+            width = probe.get_submodule(name).in_features
+            size, what = (cfg.block_size, "block_size") if cfg.block_size else (cfg.blocks, "blocks")
+            if width % size:
+                raise MethodError(f"oft {what} = {size} does not divide in_features = {width} of {name}; choose "
+                                  f"one of {_divisors(width)}")
+
+    def budget_options(self, value: int) -> dict[str, int]:
+        return {"block_size": value, "blocks": 0}
+
+    def rank_candidates(self, shapes: list[tuple[int, int]]) -> list[int]:
+        # Block sizes dividing every adapted input width (1 would train nothing: a 1x1 skew matrix is 0).
+        common = math.gcd(*(width for _, width in shapes))
+        return [b for b in _divisors(common) if b > 1]
+
+
+@dataclass
+class BoftConfig(AdapterConfig):
+    """BOFT: OFT whose orthogonal matrix is a product of ``butterfly_factor`` block-diagonal factors interleaved with
+    butterfly permutations, plus a trained per-output scale (Liu et al., arXiv 2311.06243)."""
+
+    label = "boft"
+
+    block_size: int = 8
+    """Size b of each orthogonal block (peft ``boft_block_size``); every in_features must be a multiple of
+    b * 2^(butterfly_factor - 1)."""
+    butterfly_factor: int = 2
+    """Number m of butterfly factors (1 is OFT with a scale vector). peft builds m > 1 only with its ``fbd_cuda``
+    extension (compiled on first use where CUDA and ninja exist); without it, asking for m > 1 is an error here
+    because peft would silently build m = 1."""
+    dropout: float = 0.0
+    """Multiplicative block dropout (peft ``boft_dropout``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.label, "block_size", self.block_size, minimum=2)
+        check_positive_int(self.label, "butterfly_factor", self.butterfly_factor)
+        check_dropout(self.label, "dropout", self.dropout)
+        if self.butterfly_factor > 1 and self.block_size % 2:
+            raise MethodError(f"boft block_size must be even with butterfly_factor > 1, got {self.block_size}")
+
+
+class BoftMethod(PeftAdapterMethod):
+    """BOFT (peft): butterfly-factorised orthogonal rotation of each adapted Linear's input, plus an output scale."""
+
+    name = "boft"
+    Config = BoftConfig
+    tuner_layer = BOFTLayer
+    rank_option = "block_size"
+    # peft builds BOFT's permutation matrices with Python loops over tensor values, which meta tensors refuse.
+    meta_countable = False
+
+    def peft_config(self, targets: list[str]) -> peft.PeftConfig:
+        cfg = self.config
+        return peft.BOFTConfig(boft_block_size=cfg.block_size, boft_n_butterfly_factor=cfg.butterfly_factor,
+                               boft_dropout=cfg.dropout, bias="none", target_modules=list(targets))
+
+    def check_targets(self, probe: nn.Module, targets: list[str]) -> None:
+        span = self.config.block_size * 2 ** (self.config.butterfly_factor - 1)
+        for name in targets:
+            width = probe.get_submodule(name).in_features
+            if width % span:
+                raise MethodError(f"boft block_size * 2^(butterfly_factor - 1) = {span} does not divide "
+                                  f"in_features = {width} of {name}")
+
+    def check_injected(self, model: nn.Module) -> None:
+        built = {layer.boft_R[ADAPTER].shape[0] for layer in tuner_layers(model, BOFTLayer).values()}
+        if built != {self.config.butterfly_factor}:
+            raise MethodError(f"boft butterfly_factor = {self.config.butterfly_factor} needs peft's fbd_cuda "
+                              f"extension, which could not be built here (no CUDA or ninja); peft fell back to "
+                              f"{sorted(built)} factor(s). Set butterfly_factor = 1 or build where CUDA is available")
+
+    def rank_candidates(self, shapes: list[tuple[int, int]]) -> list[int]:
+        span = 2 ** (self.config.butterfly_factor - 1)
+        step = 2 if self.config.butterfly_factor > 1 else 1
+        smallest = min(width for _, width in shapes)
+        return [b for b in range(2, smallest + 1, step) if all(width % (b * span) == 0 for _, width in shapes)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                                          LyCORIS family: LoHa, LoKr
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LycorisConfig(AdapterConfig):
+    """Options shared by LoHa and LoKr (peft's LyCORIS tuners)."""
+
+    label = "lycoris"
+
+    rank: int = 16
+    """Rank r of the low-rank factors."""
+    alpha: float | None = None
+    """The update is scaled by alpha / rank; None means alpha = rank."""
+    rank_dropout: float = 0.0
+    """Dropout over the rank dimension during training."""
+    module_dropout: float = 0.0
+    """Probability of disabling the whole adapter for a training step."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.label, "rank", self.rank)
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise MethodError(f"{self.label} alpha must be positive, got {self.alpha!r}")
+        check_dropout(self.label, "rank_dropout", self.rank_dropout)
+        check_dropout(self.label, "module_dropout", self.module_dropout)
+
+
+@dataclass
+class LohaConfig(LycorisConfig):
+    """LoHa: dW = (B1 A1) * (B2 A2), a Hadamard product of two rank-r products (Hyeon-Woo et al., FedPara,
+    arXiv 2108.06098); trainable per layer 2 r (in + out)."""
+
+    label = "loha"
+
+
+class LohaMethod(PeftAdapterMethod):
+    """LoHa (peft): Hadamard product of two low-rank updates."""
+
+    name = "loha"
+    Config = LohaConfig
+    tuner_layer = LoHaLayer
+
+    def peft_config(self, targets: list[str]) -> peft.PeftConfig:
+        cfg = self.config
+        return peft.LoHaConfig(r=cfg.rank, alpha=cfg.alpha, rank_dropout=cfg.rank_dropout,
+                               module_dropout=cfg.module_dropout, target_modules=list(targets))
+
+
+@dataclass
+class LokrConfig(LycorisConfig):
+    """LoKr: dW = W1 (x) W2, a Kronecker product with out = a * b, in = c * d factorised near the square roots; W1
+    (a x c) is dense, W2 (b x d) is a rank-r product B2 A2 while r < max(b, d) / 2 and dense beyond (Yeh et al.,
+    LyCORIS, arXiv 2309.14859)."""
+
+    label = "lokr"
+
+    decompose_both: bool = False
+    """Also factor W1 as a rank-r product."""
+    decompose_factor: int = -1
+    """Kronecker factorisation divider; -1 picks factors near the square root of each dimension."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.decompose_factor, bool) or not isinstance(self.decompose_factor, int) or \
+                (self.decompose_factor != -1 and self.decompose_factor < 1):
+            raise MethodError(f"lokr decompose_factor must be -1 or a positive int, got {self.decompose_factor!r}")
+
+
+class LokrMethod(PeftAdapterMethod):
+    """LoKr (peft): Kronecker product of a dense small factor and a low-rank factor."""
+
+    name = "lokr"
+    Config = LokrConfig
+    tuner_layer = LoKrLayer
+
+    def peft_config(self, targets: list[str]) -> peft.PeftConfig:
+        cfg = self.config
+        return peft.LoKrConfig(r=cfg.rank, alpha=cfg.alpha, rank_dropout=cfg.rank_dropout,
+                               module_dropout=cfg.module_dropout, decompose_both=cfg.decompose_both,
+                               decompose_factor=cfg.decompose_factor, target_modules=list(targets))

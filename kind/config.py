@@ -55,7 +55,7 @@ class KindConfig(MethodConfig):
     """Optional class -> gate-group list (e.g. WordNet superclasses): classes of a group share one mask; empty means
     one group per class [§2.5 alternative]."""
     null_gate: str = "learngenes"
-    """Gate of the CFG null class: ``learngenes`` (every tailor off), ``all``, or ``random`` (its own mask) [§7 #5]."""
+    """Gate of the CFG null class: ``learngenes`` (every tailor off), ``all`` or ``random`` (its own mask) [§7 #5]."""
     ortho_reg: float = 0.0
     """Weight of sum ||U^T U - I||^2 + ||V^T V - I||^2 over decomposed matrices, added as ``extra_loss`` [§7 #2]."""
 

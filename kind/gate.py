@@ -54,7 +54,8 @@ def random_subset(n_tailors: int, active: int, seed: int, group: int) -> torch.T
 
 
 def build_gate_table(policy: str, num_classes: int, n_tailors: int, *, active: int | None = None, seed: int = 0,
-                     class_groups: Sequence[int] = (), null: str = "learngenes", null_row: bool = True) -> torch.Tensor:
+                     class_groups: Sequence[int] = (), null: str = "learngenes",
+                     null_row: bool = True) -> torch.Tensor:
     """The float {0, 1} gate table ``(num_classes + null_row, n_tailors)`` of ``policy`` (see the module doc)."""
     if policy not in GATE_POLICIES:
         raise ValueError(f"gate policy must be one of {GATE_POLICIES}, got {policy!r}")
@@ -114,6 +115,11 @@ class GateContext:
         return mask
 
 
+def _settings(table: nn.Embedding) -> dict:
+    return {name: getattr(table, name) for name in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                                                     "sparse")}
+
+
 class GateEmbedding(nn.Embedding):
     """DiT's class-embedding table that also records the class gate of every label it embeds.
 
@@ -123,7 +129,7 @@ class GateEmbedding(nn.Embedding):
     """
 
     def __init__(self, table: nn.Embedding, gate: torch.Tensor, n_learngenes: int, context: GateContext):
-        super().__init__(table.num_embeddings, table.embedding_dim, device="meta")
+        super().__init__(table.num_embeddings, table.embedding_dim, **_settings(table), device="meta")
         if gate.ndim != 2 or gate.shape[0] != table.num_embeddings:
             raise ValueError(f"gate table of shape {tuple(gate.shape)} does not fit a class table with "
                              f"{table.num_embeddings} rows")
@@ -140,7 +146,7 @@ class GateEmbedding(nn.Embedding):
 
     def to_embedding(self) -> nn.Embedding:
         """A plain nn.Embedding holding the same weight Parameter (the gate is dropped)."""
-        plain = nn.Embedding(self.num_embeddings, self.embedding_dim, device="meta")
+        plain = nn.Embedding(self.num_embeddings, self.embedding_dim, **_settings(self), device="meta")
         plain.weight = self.weight
         return plain
 

@@ -140,8 +140,9 @@ class KindMethod(Method):
                               f"{arch.name} (width {ours.hidden_size}): learngenes and tailors are factors of "
                               f"{theirs.hidden_size}-wide matrices; only the depth (descend_depth) and the number of "
                               f"tailors (descend_tailors) can change")
+        fields = ("input_size", "in_channels", "learn_sigma")
         differ = [f"{f}: ancestry {getattr(ancestry.arch, f)!r} vs requested {getattr(arch, f)!r}"
-                  for f in ("input_size", "in_channels", "learn_sigma") if getattr(ancestry.arch, f) != getattr(arch, f)]
+                  for f in fields if getattr(ancestry.arch, f) != getattr(arch, f)]
         if (ours.patch_size, ours.num_heads) != (theirs.patch_size, theirs.num_heads):
             differ.append(f"patch/heads: ancestry {theirs.patch_size}/{theirs.num_heads} vs requested "
                           f"{ours.patch_size}/{ours.num_heads}")

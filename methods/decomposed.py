@@ -131,7 +131,8 @@ class DecomposedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         groups = ", ".join(f"{g or 'rank'}={s}" for g, s in self.groups)
-        return f"in_features={self.in_features}, out_features={self.out_features}, {groups}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {groups}, "
+                f"bias={self.bias is not None}")
 
     # ---- compute --------------------------------------------------------------------------------------------
 
@@ -150,7 +151,7 @@ class DecomposedLinear(nn.Module):
         return (sigma * mask).reshape(mask.shape[0], *([1] * (x.ndim - 2)), r)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` (..., in) -> (..., out). ``mask``: None, (r,) shared, or (batch, r) per sample (batch = x.shape[0])."""
+        """``x`` (..., in) -> (..., out); ``mask``: None, (r,) shared, or (batch, r) per sample (x.shape[0])."""
         u, sigma, v = self.factors()
         hidden = torch.matmul(x, v)
         # Cast the scale to the activations' dtype: under bf16 autocast an fp32 scale would promote the whole

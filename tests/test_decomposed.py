@@ -54,8 +54,8 @@ def test_groups_split_the_components_in_order_and_name_their_parameters():
     single = DecomposedLinear.from_linear(dense, 20)
     grouped = DecomposedLinear.from_linear(dense, {"kind_learngene": 12, "kind_tailor": 8})
     names = [n for n, _ in grouped.named_parameters()]
-    assert names == ["kind_learngene_U", "kind_learngene_sigma", "kind_learngene_V", "kind_tailor_U", "kind_tailor_sigma",
-                     "kind_tailor_V", "bias"]
+    assert names == ["kind_learngene_U", "kind_learngene_sigma", "kind_learngene_V",
+                     "kind_tailor_U", "kind_tailor_sigma", "kind_tailor_V", "bias"]
     assert [n for n, _ in single.named_parameters()] == ["U", "sigma", "V", "bias"]
     torch.testing.assert_close(grouped.kind_tailor_sigma, single.sigma[12:])
     torch.testing.assert_close(grouped.kind_learngene_U, single.U[:, :12])

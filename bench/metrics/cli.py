@@ -187,8 +187,7 @@ def _cmd_prepare_ref(args) -> int:
     out = args.out or wd.root / LAYOUT["adm_ref_derived"].paths[0]
     digest = prepare_adm_reference(adm, load_inception(weights.path, _device(args.device)), out,
                                    inception_sha256=weights.sha256, batch_size=args.batch_size)
-    if digest:
-        print(f"wrote {out} sha256 {digest}")
+    _report_written(wd, out, digest)
     return 0
 
 
@@ -217,9 +216,20 @@ def _cmd_build_ref(args) -> int:
         model = dino.build_dinov2(weights.path, args.fdd_arch, device=device)
         digest = build_fdd_reference(source, model, args.out, arch=args.fdd_arch, dinov2_sha256=weights.sha256,
                                      fdd_resize=args.fdd_resize, **common)
-    if digest:
-        print(f"wrote {args.out} sha256 {digest}")
+    _report_written(wd, args.out, digest)
     return 0
+
+
+def _report_written(wd, out: Path, digest: str | None) -> None:
+    """Print the new file's sha256 and pin it when it lives in the weights directory (references are versioned)."""
+    if not digest:
+        return  # not rank 0
+    print(f"wrote {out} sha256 {digest}")
+    try:
+        v = wd.pin_file(out)
+        print(f"pinned {v.relpath} in {wd.manifest_path}")
+    except ValueError:
+        pass  # outside the weights dir: the sha256 above is its version
 
 
 def _cmd_acceptance(args) -> int:
@@ -249,8 +259,8 @@ def _cmd_make_fixtures(args) -> int:
     refs.mkdir(exist_ok=True)
     fixtures.write_synthetic_adm_reference(refs / "VIRTUAL_synthetic.npz",
                                            root / "inception/pt_inception-2015-12-05-6726825d.pth")
-    fixtures.write_synthetic_fdd_reference(refs / "fdd_synthetic.npz", root / "dinov2" / DINOV2_FILES[args.dinov2_arch],
-                                           args.dinov2_arch)
+    dinov2_weights = root / "dinov2" / DINOV2_FILES[args.dinov2_arch]
+    fixtures.write_synthetic_fdd_reference(refs / "fdd_synthetic.npz", dinov2_weights, args.dinov2_arch)
     fixtures.write_synthetic_samples(root / "samples_synthetic.npz")
     print(f"fixtures in {root}: weights (random), refs/VIRTUAL_synthetic.npz, refs/fdd_synthetic.npz, "
           "samples_synthetic.npz")
@@ -273,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status. Errors in the inputs print one line and return 2."""
     from bench.metrics.weights import MissingWeightsError, WeightsMismatchError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["metrics"]:  # `kindbench metrics <cmd> ...` arrives with its verb; `kindbench evaluate` too
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = _init_distributed()

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.metrics import METRICS
 from bench.metrics import dinov2 as dino
 from bench.metrics.atomic import atomic_path
 from bench.metrics import distributed as D
 from bench.metrics.features import FeatureSet, extract_features
 from bench.metrics.frechet import frechet_distance
 from bench.metrics.inception import load_inception
-from bench.metrics.inception_score import ADM_SPLIT_SIZE, inception_score
+from bench.metrics.inception_score import ADM_SPLIT_SIZE, check_label_order, inception_score, split_bounds
 from bench.metrics.precision_recall import PrecisionRecall, precision_recall
 from bench.metrics.record import env_info, metric_label, now_iso, validate_record, write_json_atomic, SCHEMA
 from bench.metrics.references import Reference, load_reference
@@ -136,20 +137,29 @@ def _ref_pool(ref: Reference, inception, inception_sha: str, opts: EvalOptions) 
 
 
 def _frechet(sample_m, ref_m, method: str) -> tuple[float, dict]:
-    res = frechet_distance(sample_m.mu, sample_m.sigma, ref_m.mu, ref_m.sigma, method=method, sigma_eigs=True)
-    diag = {"min_eig_sigma_samples": res.min_eig_sigma1, "min_eig_sigma_ref": res.min_eig_sigma2,
-            "min_eig_product": res.min_eig_product, "method": res.method}
+    res = frechet_distance(sample_m.mu, sample_m.sigma, ref_m.mu, ref_m.sigma, method=method, sigma_eigs="first")
+    diag = {"min_eig_sigma_samples": res.min_eig_sigma1, "min_eig_product": res.min_eig_product,
+            "method": res.method}
     return res.value, diag
 
 
 def _sample_labels(samples_path: Path, n: int) -> np.ndarray | None:
-    """Labels stored next to arr_0 (``arr_1``, ``labels`` or ``y``), if any, for the class-order check (P10)."""
+    """Labels of the samples for the class-order check (P10), if known.
+
+    Looked up as ``labels``/``y``/``arr_1`` inside the npz, else a ``labels.npy`` beside it with exactly one label per
+    sample (what ``bench.sample`` writes).
+    """
     if samples_path.is_dir():
         return None
     with np.load(samples_path) as data:
         for key in ("labels", "y", "arr_1"):
             if key in data.files and data[key].ndim == 1 and len(data[key]) >= n:
                 return data[key][:n]
+    sibling = samples_path.parent / "labels.npy"
+    if sibling.is_file():
+        labels = np.load(sibling, mmap_mode="r")
+        if labels.ndim == 1 and len(labels) == len(open_samples(samples_path)):
+            return np.asarray(labels[:n])
     return None
 
 
@@ -186,6 +196,7 @@ class _Run:
     pr: PrecisionRecall | None = None
     ref_pool_origin: str = ""
     extras: dict | None = None
+    labels: np.ndarray | None = None
     skipped: dict = dataclasses.field(default_factory=dict)
 
 
@@ -194,6 +205,9 @@ def evaluate(opts: EvalOptions) -> dict:
     wd = resolve_weights_dir(opts.weights_dir)
     opts.device = opts.device or default_device()
     rank, world = D.rank_and_world()
+    out = None if opts.out == "" else Path(opts.out) if opts.out else default_record_path(Path(opts.samples))
+    if out is not None and out.exists() and not opts.overwrite:  # fail before an hour of feature extraction
+        raise FileExistsError(f"record already exists: {out} (records are immutable; pass --overwrite to replace)")
     inception_w = wd.verified("inception")
     ref_path, ref_record = _resolve_ref(opts, wd)
     ref = load_reference(ref_path, sha256=ref_record["sha256"])
@@ -204,10 +218,14 @@ def evaluate(opts: EvalOptions) -> dict:
     inception = load_inception(inception_w.path, opts.device)
     source = open_samples(opts.samples)
     _warn_about_inputs(source, ref)
+    n = len(source) if opts.limit is None else min(opts.limit, len(source))
+    labels = _sample_labels(Path(opts.samples), n)
+    # before the expensive part (pitfall P10)
+    check_label_order(labels, opts.is_shuffle_seed, num_splits=len(split_bounds(n, opts.is_split_size)))
     feats = extract_features(source, inception=inception, dinov2=dinov2, fdd_resize=opts.fdd_resize,
                              batch_size=opts.batch_size, num_workers=opts.num_workers, limit=opts.limit)
     run = _Run(opts, wd, world, inception_w, ref, ref_record, feats, tuple(source.shape),
-               list(getattr(source, "extra_keys", [])), fdd_ref=fdd_ref)
+               list(getattr(source, "extra_keys", [])), fdd_ref=fdd_ref, labels=labels)
     if dinov2 is not None:
         run.dinov2_w = fdd_info
     else:
@@ -227,8 +245,7 @@ def evaluate(opts: EvalOptions) -> dict:
         if opts.save_stats:
             save_sample_stats(opts.save_stats, feats)
             record["sample_stats_path"] = str(opts.save_stats)
-        if opts.out != "":
-            out = Path(opts.out) if opts.out else default_record_path(Path(opts.samples))
+        if out is not None:
             write_json_atomic(out, record, overwrite=opts.overwrite)
             record["_written_to"] = str(out)
     return D.broadcast_object(record)
@@ -258,7 +275,7 @@ def _metric_values(run: _Run) -> dict:
         values["fdd"], frechet["dinov2"] = _frechet(feats.moments["dinov2"], run.fdd_ref.moments["dinov2"],
                                                     opts.frechet_method)
     values["is"] = inception_score(feats.logits, split_size=opts.is_split_size, shuffle_seed=opts.is_shuffle_seed,
-                                   labels=_sample_labels(Path(opts.samples), feats.n))
+                                   labels=run.labels)
     n_vs_d = {space: m.n > m.dim for space, m in feats.moments.items()}
     if not all(n_vs_d.values()):
         warnings.warn("N <= d in some feature space: covariances are rank-deficient and FD is unstable (P6)")
@@ -324,6 +341,9 @@ def _record(run: _Run, values: dict) -> dict:
         extras = dict(run.extras)
         record.update(clean_fid=extras.pop("clean_fid"), kid=extras.pop("kid"), clean_fid_details=extras)
         record["metric_names"].update(clean_fid=metric_label("clean_fid", n), kid=metric_label("kid", n))
+    record["metrics"] = {name: {"value": float(record[name]), "higher_is_better": METRICS[name].higher_is_better,
+                                "label": label}
+                         for name, label in record["metric_names"].items() if record.get(name) is not None}
     validate_record(record)
     return record
 

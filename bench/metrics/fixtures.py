@@ -66,8 +66,8 @@ def write_cleanfid_standin(inception_weights: str | os.PathLike, out: str | os.P
     return out
 
 
-def write_random_weights(root: str | os.PathLike, *, seed: int = 0, dinov2_arch: str | None = "vit_small_patch14_dinov2",
-                         clean_fid: bool = False) -> Path:
+def write_random_weights(root: str | os.PathLike, *, seed: int = 0,
+                         dinov2_arch: str | None = "vit_small_patch14_dinov2", clean_fid: bool = False) -> Path:
     """Fill ``root`` with random weights under the real file names (§8.8 layout)."""
     root = Path(root)
     inception = root / LAYOUT["inception"].paths[0]

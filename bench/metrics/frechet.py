@@ -6,9 +6,10 @@ The trace of the matrix square root is the sum of √λ over the eigenvalues λ 
 of any symmetric matrix congruent to it, so we never form the non-symmetric product and never call
 ``scipy.linalg.sqrtm`` (slow, and its ``disp`` argument is gone in scipy >= 1.18, pitfall P4):
 
-* ``cholesky`` (default): Σ₁ = L Lᵀ, then eig(Σ₁Σ₂) = eig(Lᵀ Σ₂ L). One Cholesky and one ``eigvalsh``.
-* ``eigh`` (the spec's route, and the fallback when Σ₁ is only semidefinite): Σ₁ = V diag(w) Vᵀ with w clipped at 0,
-  A = Σ₁^{1/2}, eig(Σ₁Σ₂) = eig(A Σ₂ A).
+* ``cholesky`` (default): Σ₁ = L Lᵀ, then eig(Σ₁Σ₂) = eig(Lᵀ Σ₂ L). One Cholesky and one ``eigvalsh``. If Σ₁ is
+  only semidefinite (N ≤ d samples), the roles swap (tr √(Σ₁Σ₂) = tr √(Σ₂Σ₁)) and Σ₂ is factored instead.
+* ``eigh`` (the spec's route, and the fallback when neither is positive definite): Σ₁ = V diag(w) Vᵀ with w
+  clipped at 0, A = Σ₁^{1/2}, eig(Σ₁Σ₂) = eig(A Σ₂ A). About twice the cost of ``cholesky``.
 
 Both clip eigenvalues below zero (rounding, rank deficiency; pitfall P6) and report the most negative one.
 The library formulas (sqrtm, general ``eigvals``) live in ``frechet_oracles`` for tests only.
@@ -88,18 +89,21 @@ def frechet_distance(
     sigma2: np.ndarray,
     *,
     method: str = "cholesky",
-    sigma_eigs: bool = False,
+    sigma_eigs: bool | str = False,
     eps_fallback: float | None = None,
 ) -> FrechetResult:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), all arithmetic in float64.
 
     ``method`` picks the congruence (module docstring); ``cholesky`` falls back to ``eigh`` when Σ₁ is not
-    positive definite. ``sigma_eigs`` also reports both covariances' smallest eigenvalues (costs two
-    ``eigvalsh``). ``eps_fallback`` copies ADM's rule: only when the result is non-finite, add eps·I to both
-    covariances and retry. No eps is ever added otherwise.
+    positive definite. ``sigma_eigs`` also reports the covariances' smallest eigenvalues: ``True``/``"both"``, or
+    ``"first"`` for Σ₁ only (each costs an ``eigvalsh`` unless the eigh route already had it). ``eps_fallback``
+    copies ADM's rule: only when the result is non-finite, add eps·I to both covariances and retry. No eps is ever
+    added otherwise.
     """
     if method not in METHODS:
         raise ValueError(f"unknown Fréchet method {method!r}; choose one of {METHODS}")
+    if sigma_eigs not in (False, True, "first", "both"):
+        raise ValueError(f"sigma_eigs must be False, True, 'first' or 'both', got {sigma_eigs!r}")
     mu1, sigma1, mu2, sigma2 = _check_pair(mu1, sigma1, mu2, sigma2)
     used = method
     min_eig_sigma1 = None
@@ -107,7 +111,10 @@ def frechet_distance(
         try:
             eigs = _product_eigs_cholesky(sigma1, sigma2)
         except np.linalg.LinAlgError:
-            used = "eigh"
+            try:
+                eigs, used = _product_eigs_cholesky(sigma2, sigma1), "cholesky_swapped"
+            except np.linalg.LinAlgError:
+                used = "eigh"
     if used == "eigh":
         eigs, min_eig_sigma1 = _product_eigs_eigh(sigma1, sigma2)
     tr_sqrt = float(np.sqrt(np.clip(eigs, 0.0, None)).sum())
@@ -119,8 +126,8 @@ def frechet_distance(
         warnings.warn(f"Fréchet distance is not finite; adding {eps_fallback}·I to both covariances (ADM rule)")
         offset = np.eye(len(mu1)) * eps_fallback
         return frechet_distance(mu1, sigma1 + offset, mu2, sigma2 + offset, method="eigh", sigma_eigs=sigma_eigs)
-    if sigma_eigs:
-        min_eig_sigma1 = min_eigenvalue(sigma1) if min_eig_sigma1 is None else min_eig_sigma1
+    if sigma_eigs and min_eig_sigma1 is None:
+        min_eig_sigma1 = min_eigenvalue(sigma1)
     return FrechetResult(
         value=value,
         mean_term=mean_term,
@@ -130,7 +137,7 @@ def frechet_distance(
         method=used,
         min_eig_product=float(eigs.min()),
         min_eig_sigma1=min_eig_sigma1 if sigma_eigs else None,
-        min_eig_sigma2=min_eigenvalue(sigma2) if sigma_eigs else None,
+        min_eig_sigma2=min_eigenvalue(sigma2) if sigma_eigs in (True, "both") else None,
     )
 
 

@@ -41,9 +41,13 @@ def split_bounds(n: int, split_size: int | None = ADM_SPLIT_SIZE, num_splits: in
     return [(start, min(start + split_size, n)) for start in range(0, n, split_size)]
 
 
-def check_label_order(labels: np.ndarray | None, shuffle_seed: int | None, strict: bool = True) -> None:
-    """Refuse (or warn about) class-sorted files: contiguous splits then cap IS (pitfall P10)."""
-    if labels is None or shuffle_seed is not None:
+def check_label_order(labels: np.ndarray | None, shuffle_seed: int | None, strict: bool = True,
+                      num_splits: int | None = None) -> None:
+    """Refuse (or warn about) class-sorted files: contiguous splits then cap IS (pitfall P10).
+
+    With a single split the order cannot matter, so ``num_splits == 1`` passes.
+    """
+    if labels is None or shuffle_seed is not None or (num_splits is not None and num_splits <= 1):
         return
     labels = np.asarray(labels)
     if len(np.unique(labels)) > 1 and np.all(np.diff(labels) >= 0):
@@ -83,12 +87,12 @@ def inception_score(
         raise ValueError(f"logits must be (N, classes), got shape {logits.shape}")
     if not np.all(np.isfinite(logits)):
         raise ValueError("logits contain non-finite values")
-    check_label_order(labels, shuffle_seed)
-    if shuffle_seed is not None:
-        logits = logits[np.random.default_rng(shuffle_seed).permutation(len(logits))]
     if split_size is not None and num_splits is not None:
         split_size = None  # an explicit num_splits wins over the ADM default
     bounds = split_bounds(len(logits), split_size, num_splits)
+    check_label_order(labels, shuffle_seed, num_splits=len(bounds))
+    if shuffle_seed is not None:
+        logits = logits[np.random.default_rng(shuffle_seed).permutation(len(logits))]
     # float64 per split keeps memory at one split while matching a whole-array float64 computation exactly
     scores = [_split_score(_log_softmax(logits[a:b].astype(np.float64))) for a, b in bounds]
     return InceptionScore(

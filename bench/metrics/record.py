@@ -4,7 +4,8 @@ Top-level keys (every one always present; a metric that was not computed is ``nu
 ``skipped``):
 
 * metrics: ``fid, sfid, is, is_splits, is_std, precision, recall, fdd`` (+ ``clean_fid, kid`` when requested),
-  and ``metric_names`` carrying N (``FID-50K``);
+  ``metric_names`` carrying N (``FID-50K``), and ``metrics``: {name: {value, higher_is_better, label}} of the
+  computed ones, the form the results store reads;
 * ``n_samples``, ``n_ref_pr``, ``counts`` (exact P/R numerators), ``samples`` (path, sha256 or size);
 * ``reference``: ``adm_npz_sha256``, ``adm_npz_path``, ``fdd_ref_sha256``, ``fdd_ref_n``, ``fdd_ref_provenance``;
 * ``weights``: ``inception_sha256``, ``dinov2_sha256`` and per-file detail (official or not, pinned now or before);
@@ -27,8 +28,6 @@ from pathlib import Path
 from bench.metrics.atomic import atomic_path
 
 SCHEMA = "kindbench.eval/1"
-HIGHER_IS_BETTER = {"fid": False, "sfid": False, "is": True, "precision": True, "recall": True, "fdd": False,
-                    "clean_fid": False, "kid": False}
 
 
 def metric_label(metric: str, n: int) -> str:
@@ -71,7 +70,7 @@ def write_json_atomic(path: str | os.PathLike, data: dict, *, overwrite: bool = 
     return path
 
 
-REQUIRED_KEYS = ("schema", "created_at", "fid", "sfid", "is", "is_splits", "precision", "recall", "fdd",
+REQUIRED_KEYS = ("schema", "created_at", "metrics", "fid", "sfid", "is", "is_splits", "precision", "recall", "fdd",
                  "metric_names", "n_samples", "n_ref_pr", "reference", "weights", "protocol", "env", "diagnostics")
 
 

@@ -109,9 +109,9 @@ class NpzSamples(SampleSource):
             header_len = f.tell()
         self.dtype = np.dtype(dtype)
         self.shape = tuple(int(s) for s in shape)
-        # Validate the contract before touching any pixel.
-        validate_images(np.empty((0,) + self.shape[1:], dtype=self.dtype) if len(self.shape) == 4
-                        else np.empty(self.shape, dtype=self.dtype), image_size=image_size, where=str(self.path))
+        # Validate the contract on the header alone (a zero-length array of the same dtype and trailing shape).
+        validate_images(np.empty((0,) + self.shape[1:] if self.shape else (0,), dtype=self.dtype),
+                        image_size=image_size, where=f"{self.path} (shape {self.shape})")
         if fortran:
             raise ValueError(f"{self.path}: Fortran-order arr_0 is not supported; re-save it with np.savez")
         self.compressed = info.compress_type != zipfile.ZIP_STORED
@@ -183,7 +183,8 @@ class PngFolderSamples(SampleSource):
             raise ValueError(f"{self.path}: no NNNNNN.png files")
         indexed.sort()
         if [i for i, _ in indexed] != list(range(len(indexed))):
-            raise ValueError(f"{self.path}: PNG indices are not exactly 0..{len(indexed) - 1} (missing or extra files)")
+            raise ValueError(f"{self.path}: PNG indices are not exactly 0..{len(indexed) - 1} "
+                             "(missing or extra files)")
         self.files = [self.path / name for _, name in indexed]
         first = self._load(0)
         self.shape = (len(self.files),) + first.shape

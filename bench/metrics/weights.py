@@ -228,6 +228,25 @@ class WeightsDir:
         official = None if prefix is None else digest.startswith(prefix)
         return VerifiedFile(key, path, rel, digest, size, pinned_now, official)
 
+    def pin_file(self, path: str | os.PathLike) -> VerifiedFile:
+        """Pin (or verify) any file inside the weights directory, e.g. a reference we just built."""
+        path = Path(path).resolve()
+        try:
+            rel = str(path.relative_to(self.root))
+        except ValueError:
+            raise ValueError(f"{path} is not inside the weights directory {self.root}") from None
+        digest, size = sha256_file(path), path.stat().st_size
+        with self._locked():
+            data = self.manifest()
+            if rel in data and data[rel]["sha256"] != digest:
+                raise WeightsMismatchError(f"{path}: sha256 {digest} differs from the pinned {data[rel]['sha256']}")
+            pinned_now = rel not in data
+            if pinned_now:
+                data[rel] = {"sha256": digest, "bytes": size, "url": "built locally",
+                             "added": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                self._write_manifest(data)
+        return VerifiedFile("custom", path, rel, digest, size, pinned_now, None)
+
     def verify_all(self, *, pin: bool, repin: bool = False) -> list[dict]:
         """Status of every layout file present (and of DINOv2 files of any size)."""
         keys = list(LAYOUT) + [f"dinov2:{a}" for a in DINOV2_FILES if f"dinov2:{a}" not in LAYOUT]

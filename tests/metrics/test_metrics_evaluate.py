@@ -1,4 +1,4 @@
-"""End to end on random weights: ``kindbench evaluate`` → record (§8.13), recomputed independently; acceptance plumbing."""
+"""End to end on random weights: ``kindbench evaluate`` → record (§8.13), recomputed independently; acceptance."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 
 from bench.metrics import fixtures
 from bench.metrics.cli import main
-from bench.metrics.frechet import frechet_distance
+from bench.metrics.frechet import frechet_from_features
+from bench.metrics.inception import load_inception
 from bench.metrics.inception_score import inception_score
 from bench.metrics.precision_recall import precision_recall
 from bench.metrics.record import REQUIRED_KEYS
-from bench.metrics.references import load_reference
 from bench.metrics.sample_io import open_samples
 from bench.metrics.stats import moments_of
 
@@ -26,13 +26,12 @@ INCEPTION = "inception/pt_inception-2015-12-05-6726825d.pth"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, weights_dir):
-    """A private weights dir (links to the session's random weights + a clean-fid stand-in) and tiny batches."""
+    """A private weights dir (links to the session's random weights) and tiny batches."""
     root = tmp_path_factory.mktemp("eval")
     wd = root / "weights"
     for rel in (INCEPTION, "dinov2/dinov2_vits14_pretrain.pth"):
         (wd / rel).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(weights_dir / rel, wd / rel)
-    fixtures.write_cleanfid_standin(wd / INCEPTION, wd / "inception/inception-2015-12-05.pt")
     ref = fixtures.write_synthetic_adm_reference(root / "VIRTUAL_tiny.npz", wd / INCEPTION, n=12, size=32, seed=1)
     fdd_ref = root / "fdd_tiny.npz"
     fixtures.write_synthetic_fdd_reference(fdd_ref, wd / "dinov2/dinov2_vits14_pretrain.pth", DINO_ARCH, n=12, size=32)
@@ -44,10 +43,18 @@ def setup(tmp_path_factory, weights_dir):
 def record(setup):
     out = setup["root"] / "record.json"
     argv = ["evaluate", str(setup["samples"]), "--ref", str(setup["ref"]), "--weights-dir", str(setup["wd"]),
-            "--fdd", "on", "--fdd-ref", str(setup["fdd_ref"]), "--fdd-arch", DINO_ARCH, "--extras", "clean-fid",
+            "--fdd", "on", "--fdd-ref", str(setup["fdd_ref"]), "--fdd-arch", DINO_ARCH,
             "--batch-size", "4", "--out", str(out), "--save-stats", str(setup["root"] / "stats.npz")]
     assert main(argv) == 0
     return json.loads(out.read_text())
+
+
+def nuclear_norm_fd(x, y):
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    n, m = len(x), len(y)
+    tr_sqrt = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt((n - 1) * (m - 1))
+    dm = x.mean(0) - y.mean(0)
+    return dm @ dm + (xc * xc).sum() / (n - 1) + (yc * yc).sum() / (m - 1) - 2 * tr_sqrt
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +68,10 @@ def direct_features(setup, inception_model):
 
 def test_record_has_every_protocol_field(record):
     assert all(k in record for k in REQUIRED_KEYS)
-    for key in ("fid", "sfid", "is", "precision", "recall", "fdd", "clean_fid", "kid"):
+    for key in ("fid", "sfid", "is", "precision", "recall", "fdd"):
         assert isinstance(record[key], float) and np.isfinite(record[key]), key
+        assert record["metrics"][key]["value"] == record[key]
+    assert record["metrics"]["fid"]["higher_is_better"] is False and record["metrics"]["is"]["higher_is_better"]
     assert record["metric_names"]["fid"] == "FID-10" and record["n_samples"] == 10 and record["n_ref_pr"] == 12
     assert record["protocol"] | {"inception_resize": "tf1_bilinear", "fdd_resize": "pil_bicubic_uint8",
                                  "pos_embed": "dinov2_offset0.1", "pr_distance": "fp32", "is_split_size": 5000,
@@ -83,37 +92,76 @@ def test_metrics_match_independent_recomputation(setup, record, direct_features)
     direct = moments_of(samples.pool.numpy())
     assert int(stats["n"]) == 10
     assert np.max(np.abs(stats["sigma"] - direct.sigma)) <= 1e-5 * np.max(np.abs(direct.sigma))
-    adm = load_reference(setup["ref"]).moments
-    assert record["fid"] == frechet_distance(stats["mu"], stats["sigma"], adm["pool"].mu, adm["pool"].sigma).value
-    assert record["sfid"] == frechet_distance(stats["mu_s"], stats["sigma_s"], adm["spatial"].mu,
-                                              adm["spatial"].sigma).value
+    # N < d on both sides: an independent FD from the features, tr √(ΣxΣy) = ‖Xc Ycᵀ‖_* / √((n−1)(m−1))
+    for key, x, y in (("fid", samples.pool, ref.pool), ("sfid", samples.spatial, ref.spatial)):
+        assert record[key] == pytest.approx(nuclear_norm_fd(x.double().numpy(), y.double().numpy()), rel=1e-5), key
     assert record["is"] == pytest.approx(inception_score(samples.logits_unbiased.numpy()).value, rel=1e-6)
     pr = precision_recall(ref.pool, samples.pool)
     assert (record["counts"]["precision"], record["counts"]["recall"]) == (pr.n_precision, pr.n_recall)
 
 
-def test_clean_fid_columns_come_from_cleanfid(setup, record):
+def test_cleanfid_plumbing(setup, tmp_path):
+    """clean-fid's own model wrapper, resizer, FID and KID on a TorchScript stand-in with our random weights."""
+    from bench.metrics import cleanfid_extras as cx
+
+    standin = fixtures.write_cleanfid_standin(setup["wd"] / INCEPTION, tmp_path / "inception-2015-12-05.pt")
+    model = cx.load_cleanfid_inception(standin.parent, "cpu")
+    feats = cx.clean_features(model, open_samples(setup["samples"]), batch_size=3, limit=4)
+    assert feats.shape == (4, 2048) and np.isfinite(feats).all()
+    with torch.no_grad():  # 'clean' = PIL bicubic to 299 outside the network, then the same trunk
+        from cleanfid.resize import build_resizer
+
+        resized = np.stack([build_resizer("clean")(im) for im in open_samples(setup["samples"]).read(0, 4)])
+        direct = load_inception(setup["wd"] / INCEPTION).trunk((torch.from_numpy(resized).permute(0, 3, 1, 2)
+                                                                 - 128) / 128)[0]
+    assert np.max(np.abs(feats - direct.numpy())) <= 1e-4 * np.max(np.abs(feats))
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((300, 16)), rng.standard_normal((300, 16)) + 0.5
+    np.random.seed(123)
+    state = np.random.get_state()[1].copy()
+    first = cx.clean_fid_and_kid(a, b, kid_subsets=5, kid_subset_size=100)
+    assert first["clean_fid"] == pytest.approx(frechet_from_features(a, b).value, rel=1e-8)
+    assert cx.clean_fid_and_kid(a, b, kid_subsets=5, kid_subset_size=100)["kid"] == first["kid"]  # seeded
+    assert np.array_equal(np.random.get_state()[1], state)  # the caller's global RNG is left alone
+
+
+@pytest.mark.slow
+def test_clean_fid_columns_end_to_end(setup, tmp_path):
     from cleanfid import fid as cfid
 
     from bench.metrics import cleanfid_extras as cx
 
-    assert record["clean_fid_details"]["errors"] == {} and record["metric_names"]["kid"] == "KID-10"
-    model = cx.load_cleanfid_inception(setup["wd"] / "inception", "cpu")
+    wd = setup["wd"]
+    if not (wd / "inception/inception-2015-12-05.pt").exists():
+        fixtures.write_cleanfid_standin(wd / INCEPTION, wd / "inception/inception-2015-12-05.pt")
+    out = tmp_path / "clean.json"
+    assert main(["evaluate", str(setup["samples"]), "--ref", str(setup["ref"]), "--weights-dir", str(wd),
+                 "--fdd", "off", "--extras", "clean-fid", "--batch-size", "4", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["clean_fid_details"]["errors"] == {} and rec["metric_names"]["kid"] == "KID-10"
+    model = cx.load_cleanfid_inception(wd / "inception", "cpu")
     fs = cx.clean_features(model, open_samples(setup["samples"]), batch_size=4)
     fr = cx.clean_features(model, open_samples(setup["ref"]), batch_size=4)
-    assert record["clean_fid"] == pytest.approx(float(cfid.fid_from_feats(fs, fr)), rel=1e-6)
-    np.random.seed(123)
-    state = np.random.get_state()[1].copy()
-    again = cx.clean_fid_and_kid(fs, fr)
-    assert again["kid"] == pytest.approx(record["kid"], rel=1e-6)  # seeded subsets: reproducible
-    assert np.array_equal(np.random.get_state()[1], state)  # and the caller's RNG is left alone
+    assert rec["clean_fid"] == pytest.approx(float(cfid.fid_from_feats(fs, fr)), rel=1e-6)
+    assert rec["kid"] == pytest.approx(cx.clean_fid_and_kid(fs, fr)["kid"], rel=1e-6)
 
 
 def test_records_are_immutable(setup, record, capsys):
     argv = ["evaluate", str(setup["samples"]), "--ref", str(setup["ref"]), "--weights-dir", str(setup["wd"]),
             "--fdd", "off", "--out", str(setup["root"] / "record.json")]
-    assert main(argv) == 2
+    before = (setup["root"] / "record.json").read_bytes()
+    assert main(argv) == 2  # refused up front, before any feature extraction
     assert "record already exists" in capsys.readouterr().err
+    assert (setup["root"] / "record.json").read_bytes() == before
+
+
+def test_sorted_labels_refused_before_extraction(setup, tmp_path, capsys):
+    samples = tmp_path / "sorted.npz"
+    images = open_samples(setup["samples"]).read(0, 10)
+    np.savez(samples, arr_0=images, labels=np.repeat(np.arange(5), 2))
+    assert main(["evaluate", str(samples), "--ref", str(setup["ref"]), "--weights-dir", str(setup["wd"]),
+                 "--fdd", "off", "--is-split-size", "4"]) == 2
+    assert "sorted by class" in capsys.readouterr().err
 
 
 def test_evaluate_input_errors(setup, tmp_path, capsys):

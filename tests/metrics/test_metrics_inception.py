@@ -103,3 +103,19 @@ def test_load_errors(tmp_path):
         load_inception(bad)
     with pytest.raises(ValueError, match="3 channels"):
         InceptionV3TF()(torch.zeros(1, 8, 8, 4, dtype=torch.uint8))
+
+
+def test_strict_fp32_disables_and_restores_tf32():
+    from bench.metrics.numerics import strict_fp32, tf32_enabled
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    matmul.fp32_precision = conv.fp32_precision = "tf32"  # what a TF32-happy sampler leaves behind (P8)
+    try:
+        assert tf32_enabled()
+        with strict_fp32():
+            assert not tf32_enabled()
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before

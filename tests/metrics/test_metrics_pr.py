@@ -43,7 +43,8 @@ def test_t15_identical_and_disjoint_sets():
 def test_t16_block_size_invariance():
     rng = np.random.default_rng(1)
     real, fake = rng.standard_normal((257, 24)), rng.standard_normal((193, 24)) * 1.1 + 0.2
-    counts = {(b, c): precision_recall(real, fake, row_block=b, col_block=c) for b in (7, 64, 257) for c in (7, 64, 257)}
+    sizes = (7, 64, 257)
+    counts = {(b, c): precision_recall(real, fake, row_block=b, col_block=c) for b in sizes for c in sizes}
     first = next(iter(counts.values()))
     assert 0 < first.n_precision < 193 and 0 < first.n_recall < 257  # non-trivial
     for pr in counts.values():

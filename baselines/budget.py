@@ -1,0 +1,162 @@
+"""Ranks matched to a trainable-parameter budget (methods.md §6 and §7 #15), computed from builds, never typed in.
+
+Every PEFT baseline is reported twice: at its standard rank (r = 16) and at the rank whose trainable-parameter count
+matches KIND's. The count is measured, not derived from a formula: the method is built exactly as a run builds it
+(ancestry, new class table, adapters, ``mark_trainable``) on the meta device, where no weights are allocated, so
+counting DiT-L/2 takes a fraction of a second. A method that cannot be built on meta (peft's BOFT) is built on
+the CPU instead.
+
+    >>> target = kind_trainable_count(ArchSpec("DiT-B/2"), num_classes=150)
+    >>> matched_rank("lora", ArchSpec("DiT-B/2"), 150, target)          # largest r with count(r) <= target
+
+``python -m baselines.budget --arch DiT-B/2 --num-classes 150`` prints KIND's count and every matched rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from methods import get_method
+from methods.base import Ancestry, ArchSpec, Method, MethodError, Task
+
+
+def build_for_count(method: Method, arch: ArchSpec, num_classes: int, stage: str = "transfer",
+                    device: str = "meta") -> torch.nn.Module:
+    """``method``'s model for a ``stage`` task, built from an ancestry of its first accepted ancestry method, on
+    ``device`` (meta: shapes only). Ancestry and task share ``num_classes`` (only the class table depends on it)."""
+    with torch.device(device):
+        ancestry = None
+        if method.ancestry_methods:
+            source_name = method.ancestry_methods[0]
+            source = get_method(source_name).build_ancestry(arch, num_classes)
+            ancestry = Ancestry(method=source_name, arch=arch, num_classes=num_classes, state=source.state_dict())
+        return method.build(arch, Task("budget", num_classes, stage=stage), ancestry)
+
+
+def trainable_count(method_name: str, arch: ArchSpec, num_classes: int, options: dict | None = None,
+                    stage: str = "transfer") -> int:
+    """Trainable parameters of ``method_name`` (with ``options``) built for a ``stage`` task on ``arch``: adapters,
+    new class embeddings and fully trained modules alike, exactly what the optimizer would receive."""
+    method = get_method(method_name, options)
+    device = "meta" if getattr(type(method), "meta_countable", True) else "cpu"
+    model = build_for_count(method, arch, num_classes, stage, device)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def kind_trainable_count(arch: ArchSpec, num_classes: int, options: dict | None = None) -> int:
+    """KIND's trainable parameters in the ``transfer`` stage for ``arch`` (default config unless ``options``),
+    built through the registry (the baselines never import ``kind`` directly)."""
+    try:
+        return trainable_count("kind", arch, num_classes, options)
+    except ImportError as err:
+        raise MethodError(f"the kind method cannot be imported ({err}); pass KIND's trainable count as a number to "
+                          f"matched_rank instead") from None
+
+
+def matched_rank(method_name: str, arch: ArchSpec, num_classes: int, target_trainable: int,
+                 options: dict | None = None, *, strict: bool = True) -> int:
+    """The largest value of ``method_name``'s rank option (``rank``; OFT/BOFT: ``block_size``) whose trainable count
+    does not exceed ``target_trainable``, searched over the method's meaningful values by bisection (every count is
+    non-decreasing in the rank).
+
+    Errors (``MethodError``): the method has no rank option; even the smallest rank exceeds the target; or, with
+    ``strict``, the target is unreachable (the largest meaningful rank still trains fewer parameters; VeRA and LoKr,
+    whose counts grow slowly or saturate). ``strict=False`` returns that largest rank instead.
+    """
+    if isinstance(target_trainable, bool) or not isinstance(target_trainable, int) or target_trainable < 1:
+        raise MethodError(f"target_trainable must be a positive int, got {target_trainable!r}")
+    options = dict(options or {})
+    method = get_method(method_name, options)
+    option = getattr(type(method), "rank_option", None)
+    if option is None or not hasattr(method, "rank_candidates"):
+        raise MethodError(f"method {method_name!r} has no rank option to match a parameter budget with")
+    probe = arch.build(num_classes, device="meta")
+    shapes = [(probe.get_submodule(n).out_features, probe.get_submodule(n).in_features)
+              for n in method.adapted_linears(probe)]
+    candidates = method.rank_candidates(shapes)
+    count = _memoised(lambda value: trainable_count(method_name, arch, num_classes,
+                                                    {**options, **method.budget_options(value)}))
+    smallest, largest = candidates[0], candidates[-1]
+    if count(smallest) > target_trainable:
+        raise MethodError(f"{method_name} with {option} = {smallest} already trains {count(smallest):,} parameters, "
+                          f"more than the budget {target_trainable:,}")
+    if count(largest) <= target_trainable:
+        if strict:
+            raise MethodError(f"{method_name} cannot reach the budget {target_trainable:,}: its largest meaningful "
+                              f"{option} = {largest} trains {count(largest):,} parameters")
+        return largest
+    low, high = 0, len(candidates) - 1  # invariant: count(low) <= target < count(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if count(candidates[middle]) <= target_trainable:
+            low = middle
+        else:
+            high = middle
+    return candidates[low]
+
+
+def kind_matched_rank(method_name: str, arch: ArchSpec, num_classes: int, options: dict | None = None,
+                      kind_options: dict | None = None, *, strict: bool = True) -> int:
+    """``matched_rank`` against KIND's own trainable count for the same arch and label space."""
+    target = kind_trainable_count(arch, num_classes, kind_options)
+    return matched_rank(method_name, arch, num_classes, target, options, strict=strict)
+
+
+def _memoised(function: Callable[[int], int]) -> Callable[[int], int]:
+    cache: dict[int, int] = {}
+
+    def wrapper(value: int) -> int:
+        if value not in cache:
+            cache[value] = function(value)
+        return cache[value]
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                                                    CLI
+# --------------------------------------------------------------------------------------------------------------
+
+RANKED_METHODS = ("lora", "dora", "pissa", "vera", "oft", "boft", "loha", "lokr")
+
+
+def _report(arch: ArchSpec, num_classes: int, adaln: bool) -> list[str]:
+    kind_options = {"decompose_adaln": True} if adaln else None
+    target = kind_trainable_count(arch, num_classes, kind_options)
+    lines = [f"{arch.name}, {num_classes} classes, adaLN {'adapted' if adaln else 'frozen'}: KIND trains "
+             f"{target:,} parameters", "", "| method | option | standard | count | KIND-matched | count |",
+             "|---|---|---|---|---|---|"]
+    for name in RANKED_METHODS:
+        options = {"targets": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")} if adaln else {}
+        method = get_method(name, options)
+        option = type(method).rank_option
+        standard = getattr(method.config, option)
+        try:
+            standard_count = f"{trainable_count(name, arch, num_classes, options):,}"
+        except MethodError as err:  # e.g. BOFT with butterfly factors where its CUDA extension cannot be built
+            lines.append(f"| {name} | {option} | {standard} | - | - | {err} |")
+            continue
+        try:
+            rank = matched_rank(name, arch, num_classes, target, options)
+            count = trainable_count(name, arch, num_classes, {**options, **method.budget_options(rank)})
+            matched = f"{rank} | {count:,}"
+        except MethodError as err:
+            matched = f"- | {err}"
+        lines.append(f"| {name} | {option} | {standard} | {standard_count} | {matched} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="KIND's trainable count and the PEFT ranks matched to it.")
+    parser.add_argument("--arch", default="DiT-B/2", help="DiT flavour (default DiT-B/2)")
+    parser.add_argument("--num-classes", type=int, default=150, help="classes of the downstream task")
+    parser.add_argument("--adaln", action="store_true", help="adapt adaLN too (KIND: decompose_adaln)")
+    args = parser.parse_args(argv)
+    print("\n".join(_report(ArchSpec(args.arch), args.num_classes, args.adaln)))
+
+
+if __name__ == "__main__":
+    main()

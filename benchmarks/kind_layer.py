@@ -1,0 +1,386 @@
+"""KIND's cost: training step of the gated, factorised KIND DiT vs the dense DiT, and sampling step of the merged
+KIND DiT vs the dense DiT, with peak memory.
+
+What is compared (one flavour at a time):
+
+* training: a stock DiT vs ``get_method("kind").build_ancestry`` with the default options (q, k, v, o, fc1, fc2
+  decomposed, q/k/v split, N_G = N_T = d/2, random class gate with K_act = N_T/2, null class = learngenes only).
+  One step = forward with labels dropped at p = 0.1 through ``force_drop_ids`` (as the trainer does), MSE to a
+  fixed target, backward, AdamW (lr 1e-4, ``foreach=False`` as ``bench.engine`` builds it);
+* sampling: one classifier-free-guided step (``forward_with_cfg`` on [cond; uncond], cfg 1.5, inference mode) of a
+  stock DiT vs the merged KIND DiT (``KindMethod.merge``, loaded into a stock DiT).
+
+The KIND model is built once (its SVD initialisation is slow on a small CPU and irrelevant to step time) by a
+"prepare" process that saves it and its merge; the measuring processes build the structure on the meta device and
+load those tensors.
+
+Timing is paired: one process holds both models of a comparison and alternates their steps (A B, B A, ...), so
+machine-load drifts hit both alike; each pair gives one KIND / dense ratio, and the table reports the median ratio
+over all pairs of all repetitions (each repetition is a fresh process). Peak memory is measured separately, one
+model per fresh process. On CPU both models run with ``torch.set_flush_denormal(True)``: tiny singular components
+times small gradients produce denormal floats that x86 cores process very slowly (KIND step 72 s -> 35 s in a
+DiT-B/2 profile); GPUs do not pay that price. ``--keep-denormals`` turns it off.
+Targets (issue 5): training <= 1.3x dense, merged sampling <= 1.02x dense.
+
+Usage (repository root):
+    python benchmarks/kind_layer.py                             # CPU: DiT-B/2, batch 4, fp32
+    python benchmarks/kind_layer.py --repeats 5 --steps 4       # more pairs
+    python benchmarks/kind_layer.py --archs DiT-B/2 DiT-L/2     # on CUDA (bf16 autocast there)
+Writes results/benchmarks/kind_layer_<device>.md with the machine and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # benchmark this checkout even when kindbench is not installed
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+#: phase -> (reference model, KIND model)
+COMPARISONS = {"train": ("dense", "kind"), "sample": ("dense", "kind-merged")}
+TARGETS = {"train": 1.3, "sample": 1.02}
+LABEL_DROP = 0.1  # DiT's class_dropout_prob: the share of samples the trainer sends through the null gate
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Child processes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def arch_spec(cfg: dict):
+    from methods import ArchSpec
+
+    return ArchSpec(name=cfg["arch"], input_size=cfg["input_size"], in_channels=cfg["in_channels"])
+
+
+def build(cfg: dict, model_name: str) -> torch.nn.Module:
+    """A model on the CPU; prepared tensors are assigned, not copied, so memory holds one set of weights."""
+    from safetensors.torch import load_file
+
+    from bench.models.dit import build_dit
+    from methods import get_method
+
+    if model_name == "dense":
+        return build_dit(cfg["arch"], input_size=cfg["input_size"], in_channels=cfg["in_channels"],
+                         num_classes=cfg["num_classes"])
+    with torch.device("meta"):
+        if model_name == "kind":
+            method = get_method("kind")
+            model = method.build_ancestry(arch_spec(cfg), cfg["num_classes"])
+            path = cfg["kind_path"]
+        elif model_name == "kind-merged":
+            model = build_dit(cfg["arch"], input_size=cfg["input_size"], in_channels=cfg["in_channels"],
+                              num_classes=cfg["num_classes"])
+            path = cfg["merged_path"]
+        else:
+            raise ValueError(f"unknown model {model_name!r}")
+    model.load_state_dict(load_file(path), strict=True, assign=True)
+    if model_name == "kind":
+        method.mark_trainable(model)  # assign=True brought new Parameters: set trainability on them
+    return model
+
+
+def prepare(cfg: dict) -> dict:
+    """Build the KIND ancestry once (SVD init); save it and its merge (every tailor on: the merged architecture is
+    the same for any gate)."""
+    from safetensors.torch import save_file
+
+    from methods import get_method
+
+    torch.manual_seed(0)
+    method = get_method("kind")
+    start = time.perf_counter()
+    model = method.build_ancestry(arch_spec(cfg), cfg["num_classes"])
+    build_s = time.perf_counter() - start
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cfg["kind_path"])
+    merged = method.merge(model, gate="all")
+    save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, cfg["merged_path"])
+    return {"build_s": build_s}
+
+
+def step_function(cfg: dict, phase: str, model: torch.nn.Module, device: torch.device):
+    n, c, s = cfg["batch_size"], cfg["in_channels"], cfg["input_size"]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, s, s, generator=generator).to(device)
+    t = torch.randint(0, 1000, (n,), generator=generator).to(device)
+    y = torch.randint(0, cfg["num_classes"], (n,), generator=generator).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
+    if phase == "train":
+        drop = (torch.rand(n, generator=generator) < LABEL_DROP).long().to(device)
+        target = torch.randn(n, model.out_channels, s, s, generator=generator).to(device)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0,
+                                      foreach=False)
+        model.train()
+
+        def train_step():
+            with autocast:
+                out = model(x, t, y, force_drop_ids=drop)
+            loss = torch.nn.functional.mse_loss(out.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        return train_step
+    model.eval()
+    x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+    y2 = torch.cat([y, torch.full_like(y, cfg["num_classes"])])  # second half: the null class
+
+    def sample_step():
+        with torch.inference_mode(), autocast:
+            return model.forward_with_cfg(x2, t2, y2, cfg_scale=1.5).float().square().mean()
+
+    return sample_step
+
+
+def timed(step, device: torch.device) -> float:
+    start = time.perf_counter()
+    value = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if not torch.isfinite(value):
+        raise RuntimeError("non-finite loss/output in a benchmark step")
+    return time.perf_counter() - start
+
+
+def run_pair(cfg: dict, device: torch.device) -> dict:
+    """Both models of one comparison in this process, steps alternated A B / B A; one ratio per pair."""
+    names = COMPARISONS[cfg["phase"]]
+    steps = []
+    for name in names:
+        torch.manual_seed(0)
+        steps.append(step_function(cfg, cfg["phase"], build(cfg, name).to(device), device))
+    for _ in range(cfg["warmup"]):
+        for step in steps:
+            timed(step, device)
+    times: list[list[float]] = [[], []]
+    for index in range(cfg["steps"]):
+        order = (0, 1) if index % 2 == 0 else (1, 0)
+        for which in order:
+            times[which].append(timed(steps[which], device))
+    return {**cfg, "times_ref": times[0], "times_kind": times[1],
+            "ratios": [k / r for r, k in zip(times[0], times[1])]}
+
+
+def run_memory(cfg: dict, device: torch.device) -> dict:
+    """Peak memory of one model in a fresh process: one warm-up step and one measured step."""
+    baseline = current_rss_bytes()
+    model = build(cfg, cfg["model"]).to(device)
+    step = step_function(cfg, cfg["phase"], model, device)
+    timed(step, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timed(step, device)
+    params = sum(p.numel() for p in model.parameters())
+    if device.type == "cuda":
+        return {**cfg, "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20, "params": params}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {**cfg, "peak_mem_mib": (peak - baseline) / 2**20, "params": params}
+
+
+def run_child(cfg: dict) -> dict:
+    if cfg["device"] == "cpu" and cfg["flush_denormal"]:
+        torch.set_flush_denormal(True)
+    if cfg["kind"] == "prepare":
+        return prepare(cfg)
+    device = torch.device(cfg["device"])
+    return run_pair(cfg, device) if cfg["kind"] == "pair" else run_memory(cfg, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parent
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_in_subprocess(cfg: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed for {cfg}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(args: argparse.Namespace, device: str, workdir: Path) -> tuple[list[dict], list[dict], dict]:
+    archs = args.archs or (["DiT-B/2", "DiT-L/2"] if device == "cuda" else ["DiT-B/2"])
+    batch = args.batch_size or (32 if device == "cuda" else 4)
+    precision = "bf16" if device == "cuda" else "fp32"
+    pairs, memory, build_s = [], [], {}
+    for arch in archs:
+        stem = arch.replace("/", "-")
+        base = dict(arch=arch, input_size=args.input_size, in_channels=args.in_channels, precision=precision,
+                    num_classes=args.num_classes, batch_size=batch, warmup=args.warmup, steps=args.steps,
+                    device=device, flush_denormal=not args.keep_denormals,
+                    kind_path=str(workdir / f"{stem}-kind.safetensors"),
+                    merged_path=str(workdir / f"{stem}-merged.safetensors"))
+        build_s[arch] = run_in_subprocess({**base, "kind": "prepare"})["build_s"]
+        print(f"  {arch}: KIND built (SVD init) in {build_s[arch]:.1f} s", flush=True)
+        for repeat in range(args.repeats):
+            for phase in COMPARISONS:
+                result = run_in_subprocess({**base, "kind": "pair", "phase": phase, "repeat": repeat})
+                print(f"  {arch} {phase:6s} repeat {repeat}: dense {statistics.median(result['times_ref']):.3f} s, "
+                      f"KIND {statistics.median(result['times_kind']):.3f} s, ratios "
+                      f"{', '.join(f'{r:.2f}' for r in result['ratios'])}", flush=True)
+                pairs.append(result)
+        for phase, names in COMPARISONS.items():
+            for name in names:
+                result = run_in_subprocess({**base, "kind": "memory", "phase": phase, "model": name})
+                print(f"  {arch} {phase:6s} {name:11s} peak +{result['peak_mem_mib']:.0f} MiB", flush=True)
+                memory.append(result)
+    return pairs, memory, build_s
+
+
+def summarise(pairs: list[dict], memory: list[dict]) -> list[dict]:
+    rows = []
+    for arch in dict.fromkeys(r["arch"] for r in pairs):
+        for phase, (ref_name, kind_name) in COMPARISONS.items():
+            runs = [r for r in pairs if (r["arch"], r["phase"]) == (arch, phase)]
+            mem = {r["model"]: r for r in memory if (r["arch"], r["phase"]) == (arch, phase)}
+            ratios = [x for r in runs for x in r["ratios"]]
+            rows.append(dict(arch=arch, phase=phase, batch=runs[0]["batch_size"], precision=runs[0]["precision"],
+                             time_ref=statistics.median(x for r in runs for x in r["times_ref"]),
+                             time_kind=statistics.median(x for r in runs for x in r["times_kind"]),
+                             ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                             per_repeat=[statistics.median(r["ratios"]) for r in runs], pairs=len(ratios),
+                             mem_ref=mem[ref_name]["peak_mem_mib"], mem_kind=mem[kind_name]["peak_mem_mib"],
+                             params_ref=mem[ref_name]["params"], params_kind=mem[kind_name]["params"]))
+    return rows
+
+
+def gmacs(arch_name: str, args: argparse.Namespace) -> tuple[float, float]:
+    """Forward GMACs per image of the dense DiT and of the factorised KIND DiT (meta device, bench.accounting)."""
+    from bench.accounting import forward_gmacs
+    from bench.models.dit import build_dit
+    from methods import ArchSpec, get_method
+
+    arch = ArchSpec(name=arch_name, input_size=args.input_size, in_channels=args.in_channels)
+    dense = build_dit(arch_name, input_size=args.input_size, in_channels=args.in_channels,
+                      num_classes=args.num_classes, device="meta")
+    with torch.device("meta"):
+        kind = get_method("kind").build_ancestry(arch, args.num_classes)
+    return forward_gmacs(dense), forward_gmacs(kind)
+
+
+def machine_description(device: str) -> list[str]:
+    cpu_model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0))
+    lines = [f"- CPU: {cpu_model}, {cores} usable cores, torch threads {torch.get_num_threads()}",
+             f"- load average at start (other processes share the cores): {os.getloadavg()[0]:.2f}",
+             f"- torch {torch.__version__}, Python {platform.python_version()}"]
+    if device == "cuda":
+        lines.append(f"- GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
+    return lines
+
+
+def render_markdown(rows: list[dict], args: argparse.Namespace, device: str, command: str, machine: list[str],
+                    load_end: float, macs: dict[str, tuple[float, float]], build_s: dict[str, float]) -> str:
+    memory = ("peak `torch.cuda.max_memory_allocated` of the measured step" if device == "cuda" else
+              "growth of the process's peak RSS (`getrusage` maxrss) over its RSS before the model was built "
+              "(weights + optimizer state + gradients + activations), one model per fresh process")
+    denormals = ("kept (`--keep-denormals`)" if args.keep_denormals else
+                 "flushed to zero (`torch.set_flush_denormal(True)`) in both models")
+    lines = [f"# KIND layer cost: gated factorised training and merged sampling vs dense DiT ({device})", "",
+             f"Command: `{command}`", "", *machine, f"- load average at the end: {load_end:.2f}", "",
+             f"Setup: {args.input_size}x{args.input_size}x{args.in_channels} latents, {args.num_classes} classes, "
+             f"learned sigma. KIND with default options (q/k/v/o/fc1/fc2 decomposed, q/k/v split, N_G = N_T = d/2, "
+             f"random class gate K_act = N_T/2). Training step: forward (labels dropped at p = {LABEL_DROP}), MSE, "
+             f"backward, AdamW (`foreach=False`, as the trainer). Sampling step: one `forward_with_cfg` on "
+             f"[cond; uncond] (cfg 1.5). Timing: both models in one process, steps alternated (A B / B A), "
+             f"{args.warmup} warm-up step(s) each and {args.steps} timed pairs per process, {args.repeats} fresh "
+             f"processes per comparison; the ratio is the median over all pairs. Denormals: {denormals}. "
+             f"Memory: {memory}.", "",
+             "| model | precision | phase | batch | dense s/step | KIND s/step | KIND / dense (median, range) "
+             "| per-process medians | target | dense peak MiB | KIND peak MiB | params dense / KIND |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        target = TARGETS[row["phase"]]
+        verdict = "met" if row["ratio"] <= target else "**not met**"
+        label = "train: gated factorised" if row["phase"] == "train" else "sample: merged"
+        lines.append(f"| {row['arch']} | {row['precision']} | {label} | {row['batch']} | {row['time_ref']:.3f} | "
+                     f"{row['time_kind']:.3f} | {row['ratio']:.3f}x ({row['ratio_min']:.2f}-{row['ratio_max']:.2f},"
+                     f" {row['pairs']} pairs) | {', '.join(f'{r:.2f}' for r in row['per_repeat'])} | "
+                     f"<= {target}x ({verdict}) | {row['mem_ref']:.0f} | {row['mem_kind']:.0f} | "
+                     f"{row['params_ref'] / 1e6:.1f}M / {row['params_kind'] / 1e6:.1f}M |")
+    lines += ["", "Forward GMACs per image (DiT convention, `bench.accounting`) and KIND build time:", ""]
+    for arch, (dense, kind) in macs.items():
+        lines.append(f"- {arch}: dense = merged KIND {dense:.2f}; factorised KIND {kind:.2f} ({kind / dense:.3f}x: at "
+                     f"full rank r = d every tailor is computed, then masked). KIND build incl. SVD init of every "
+                     f"decomposed matrix (float64, CPU): {build_s[arch]:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bench.models.dit import DIT_FLAVOURS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", nargs="+", choices=list(DIT_FLAVOURS), default=None,
+                        help="flavours (default: DiT-B/2 on CPU, DiT-B/2 and DiT-L/2 on CUDA)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: 4 CPU, 32 CUDA)")
+    parser.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256 px images)")
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--num-classes", type=int, default=150, help="KIND pre-trains on 150 classes")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model and process")
+    parser.add_argument("--steps", type=int, default=3, help="timed pairs per process")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per comparison")
+    parser.add_argument("--keep-denormals", action="store_true", help="do not flush denormals to zero on CPU")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="markdown file (default: results/benchmarks/kind_layer_<device>.md)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("steps", "repeats", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0; got {args.warmup}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    command = ("python benchmarks/kind_layer.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+    machine = machine_description(device)
+    with tempfile.TemporaryDirectory(prefix="kind-bench-") as workdir:
+        pairs, memory, build_s = measure(args, device, Path(workdir))
+    rows = summarise(pairs, memory)
+    macs = {arch: gmacs(arch, args) for arch in dict.fromkeys(r["arch"] for r in rows)}
+    markdown = render_markdown(rows, args, device, command, machine, os.getloadavg()[0], macs, build_s)
+    output = args.output or REPO_ROOT / "results" / "benchmarks" / f"kind_layer_{device}.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(markdown)
+    print(markdown)
+    print(f"written to {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -137,6 +137,8 @@ def init_distributed(cfg: EngineConfig) -> DistContext:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        if cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise EngineError("engine.dist_backend = nccl needs a GPU; use gloo (or auto) on CPU")

@@ -131,7 +131,7 @@ def _evaluate(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> d
 
         result = evaluate(EvalOptions(samples=samples, ref=Path(reference["path"]),
                                       weights_dir=protocol.get("weights_dir") or None, fdd=protocol.get("fdd", "auto"),
-                                      out=samples.with_suffix(".eval.json")))
+                                      out=samples.with_suffix(".eval.json"), overwrite=True))
     metrics = {name: metric(m["value"], m["higher_is_better"]) for name, m in result["metrics"].items()}
     # the reference is the prepare job's output: its id names it, its sha256 pins it
     protocol_out = {"reference_id": job.info["prepare_job"], "reference_sha256": reference.get("sha256", ""),

@@ -157,6 +157,12 @@ def machine() -> str:
             f"load average at start {os.getloadavg()[0]:.1f}")
 
 
+def _command_line(argv) -> str:
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS") if k in os.environ)
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    return " ".join(x for x in (env, "python benchmarks/metrics_speed.py", args) if x)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pr-n", type=int, default=10_000)
@@ -170,8 +176,8 @@ def main(argv=None) -> int:
     info = machine()
     print(info)
     lines = ["# Metrics speed on CPU", "", f"Machine: {info}.", "",
-             "Produced by `python benchmarks/metrics_speed.py`. Times are the best of the repeats in the script; the "
-             "machine is shared, so absolute times carry the load noted above.", ""]
+             f"Produced by `{_command_line(argv)}`. Times are the best of the repeats in the script; the machine "
+             "is shared, so absolute times carry the load noted above.", ""]
 
     fd = bench_frechet()
     lines += ["## Fréchet distance, d = 2048 (same statistics, float64)", "",

@@ -7,8 +7,9 @@
   inside some fake ball.
 
 Distances are computed block by block, with a running top-(k+1) for the radii, so memory is one block however
-large the sets are. Under torch.distributed every rank holds both sets, handles a contiguous share of the rows, and
-the radii are all-gathered and the counts all-reduced, so the counts do not depend on the world size.
+large the sets are; each fake×real block serves both precision and recall. Under torch.distributed every rank holds
+both sets, handles a contiguous share of the rows, and the radii are all-gathered and the counts (and the recall
+hits, an OR) all-reduced, so the counts do not depend on the world size.
 
 ``distance``: ``fp32`` (default, KPR semantics) or ``adm_fp16``, an emulation of ADM's TensorFlow float16 path
 (fp16 inputs and norms, exact fp16 products accumulated in fp32, every subsequent operation rounded to fp16 in TF's
@@ -97,27 +98,35 @@ def knn_radii(
     return out
 
 
-def inside_any_ball(
-    queries: torch.Tensor,
-    centers: torch.Tensor,
-    radii: torch.Tensor,
+def cross_membership(
+    fake: torch.Tensor,
+    real: torch.Tensor,
+    real_radii: torch.Tensor,
+    fake_radii: torch.Tensor,
     *,
     rows: tuple[int, int] | None = None,
     row_block: int = 4096,
     col_block: int = 4096,
     distance: str = "fp32",
-) -> torch.Tensor:
-    """For each query row in ``rows``: is D(query, center) ≤ radius(center) for some center?"""
-    start, stop = rows if rows is not None else (0, queries.shape[0])
-    nq, nc = _sq_norms(queries, distance), _sq_norms(centers, distance)
-    hit = torch.zeros(stop - start, dtype=torch.bool, device=queries.device)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the fake×real distance blocks for both directions.
+
+    Returns (fake rows in ``rows`` inside some real ball, every real point inside the ball of some fake in ``rows``).
+    Each block D(fake_i, real_j) serves precision (reduce over j) and recall (reduce over i), so the cross distances
+    are computed once, not twice.
+    """
+    start, stop = rows if rows is not None else (0, fake.shape[0])
+    nf, nr = _sq_norms(fake, distance), _sq_norms(real, distance)
+    precision_hit = torch.zeros(stop - start, dtype=torch.bool, device=fake.device)
+    recall_hit = torch.zeros(real.shape[0], dtype=torch.bool, device=fake.device)
     for r0 in range(start, stop, row_block):
         r1 = min(r0 + row_block, stop)
-        for c0 in range(0, centers.shape[0], col_block):
-            c1 = min(c0 + col_block, centers.shape[0])
-            d = _block_dists(queries[r0:r1], centers[c0:c1], nq[r0:r1], nc[c0:c1], distance)
-            hit[r0 - start : r1 - start] |= (d <= radii[None, c0:c1]).any(dim=1)
-    return hit
+        for c0 in range(0, real.shape[0], col_block):
+            c1 = min(c0 + col_block, real.shape[0])
+            d = _block_dists(fake[r0:r1], real[c0:c1], nf[r0:r1], nr[c0:c1], distance)
+            precision_hit[r0 - start: r1 - start] |= (d <= real_radii[None, c0:c1]).any(dim=1)
+            recall_hit[c0:c1] |= (d <= fake_radii[r0:r1, None]).any(dim=0)
+    return precision_hit, recall_hit
 
 
 # Row shards are aligned to the row block, so every rank computes exactly the blocks a single process would and the
@@ -128,12 +137,14 @@ def _sharded_radii(feats, k, **kw) -> torch.Tensor:
     return D.all_gather_rows(knn_radii(feats, k, rows=rows, **kw), feats.shape[0], align=kw["row_block"])
 
 
-def _sharded_count(queries, centers, radii, **kw) -> int:
+def _sharded_counts(fake, real, real_radii, fake_radii, **kw) -> tuple[int, int]:
     rank, world = D.rank_and_world()
-    rows = D.shard_range(queries.shape[0], rank, world, align=kw["row_block"])
-    hit = inside_any_ball(queries, centers, radii, rows=rows, **kw)
-    count = torch.tensor(int(hit.sum()), dtype=torch.int64, device=D.collective_device())
-    return int(D.all_reduce_sum_(count).item())
+    rows = D.shard_range(fake.shape[0], rank, world, align=kw["row_block"])
+    precision_hit, recall_hit = cross_membership(fake, real, real_radii, fake_radii, rows=rows, **kw)
+    device = D.collective_device()
+    n_precision = D.all_reduce_sum_(precision_hit.sum().to(device=device, dtype=torch.int64))
+    recall_votes = D.all_reduce_sum_(recall_hit.to(device=device, dtype=torch.int32))  # OR over ranks
+    return int(n_precision.item()), int((recall_votes > 0).sum().item())
 
 
 def precision_recall(
@@ -162,8 +173,7 @@ def precision_recall(
     with torch.no_grad():
         real_radii = _sharded_radii(real, k, **kw)
         fake_radii = _sharded_radii(fake, k, **kw)
-        n_precision = _sharded_count(fake, real, real_radii, **kw)
-        n_recall = _sharded_count(real, fake, fake_radii, **kw)
+        n_precision, n_recall = _sharded_counts(fake, real, real_radii, fake_radii, **kw)
     return PrecisionRecall(
         precision=n_precision / fake.shape[0],
         recall=n_recall / real.shape[0],

@@ -120,7 +120,7 @@ def test_run_all_submits_a_job_graph_that_finishes_and_resubmitting_submits_noth
     assert not list((tmp_path / "results").glob("failed/*.json")), _logs(tmp_path)
     csvs = list((tmp_path / "results/leaderboard").glob("*.csv"))
     assert csvs, _logs(tmp_path)
-    assert list((tmp_path / "results/plots").glob("*.png")), _logs(tmp_path)
+    assert list((tmp_path / "results/plots").rglob("*.png")), _logs(tmp_path)
 
     again = _run_all(tmp_path, "--suite", str(suite))
     assert "nothing to submit" in again

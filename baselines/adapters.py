@@ -97,7 +97,7 @@ class AdapterMethod(Method):
     stages = frozenset({"transfer", "domain"})
     ancestry_methods = DENSE_METHODS
     rank_option: ClassVar[str | None] = None
-    """The option ``baselines.budget.matched_rank`` varies to meet a parameter budget (None: the method has none)."""
+    """The option ``methods.budget.matched_rank`` varies to meet a parameter budget (None: the method has none)."""
 
     # ---- building -------------------------------------------------------------------------------------------
 

@@ -91,7 +91,7 @@ class PeftAdapterMethod(AdapterMethod):
     tuner_layer: ClassVar[type[BaseTunerLayer]] = BaseTunerLayer
     rank_option = "rank"
     meta_countable: ClassVar[bool] = True
-    """Whether a meta-device build works (``baselines.budget`` counts on meta; peft's BOFT needs real tensors)."""
+    """Whether a meta-device build works (``methods.budget`` counts on meta; peft's BOFT needs real tensors)."""
 
     @abc.abstractmethod
     def peft_config(self, targets: list[str]) -> peft.PeftConfig:
@@ -110,7 +110,7 @@ class PeftAdapterMethod(AdapterMethod):
         return list(range(1, min(min(shape) for shape in shapes) + 1))
 
     def budget_options(self, value: int) -> dict[str, int]:
-        """The options that set ``rank_option`` to ``value`` (``baselines.budget`` rebuilds with them)."""
+        """The options that set ``rank_option`` to ``value`` (``methods.budget`` rebuilds with them)."""
         return {self.rank_option: value}
 
     def adapter_params(self, model: nn.Module) -> dict[str, nn.Parameter]:

@@ -34,7 +34,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "DiT-T/2"
-    """DiT flavour (``bench.models.dit.DIT_FLAVOURS``): DiT-S/B/L/XL with patch 2/4/8, or the CPU debug sizes T and M."""
+    """DiT flavour (``bench.models.dit.DIT_FLAVOURS``): DiT-S/B/L/XL with patch 2/4/8, or the CPU debug sizes T and M;
+    a ``-d<depth>``/``-w<width>`` suffix makes a depth/width variant (``DiT-B/2-d6``) for size-transfer tasks."""
     input_size: int = 32
     """Spatial size the DiT sees: latent size (image/8) for VAE latents, image size in pixel space."""
     in_channels: int = 4
@@ -45,6 +46,12 @@ class ModelConfig:
     """Label dropout for classifier-free guidance (DiT: 0.1)."""
 
     def __post_init__(self) -> None:
+        from bench.models.dit import parse_flavour
+
+        try:
+            parse_flavour(self.arch)
+        except ValueError as err:
+            raise ConfigError(f"model.arch: {err}") from None
         _check(self.input_size > 0, "model.input_size must be positive")
         _check(self.in_channels > 0, "model.in_channels must be positive")
         _check(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
@@ -90,12 +97,16 @@ class DataConfig:
     """Seed of the synthetic generator (the dataset content, not the training order)."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the training process; enough for in-memory synthetic data)."""
+    subset_fraction: float = 1.0
+    """Train on a fixed, class-balanced fraction of the data (per class ``ceil(fraction * n)`` evenly spaced items;
+    FINE's Sigma-only phase uses a small subset of the target data)."""
 
     def __post_init__(self) -> None:
         _check(self.source in {"synthetic", "imagefolder", "latents"},
                f"data.source must be synthetic, imagefolder or latents, got {self.source!r}")
         _check(self.per_class > 0 and self.image_size > 0, "data.per_class and data.image_size must be positive")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(0.0 < self.subset_fraction <= 1.0, "data.subset_fraction must be in (0, 1]")
 
 
 @dataclass
@@ -203,8 +214,13 @@ class SampleConfig:
     """Output channels classifier-free guidance applies to; 0 = all (DiT's release used 3 for JAX parity)."""
     vae_dir: str = ""
     """Local diffusers AutoencoderKL directory to decode latents (empty: ``$KINDBENCH_VAE_DIR``); unused in pixel space."""
+    clip_denoised: str = "auto"
+    """Clip each step's predicted x_0 to [-1, 1]: ``auto`` = in pixel space only (ADM's ``clip_denoised`` for
+    images; DiT samples latents unclipped), ``true`` or ``false``. Without it, deterministic samplers (DDIM,
+    DPM-Solver++) of an undertrained pixel model diverge far outside the image range."""
 
     def __post_init__(self) -> None:
+        _check(self.clip_denoised in {"auto", "true", "false"}, "sample.clip_denoised must be auto, true or false")
         _check(self.label_mode in {"uniform", "balanced"}, "sample.label_mode must be uniform or balanced")
         _check(self.guide_channels >= 0, "sample.guide_channels must be >= 0")
         _check(self.num_steps > 0 and self.num_samples > 0 and self.per_proc_batch > 0,

@@ -4,6 +4,7 @@
     kindbench run --suite tiny                        # run what is missing, then leaderboards and plots
     kindbench run --suite tiny --set schedule.steps=20 --set sample.num_samples=64   # a smoke run
     kindbench run --suite tiny --nproc 2              # training/sampling jobs under torchrun
+    kindbench run --suite tiny --jobs 2               # two jobs at once, each in its own process
 
 Jobs run in dependency order; a job whose success record exists is skipped (``--force`` reruns). A failed job
 leaves a failed record; the jobs that depend on it are skipped and everything else goes on, and the aggregate job
@@ -14,6 +15,7 @@ the same ``bench.jobs.run_job``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -119,41 +121,90 @@ def print_plan(plan: Plan, roots: Roots, console: Console) -> None:
     console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
 
 
-def _run_in_subprocess(plan_path: Path, job: Job, roots: Roots, nproc: int, force: bool) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "bench.jobs", "--plan", str(plan_path), "--job", job.job_id, "--runs", str(roots.runs),
-           "--results", str(roots.results)] + (["--force"] if force else [])
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    if proc.returncode != 0:
-        raise RuntimeError(f"job {job.job_id} failed under torchrun (exit {proc.returncode}); see its record")
+def _job_command(plan_path: Path, job: Job, roots: Roots, nproc: int, force: bool) -> list[str]:
+    """The command that runs one job in its own process: torchrun for multi-process training/sampling."""
+    args = ["-m", "bench.jobs", "--plan", str(plan_path), "--job", job.job_id, "--runs", str(roots.runs),
+            "--results", str(roots.results)] + (["--force"] if force or job.stage == "aggregate" else [])
+    if nproc > 1 and job.stage in ("ancestry", "transfer", "sample"):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return [sys.executable, *args]
 
 
-def run_local(plan: Plan, roots: Roots, *, nproc: int = 1, force: bool = False,
+def _job_env() -> dict[str, str]:
+    # One BLAS thread per process unless the user says otherwise; engine.cpu_threads sets torch's own count.
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def default_parallel_jobs(plan: Plan) -> int:
+    """How many jobs ``kindbench run`` runs at once when not told: one per CPU core on a machine without a GPU
+    when every run of the plan pins ``engine.cpu_threads`` to 1 (the tiny suite), else one at a time (a GPU, or
+    runs that use every core themselves)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 1
+    threads = {from_dict(j.config).engine.cpu_threads for j in plan.jobs.values() if j.config}
+    if threads != {1}:
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
+
+
+def _blocked_by(job: Job, outcome: dict[str, str]) -> list[str]:
+    """Failed or blocked dependencies that stop ``job`` (aggregation runs if any evaluation finished)."""
+    blocked = [d for d in job.deps if outcome.get(d) in ("failed", "blocked")]
+    if job.stage == "aggregate":  # decided once every evaluation has ended: it builds on whatever finished
+        if not all(d in outcome for d in job.deps) or any(outcome[d] in ("done", "ran") for d in job.deps):
+            return []
+    return blocked
+
+
+def run_local(plan: Plan, roots: Roots, *, nproc: int = 1, force: bool = False, jobs: int = 1,
               console: Console | None = None) -> dict[str, Any]:
-    """Run every missing job of ``plan``; returns per-stage timings and the job outcomes."""
-    from bench.engine import init_distributed
+    """Run every missing job of ``plan``, ``jobs`` at a time; returns per-stage timings and the job outcomes.
 
+    ``stage_seconds`` sums the wall time of each stage's jobs (with ``jobs`` > 1 they overlap, so the stages add
+    up to more than ``wall_seconds``, the invocation's own wall time)."""
     console = console or Console(stderr=True, soft_wrap=True)
     plan_path = plan.save(roots.runs / "plans" / f"{plan.suite}-{plan.plan_id()}.json")
     outcome: dict[str, str] = {}
     stage_time: dict[str, float] = defaultdict(float)
+    t_start = time.perf_counter()
     store = roots.store
-    for job in plan.jobs.values():
-        blocked = [d for d in job.deps if outcome.get(d) in ("failed", "blocked")]
-        if job.stage == "aggregate":
-            blocked = [] if any(outcome.get(d) in ("done", "ran") for d in job.deps) else blocked
+    todo = []
+    for job in plan.jobs.values():  # already recorded jobs are done, whatever order they are met in
+        if store.exists(job.job_id) and not force and job.stage != "aggregate":
+            outcome[job.job_id] = "done"
+        else:
+            todo.append(job)
+    if jobs > 1:
+        _run_parallel(todo, plan_path, roots, nproc, force, jobs, outcome, stage_time, console)
+    else:
+        _run_sequential(todo, plan, plan_path, roots, nproc, force, outcome, stage_time, console)
+    summary = {"suite": plan.suite, "plan": str(plan_path), "stage_seconds": dict(stage_time), "parallel_jobs": jobs,
+               "wall_seconds": time.perf_counter() - t_start,
+               "outcomes": {k: sum(1 for v in outcome.values() if v == k) for k in ("ran", "done", "failed", "blocked")}}
+    _print_timings(summary, console)
+    return summary
+
+
+def _run_sequential(todo: list[Job], plan: Plan, plan_path: Path, roots: Roots, nproc: int, force: bool,
+                    outcome: dict[str, str], stage_time: dict[str, float], console: Console) -> None:
+    """In this process, in plan order (the plan lists every job after its dependencies)."""
+    from bench.engine import init_distributed
+
+    for job in todo:
+        blocked = _blocked_by(job, outcome)
         if blocked:
             outcome[job.job_id] = "blocked"
             console.print(f"[yellow]skip[/] {job.job_id}: depends on failed {blocked[0]}")
-            continue
-        if store.exists(job.job_id) and not force and job.stage != "aggregate":
-            outcome[job.job_id] = "done"
             continue
         console.print(f"[bold]{job.stage:9s}[/] {job.job_id}")
         t0 = time.perf_counter()
         try:
             if nproc > 1 and job.stage in ("ancestry", "transfer", "sample"):
-                _run_in_subprocess(plan_path, job, roots, nproc, force)
+                proc = subprocess.run(_job_command(plan_path, job, roots, nproc, force), env=_job_env())
+                if proc.returncode != 0:
+                    raise RuntimeError(f"job {job.job_id} failed under torchrun (exit {proc.returncode}); see its record")
             else:
                 engine = from_dict(job.config).engine if job.config else RunConfig().engine
                 run_job(plan, job, roots, init_distributed(engine), force=force or job.stage == "aggregate")
@@ -162,10 +213,101 @@ def run_local(plan: Plan, roots: Roots, *, nproc: int = 1, force: bool = False,
             outcome[job.job_id] = "failed"
             console.print(f"[red]failed[/] {job.job_id}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         stage_time[job.stage] += time.perf_counter() - t0
-    summary = {"suite": plan.suite, "plan": str(plan_path), "stage_seconds": dict(stage_time),
-               "outcomes": {k: sum(1 for v in outcome.values() if v == k) for k in ("ran", "done", "failed", "blocked")}}
-    _print_timings(summary, console)
-    return summary
+
+
+def _execute(plan_path: str, job_id: str, runs: str, results: str, nproc: int, force: bool) -> tuple[bool, str]:
+    """Run one job in a pool worker, its output going to ``<runs>/logs/<job>.log``; returns (ok, one-line error).
+
+    Workers are long-lived processes that import torch and the method packages once (about 15 s of CPU) and then
+    run jobs in-process, exactly as the sequential executor does; multi-process jobs (``nproc`` > 1) still go
+    through torchrun."""
+    from bench.engine import init_distributed
+
+    roots = Roots(Path(runs), Path(results))
+    plan = _worker_plan(plan_path)
+    job = plan.jobs[job_id]
+    log_path = roots.runs / "logs" / f"{job_id}.log"
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        try:
+            if nproc > 1 and job.stage in ("ancestry", "transfer", "sample"):
+                proc = subprocess.run(_job_command(Path(plan_path), job, roots, nproc, force), env=_job_env())
+                if proc.returncode != 0:
+                    return False, f"torchrun exited with {proc.returncode}; see its record"
+                return True, ""
+            engine = from_dict(job.config).engine if job.config else RunConfig().engine
+            run_job(plan, job, roots, init_distributed(engine), force=force or job.stage == "aggregate")
+            return True, ""
+        except Exception as err:  # noqa: BLE001 - run_job recorded it; the executor goes on with other branches
+            return False, str(err).splitlines()[0] if str(err) else type(err).__name__
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+
+
+_PLANS: dict[str, Plan] = {}
+
+
+def _worker_plan(plan_path: str) -> Plan:
+    if plan_path not in _PLANS:
+        _PLANS[plan_path] = Plan.from_json(Path(plan_path).read_text())
+    return _PLANS[plan_path]
+
+
+def _make_pool(jobs: int) -> concurrent.futures.Executor:
+    """Worker processes, started fresh (spawn: no state inherited from this process, CUDA-safe) and reused."""
+    import multiprocessing
+
+    return concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _run_parallel(todo: list[Job], plan_path: Path, roots: Roots, nproc: int, force: bool, jobs: int,
+                  outcome: dict[str, str], stage_time: dict[str, float], console: Console) -> None:
+    """Up to ``jobs`` jobs at once in a pool of worker processes (each job's output in ``<runs>/logs/<job>.log``),
+    started in plan order as soon as their dependencies have succeeded."""
+    (roots.runs / "logs").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the workers, as the sequential path's subprocesses
+    waiting = list(todo)
+    running: dict[concurrent.futures.Future, tuple[Job, float]] = {}
+    with _make_pool(jobs) as pool:
+        while waiting or running:
+            for job in list(waiting):
+                blocked = _blocked_by(job, outcome)
+                if blocked:
+                    waiting.remove(job)
+                    outcome[job.job_id] = "blocked"
+                    console.print(f"[yellow]skip[/] {job.job_id}: depends on failed {blocked[0]}")
+                elif len(running) < jobs and all(d in outcome for d in job.deps) and (
+                        job.stage != "aggregate" or not running and len(waiting) == 1):
+                    waiting.remove(job)
+                    future = pool.submit(_execute, str(plan_path), job.job_id, str(roots.runs), str(roots.results),
+                                         nproc, force)
+                    running[future] = (job, time.perf_counter())
+                    console.print(f"[bold]{job.stage:9s}[/] {job.job_id}")
+            if not running:
+                for job in waiting:  # nothing can start and nothing runs: a dependency never finished
+                    outcome[job.job_id] = "blocked"
+                    console.print(f"[yellow]skip[/] {job.job_id}: its dependencies never finished")
+                break
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                job, t0 = running.pop(future)
+                seconds = time.perf_counter() - t0
+                stage_time[job.stage] += seconds
+                try:
+                    ok, error = future.result()
+                except Exception as err:  # noqa: BLE001 - a worker died (killed, out of memory): the job failed
+                    ok, error = False, f"worker process failed: {type(err).__name__}: {err}"
+                log = roots.runs / "logs" / f"{job.job_id}.log"
+                if ok:
+                    outcome[job.job_id] = "ran"
+                    console.print(f"[green]done[/]      {job.job_id} ({seconds:.0f} s)")
+                else:
+                    outcome[job.job_id] = "failed"
+                    console.print(f"[red]failed[/] {job.job_id}: {error}; log: {log}")
 
 
 def _print_timings(summary: dict[str, Any], console: Console) -> None:
@@ -175,7 +317,8 @@ def _print_timings(summary: dict[str, Any], console: Console) -> None:
     for stage in STAGES:
         if stage in summary["stage_seconds"]:
             table.add_row(stage, f"{summary['stage_seconds'][stage]:.1f}")
-    table.add_row("total", f"{sum(summary['stage_seconds'].values()):.1f}")
+    table.add_row("sum of jobs", f"{sum(summary['stage_seconds'].values()):.1f}")
+    table.add_row(f"wall ({summary['parallel_jobs']} at a time)", f"{summary['wall_seconds']:.1f}")
     console.print(table)
     console.print(", ".join(f"{n} {k}" for k, n in summary["outcomes"].items()))
 
@@ -215,6 +358,9 @@ def run_main(argv: list[str]) -> int:
     _common_args(parser)
     parser.add_argument("--nproc", type=int, default=1, help="processes per training/sampling job (torchrun)")
     parser.add_argument("--force", action="store_true", help="rerun jobs that already have a record")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="jobs run at once, each in its own process (default: one per core on a CPU-only machine "
+                             "when every run uses one thread, as the tiny suite does; else 1)")
     args = parser.parse_args(argv)
     try:
         suite, plan = build_plan(args.suite, args.sets)
@@ -223,7 +369,8 @@ def run_main(argv: list[str]) -> int:
         return 2
     roots = _roots(args, suite)
     console = Console(stderr=True, soft_wrap=True)
-    summary = run_local(plan, roots, nproc=args.nproc, force=args.force, console=console)
+    jobs = args.jobs if args.jobs > 0 else default_parallel_jobs(plan)
+    summary = run_local(plan, roots, nproc=args.nproc, force=args.force, jobs=jobs, console=console)
     (roots.results / "last_run.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     console.print(f"leaderboards: {roots.results / 'leaderboard'}    plots: {roots.results / 'plots'}")
     return 1 if summary["outcomes"]["failed"] else 0

@@ -76,7 +76,8 @@ def _sample(job: Job, roots: Roots, ctx: DistContext) -> dict[str, Any]:
     from bench.sample import sample_run
 
     info = sample_run(roots.runs / job.run_id, [], ctx)
-    keep = ("npz", "num_samples", "scheduler", "num_steps", "cfg_scale", "label_mode", "seed", "grid_png")
+    keep = ("npz", "num_samples", "scheduler", "num_steps", "cfg_scale", "label_mode", "seed", "grid_png",
+            "clip_denoised")
     return {"sample_info": {**{k: info[k] for k in keep}, "npz_sha256": file_sha256(Path(info["npz"])),
                             "tag": info["tag"], "guide_channels": info["guide_channels"]}}
 
@@ -124,7 +125,8 @@ def _evaluate(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> d
         extractor = load_domain_extractor(protocol.get("cache_dir"))
         result = evaluate_domain(samples, Path(reference["path"]), extractor,
                                  protocol={"cfg_scale": s["cfg_scale"], "sampler": s["scheduler"],
-                                           "num_steps": s["num_steps"]})
+                                           "num_steps": s["num_steps"],
+                                           "clip_denoised": bool(s.get("clip_denoised", False))})
         result["protocol"].setdefault("extractor_sha256", extractor.sha256)
     else:
         from bench.metrics.evaluate import EvalOptions, evaluate
@@ -136,7 +138,7 @@ def _evaluate(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> d
     # the reference is the prepare job's output: its id names it, its sha256 pins it
     protocol_out = {"reference_id": job.info["prepare_job"], "reference_sha256": reference.get("sha256", ""),
                     **result["protocol"], "cfg_scale": s["cfg_scale"], "sampler": s["scheduler"],
-                    "num_steps": s["num_steps"]}
+                    "num_steps": s["num_steps"], "clip_denoised": bool(s.get("clip_denoised", False))}
     return {"eval_info": {"metrics": metrics, "protocol": protocol_out}}
 
 

@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.config import RunConfig, from_dict
-from bench.suite import Suite, resolve_config
+from bench.suite import Suite, SuiteError, resolve_config
 
 STAGES = ("prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate")
 
 #: Leaderboard family when the suite does not say (harness.md §6.3).
-DEFAULT_FAMILY = {"scratch": "pretrain", "full": "full_ft", "kind": "learngene", "kind_nogate": "learngene",
-                  "kind_fulltransfer": "learngene", "fine": "learngene", "wave": "learngene", "tleg": "learngene"}
+DEFAULT_FAMILY = {"scratch": "pretrain", "full": "full_ft", "heur_lg": "learngene", "auto_lg": "learngene",
+                  "weight_selection": "init", "kind": "learngene", "kind_nogate": "learngene",
+                  "kind_fulltransfer": "learngene", "fine": "learngene", "fine_nofactor": "learngene", "wave": "learngene", "tleg": "learngene",
+                  "sws": "learngene", "ligo": "init"}
 
 
 def short_hash(payload: Any, length: int = 8) -> str:
@@ -101,24 +104,38 @@ def make_plan(suite: Suite, overrides: dict[str, Any] | None = None) -> Plan:
     evaluations = []
     for seed in suite.seeds:
         for arch in suite.archs:
-            ancestry_jobs = {}
-            for spec in suite.ancestries.values():
-                if not any(m.ancestry == spec.name for m in suite.methods):
-                    continue
+            ancestry_jobs: dict[str, Job] = {}
+
+            def ancestry_job(name: str) -> Job:
+                """The ancestry job ``name`` (and, first, that of its teacher, which it depends on)."""
+                if name in ancestry_jobs:
+                    return ancestry_jobs[name]
+                spec = suite.ancestries[name]
+                teacher = ancestry_job(spec.teacher) if spec.teacher else None
                 cfg = from_dict(resolve_config(suite, {
                     "model": {"arch": spec.arch or arch}, "engine": {"seed": seed},
                     "method": {"name": spec.method, "stage": "ancestry", "options": spec.options},
-                    "run": {"name": f"ancestry-{spec.name}"}}, spec.overrides, final))
-                ancestry_jobs[spec.name] = add(_train_job(suite, cfg, "ancestry", (), {
+                    "run": {"name": f"ancestry-{spec.name}",
+                            "ancestry": f"{teacher.run_id}/export.safetensors" if teacher else ""}},
+                    spec.overrides, final))
+                ancestry_jobs[name] = add(_train_job(suite, cfg, "ancestry", (teacher.job_id,) if teacher else (), {
                     "ancestry": spec.name, "method": spec.method, "family": "ancestry", "variant": "default",
                     "seed": seed, "arch": cfg.model.arch, "task": f"ancestry-{spec.name}"}))
+                return ancestry_jobs[name]
+
+            for spec in suite.ancestries.values():
+                if any(m.ancestry == spec.name for m in suite.methods):
+                    ancestry_job(spec.name)
             for spec in suite.methods:
                 for task_name in spec.tasks:
                     task = suite.tasks[task_name]
                     parent = ancestry_jobs.get(spec.ancestry) if spec.ancestry else None
                     run_name = task.name if spec.variant == "default" else f"{task.name}.{spec.variant}"
+                    options = spec.options
+                    if spec.budget:
+                        options = matched_budget_options(suite, spec, task, arch, seed)
                     layers = [{"model": {"arch": arch}, "engine": {"seed": seed},
-                               "method": {"name": spec.name, "stage": task.stage, "options": spec.options},
+                               "method": {"name": spec.name, "stage": task.stage, "options": options},
                                "run": {"name": run_name,
                                        # relative to the runs root: the id must not depend on where runs live
                                        "ancestry": f"{parent.run_id}/export.safetensors" if parent else ""}},
@@ -135,6 +152,70 @@ def make_plan(suite: Suite, overrides: dict[str, Any] | None = None) -> Plan:
     aggregate_id = f"aggregate--{suite.name}--{short_hash(sorted(e.job_id for e in evaluations))}"
     add(Job(aggregate_id, "aggregate", tuple(e.job_id for e in evaluations), info={"suite": suite.name}))
     return Plan(suite.name, jobs)
+
+
+def task_num_classes(cfg: RunConfig) -> int:
+    """The number of classes a run's data has, known before any job runs (budget matching needs it)."""
+    data = cfg.data
+    if data.source == "synthetic":
+        from bench.data.synthetic import synthetic_split
+
+        return len(synthetic_split(data.split))
+    if data.source == "imagefolder" and data.class_list:
+        path = Path(os.path.expandvars(data.class_list)).expanduser()
+        if path.is_file():
+            return sum(1 for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    if data.source == "latents" and data.latent_dir:
+        manifest = Path(os.path.expandvars(data.latent_dir)).expanduser() / "manifest.json"
+        if manifest.is_file():
+            return int(json.loads(manifest.read_text())["num_classes"])
+    raise SuiteError(f"cannot tell how many classes data.source={data.source!r} has before running (budget "
+                     "matching needs it): point data.class_list or data.latent_dir at existing files")
+
+
+def _budget_cache_path() -> Path:
+    root = os.environ.get("KINDBENCH_CACHE_DIR") or Path.home() / ".cache" / "kindbench"
+    return Path(root) / "budget_ranks.json"
+
+
+def _method_sources_hash() -> str:
+    """Hash of the method packages' source: a matched rank is reused only while no method code changed."""
+    repo = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in ("methods", "kind", "baselines"):
+        for path in sorted((repo / package).glob("*.py")):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def matched_budget_options(suite: Suite, spec: Any, task: Any, arch: str, seed: int) -> dict[str, Any]:
+    """``spec.options`` with the method's rank option set to match ``spec.budget`` (KIND's trainable count on the
+    same task and arch). Imported lazily: only suites that ask for a budget load the baselines package."""
+    from methods.budget import kind_matched_rank
+    from methods import MethodError, get_method
+    from methods.base import ArchSpec
+
+    cfg = from_dict(resolve_config(suite, {"model": {"arch": arch}, "engine": {"seed": seed}}, task.overrides,
+                                   spec.overrides))
+    m = cfg.model
+    arch_spec = ArchSpec(m.arch, m.input_size, m.in_channels, m.learn_sigma, m.class_dropout_prob)
+    kind_options = next((s.options for s in suite.methods if s.name == "kind" and task.name in s.tasks), {})
+    try:
+        num_classes = task.num_classes or task_num_classes(cfg)
+        key = short_hash([spec.name, spec.options, arch_spec, num_classes, kind_options, _method_sources_hash()], 16)
+        cache = _budget_cache_path()
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+        if key not in known:  # bisection over real (meta-device) builds: seconds per method, minutes for DiT-L/2
+            known[key] = kind_matched_rank(spec.name, arch_spec, num_classes, spec.options, kind_options,
+                                           strict=False)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+            tmp.replace(cache)
+        return {**spec.options, **get_method(spec.name, spec.options).budget_options(known[key])}
+    except MethodError as err:
+        raise SuiteError(f"suite {suite.name!r} method {spec.name!r} variant {spec.variant!r}: cannot match the "
+                         f"{spec.budget} budget: {err}") from None
 
 
 def _train_job(suite: Suite, cfg: RunConfig, stage: str, deps: tuple[str, ...], labels: dict[str, Any]) -> Job:

@@ -36,10 +36,10 @@ from methods.transfer import load_ancestry
 LABEL_STREAM, NOISE_STREAM = 0x1AB, 0x5A3
 
 
-def sample_tag(cfg: SampleConfig, steps_trained: int) -> str:
+def sample_tag(cfg: SampleConfig, steps_trained: int, clip_denoised: bool = False) -> str:
     """Every sampling knob in the name (DiT's folder names omitted steps and count)."""
     return (f"step{steps_trained:07d}--cfg{cfg.cfg_scale:g}--{cfg.scheduler}{cfg.num_steps}--n{cfg.num_samples}"
-            f"--{cfg.label_mode}--seed{cfg.seed}")
+            f"--{cfg.label_mode}--seed{cfg.seed}" + ("--clip" if clip_denoised else ""))
 
 
 def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, RunConfig, dict[str, Any]]:
@@ -85,6 +85,11 @@ def _decoder(cfg: RunConfig, device: torch.device):
     return lambda x: decode(vae, x)
 
 
+def clips_denoised(cfg: RunConfig) -> bool:
+    """``sample.clip_denoised`` resolved: ``auto`` clips in pixel space (3 channels) and never for latents."""
+    return cfg.sample.clip_denoised == "true" or (cfg.sample.clip_denoised == "auto" and cfg.model.in_channels == 3)
+
+
 def draw_chunk(model: torch.nn.Module, cfg: RunConfig, indices: range, device: torch.device, decoder) -> tuple[
         np.ndarray, np.ndarray]:
     s = cfg.sample
@@ -94,7 +99,7 @@ def draw_chunk(model: torch.nn.Module, cfg: RunConfig, indices: range, device: t
     diffusion = GaussianDiffusion(cfg.diffusion.num_timesteps, cfg.diffusion.beta_schedule, model.learn_sigma)
     x = sample(model, labels.to(device), shape=shape, scheduler=s.scheduler, num_steps=s.num_steps,
                cfg_scale=s.cfg_scale, guide_channels=s.guide_channels or None, generators=generators,
-               diffusion=diffusion)
+               diffusion=diffusion, clip_denoised=clips_denoised(cfg))
     with torch.no_grad():
         images = decoder(x)
     return to_uint8_dit(images.permute(0, 2, 3, 1)), labels.numpy()
@@ -111,7 +116,7 @@ def sample_run(run_dir: Path, overrides: list[str], ctx: DistContext) -> dict[st
         data["sample"][key.split(".", 1)[1]] = value
         cfg = from_dict(data)
     s = cfg.sample
-    tag = sample_tag(s, int(meta.get("steps", 0)))
+    tag = sample_tag(s, int(meta.get("steps", 0)), clips_denoised(cfg))
     out_dir = run_dir / "samples" / tag
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
@@ -140,7 +145,8 @@ def sample_run(run_dir: Path, overrides: list[str], ctx: DistContext) -> dict[st
     return {"npz": str(npz), "labels": str(out_dir / "labels.npy"), "grid_png": str(out_dir / "grid.png"),
             "num_samples": s.num_samples, "scheduler": s.scheduler, "num_steps": s.num_steps,
             "cfg_scale": s.cfg_scale, "guide_channels": s.guide_channels, "label_mode": s.label_mode,
-            "seed": s.seed, "tag": tag, "per_sample_seeding": True, "world_size": ctx.world_size}
+            "seed": s.seed, "tag": tag, "per_sample_seeding": True, "world_size": ctx.world_size,
+            "clip_denoised": clips_denoised(cfg)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,6 +105,21 @@ def queued_ids(slurm_ids: list[str]) -> set[str]:
     return {s for s in slurm_ids if s in live}
 
 
+def _waves(plan: Plan) -> dict[str, int]:
+    """Per job, how many jobs of its own stage it waits on in a chain (0 for most; 1 for a distilled ancestry)."""
+    wave: dict[str, int] = {}
+
+    def level(job_id: str) -> int:
+        if job_id not in wave:
+            job = plan.jobs[job_id]
+            wave[job_id] = max((level(d) + 1 for d in job.deps if plan.jobs[d].stage == job.stage), default=0)
+        return wave[job_id]
+
+    for job_id in plan.jobs:
+        level(job_id)
+    return wave
+
+
 def submit(plan: Plan, roots: Roots, cluster: Cluster, *, force: bool = False, dry_run: bool = False,
            sbatch: str = "sbatch") -> dict[str, str]:
     """Submit every missing job of ``plan``; returns stage -> SLURM array id (or the sbatch commands on dry run)."""
@@ -119,18 +134,20 @@ def submit(plan: Plan, roots: Roots, cluster: Cluster, *, force: bool = False, d
     stage_ids: dict[str, str] = {}
     job_stage_array: dict[str, str] = {j: ledger.entries[j].split("_")[0] for j in pending}
     list_dir = roots.runs / "slurm" / plan.plan_id()
-    for stage in STAGES:
-        jobs = [j for j in wanted if j.stage == stage]
-        if not jobs:
-            continue
+    wave = _waves(plan)
+    for stage, level in sorted({(j.stage, wave[j.job_id]) for j in wanted}, key=lambda k: (STAGES.index(k[0]), k[1])):
+        # One array per stage, split into waves where jobs of a stage depend on each other (a distilled ancestry
+        # after its teacher): an array cannot wait on its own tasks.
+        jobs = [j for j in wanted if j.stage == stage and wave[j.job_id] == level]
+        name = stage if level == 0 else f"{stage}.{level}"
         list_dir.mkdir(parents=True, exist_ok=True)
-        job_list = list_dir / f"{stage}.txt"
+        job_list = list_dir / f"{name}.txt"
         job_list.write_text("".join(j.job_id + "\n" for j in jobs))
         deps = sorted({job_stage_array[d] for j in jobs for d in j.deps if d in job_stage_array})
         kind = "afterany" if stage == "aggregate" else "afterok"
         throttle = f"%{cluster.max_parallel}" if cluster.max_parallel else ""
-        cmd = [sbatch, "--parsable", f"--job-name=kb-{plan.suite}-{stage}", f"--array=0-{len(jobs) - 1}{throttle}",
-               f"--output={roots.runs / 'slurm' / 'logs' / f'{stage}-%A_%a.out'}", *cluster.resources(stage)]
+        cmd = [sbatch, "--parsable", f"--job-name=kb-{plan.suite}-{name}", f"--array=0-{len(jobs) - 1}{throttle}",
+               f"--output={roots.runs / 'slurm' / 'logs' / f'{name}-%A_%a.out'}", *cluster.resources(stage)]
         if deps:
             cmd += [f"--dependency={kind}:{':'.join(deps)}", "--kill-on-invalid-dep=yes"]
         export = {"KB_PLAN": plan_path, "KB_JOB_LIST": job_list, "KB_RUNS": roots.runs.resolve(),
@@ -139,15 +156,15 @@ def submit(plan: Plan, roots: Roots, cluster: Cluster, *, force: bool = False, d
                   "KB_NPROC_PER_NODE": cluster.nproc_per_node, "KB_ENV_FILE": cluster.env_file}
         cmd += ["--export=ALL," + ",".join(f"{k}={v}" for k, v in export.items()), str(TEMPLATE)]
         if dry_run:
-            stage_ids[stage] = shlex.join(cmd)
-            array_id = f"DRYRUN-{stage}"
+            stage_ids[name] = shlex.join(cmd)
+            array_id = f"DRYRUN-{name}"
         else:
             (roots.runs / "slurm" / "logs").mkdir(parents=True, exist_ok=True)
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"sbatch for stage {stage} failed: {out.stderr.strip()}")
             array_id = out.stdout.strip().split(";")[0]
-            stage_ids[stage] = array_id
+            stage_ids[name] = array_id
             for i, job in enumerate(jobs):
                 ledger.entries[job.job_id] = f"{array_id}_{i}"
         for job in jobs:

@@ -106,6 +106,7 @@ class SampleInfo(TypedDict):
     label_mode: str  # how class labels were drawn ("uniform", "balanced")
     seed: int  # sampling seed
     grid_png: str | None  # preview grid PNG (relative to the store root unless absolute)
+    clip_denoised: bool  # predicted x_0 clipped to [-1, 1] at every step (pixel space)
 
 
 class MetricValue(TypedDict):
@@ -122,6 +123,7 @@ class EvalProtocol(TypedDict):
     cfg_scale: float  # guidance scale of the scored samples
     sampler: str  # sampler of the scored samples
     num_steps: int  # sampling steps of the scored samples
+    clip_denoised: bool  # whether the scored samples clipped x_0 at every step
 
 
 class EvalInfo(TypedDict):

@@ -8,9 +8,13 @@ and a path to any other file works too. Layout::
     archs = ["DiT-T/2"]                         # model sizes; every run is made at each
     [defaults]                                  # config overrides for every training run (nested tables)
     [protocol.sample]  [protocol.eval]          # how every trained model is sampled and scored
-    [ancestries.<name>]  method, options, overrides, arch (optional: pin one size)
-    [tasks.<name>]       stage = transfer|domain|descend, overrides (data split/domain, other model size, ...)
-    [[methods]]          name (registry key), variant, ancestry, tasks (default: all), options, overrides, family
+    [ancestries.<name>]  method, options, overrides, arch (optional: pin one size),
+                         teacher (optional: another ancestry this one distils from, e.g. TLEG from a dense DiT)
+    [tasks.<name>]       stage = transfer|domain|descend, overrides (data split/domain, other model size, ...),
+                         num_classes (optional: the class count, for budget matching before the data is placed)
+    [[methods]]          name (registry key), variant, ancestry, tasks (default: all), options, overrides, family,
+                         budget = "kind" (set the method's rank option so that it trains as many parameters as
+                         KIND does on the same task, at plan time: computed by ``methods.budget``, never typed in)
 
 Everything is validated when the suite is loaded, before any job runs or is submitted: unknown methods, tasks,
 ancestries, stages a method does not support, config keys, and (for real data) missing paths.
@@ -30,6 +34,8 @@ from bench.config import ConfigError, RunConfig, from_dict
 
 SUITES_PACKAGE = "bench.suites"
 TASK_STAGES = ("transfer", "domain", "descend")
+#: Parameter budgets a method's rank can be matched to (``[[methods]] budget``).
+BUDGETS = ("kind",)
 
 
 class SuiteError(ValueError):
@@ -43,6 +49,7 @@ class AncestrySpec:
     options: dict[str, Any]
     overrides: dict[str, Any]
     arch: str | None = None
+    teacher: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,8 @@ class TaskSpec:
     name: str
     stage: str
     overrides: dict[str, Any]
+    num_classes: int | None = None
+    """The task's class count when it cannot be read before running (budget matching on data not yet placed)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class MethodSpec:
     tasks: tuple[str, ...]
     options: dict[str, Any]
     overrides: dict[str, Any]
+    budget: str | None = None
 
 
 @dataclass
@@ -131,27 +141,29 @@ def load_suite(name_or_path: str) -> Suite:
     _known(protocol, {"sample", "eval"}, f"{where} [protocol]")
     ancestries = {}
     for name, spec in _table(data, "ancestries", where).items():
-        _known(spec, {"method", "options", "overrides", "arch"}, f"{where} [ancestries.{name}]")
+        _known(spec, {"method", "options", "overrides", "arch", "teacher"}, f"{where} [ancestries.{name}]")
         if "method" not in spec:
             raise SuiteError(f"{where} [ancestries.{name}] needs a method")
         ancestries[name] = AncestrySpec(name, spec["method"], spec.get("options", {}), spec.get("overrides", {}),
-                                        spec.get("arch"))
+                                        spec.get("arch"), spec.get("teacher"))
     tasks = {}
     for name, spec in _table(data, "tasks", where).items():
-        _known(spec, {"stage", "overrides"}, f"{where} [tasks.{name}]")
+        _known(spec, {"stage", "overrides", "num_classes"}, f"{where} [tasks.{name}]")
         stage = spec.get("stage", "transfer")
         if stage not in TASK_STAGES:
             raise SuiteError(f"{where} [tasks.{name}]: stage must be one of {TASK_STAGES}, got {stage!r}")
-        tasks[name] = TaskSpec(name, stage, spec.get("overrides", {}))
+        tasks[name] = TaskSpec(name, stage, spec.get("overrides", {}), spec.get("num_classes"))
     methods = []
     for i, spec in enumerate(data.get("methods", [])):
-        _known(spec, {"name", "variant", "family", "ancestry", "tasks", "options", "overrides"},
+        _known(spec, {"name", "variant", "family", "ancestry", "tasks", "options", "overrides", "budget"},
                f"{where} [[methods]] #{i + 1}")
+        if spec.get("budget") not in (None, *BUDGETS):
+            raise SuiteError(f"{where} [[methods]] #{i + 1}: budget must be one of {BUDGETS}, got {spec['budget']!r}")
         if "name" not in spec:
             raise SuiteError(f"{where} [[methods]] #{i + 1} needs a name")
         methods.append(MethodSpec(spec["name"], spec.get("variant", "default"), spec.get("family", ""),
                                   spec.get("ancestry"), tuple(spec.get("tasks", list(tasks))),
-                                  spec.get("options", {}), spec.get("overrides", {})))
+                                  spec.get("options", {}), spec.get("overrides", {}), spec.get("budget")))
     suite = Suite(name=data.get("name", path.stem), description=data.get("description", ""),
                   seeds=tuple(data.get("seeds", [0])), archs=tuple(data.get("archs", [RunConfig().model.arch])),
                   defaults=_table(data, "defaults", where), sample=_table(protocol, "sample", where),
@@ -173,10 +185,25 @@ def validate_suite(suite: Suite) -> None:
         except MethodError as err:
             raise SuiteError(f"{where} {context}: {err}") from None
 
+    for spec in suite.ancestries.values():  # teacher chains must end: a -> b -> a would never start
+        chain, current = [spec.name], spec.teacher
+        while current is not None and current in suite.ancestries:
+            if current in chain:
+                raise SuiteError(f"{where}: ancestry teachers form a cycle: {' -> '.join(chain + [current])}")
+            chain.append(current)
+            current = suite.ancestries[current].teacher
     for spec in suite.ancestries.values():
         cls = method_class(spec.method, f"ancestry {spec.name!r}")
         if "ancestry" not in cls.stages:
             raise SuiteError(f"{where} ancestry {spec.name!r}: method {spec.method!r} has no ancestry stage")
+        if spec.teacher is not None:
+            if spec.teacher not in suite.ancestries:
+                raise SuiteError(f"{where} ancestry {spec.name!r}: unknown teacher {spec.teacher!r} "
+                                 f"(defined: {sorted(suite.ancestries)})")
+            teacher_method = suite.ancestries[spec.teacher].method
+            if teacher_method not in cls.teacher_methods:
+                raise SuiteError(f"{where} ancestry {spec.name!r}: method {spec.method!r} cannot learn from a "
+                                 f"{teacher_method!r} teacher (accepts: {list(cls.teacher_methods) or 'none'})")
     seen = set()
     for spec in suite.methods:
         cls = method_class(spec.name, f"method {spec.name!r}")
@@ -186,6 +213,13 @@ def validate_suite(suite: Suite) -> None:
         if spec.ancestry is not None and spec.ancestry not in suite.ancestries:
             raise SuiteError(f"{where} method {spec.name!r}: unknown ancestry {spec.ancestry!r} "
                              f"(defined: {sorted(suite.ancestries)})")
+        if spec.ancestry is not None and suite.ancestries[spec.ancestry].method not in cls.ancestry_methods:
+            raise SuiteError(f"{where} method {spec.name!r} cannot build from ancestry {spec.ancestry!r} of method "
+                             f"{suite.ancestries[spec.ancestry].method!r} (accepts: "
+                             f"{list(cls.ancestry_methods) or 'no ancestry'})")
+        if spec.ancestry is None and cls.ancestry_methods:
+            raise SuiteError(f"{where} method {spec.name!r} needs an ancestry (one of methods "
+                             f"{list(cls.ancestry_methods)})")
         for task in spec.tasks:
             if task not in suite.tasks:
                 raise SuiteError(f"{where} method {spec.name!r}: unknown task {task!r} (defined: {sorted(suite.tasks)})")

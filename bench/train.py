@@ -74,9 +74,12 @@ def build_model(cfg: RunConfig, num_classes: int) -> tuple[Method, torch.nn.Modu
     arch = arch_spec(cfg)
     if cfg.method.stage == "ancestry":
         method.require_stage("ancestry")
-        if cfg.run.ancestry:
-            raise ConfigError("run.ancestry is set but method.stage = ancestry builds its own model from scratch")
-        return method, method.build_ancestry(arch, num_classes), None
+        # An ancestry run may learn from a teacher ancestry (TLEG, SWS, WAVE distil a pre-trained dense DiT).
+        teacher = load_ancestry(ancestry_path(cfg)) if cfg.run.ancestry else None
+        if teacher is not None and not method.teacher_methods:
+            raise ConfigError(f"run.ancestry is set, but method {method.name!r} pre-trains its ancestry from scratch "
+                              "and takes no teacher")
+        return method, method.build_ancestry(arch, num_classes, teacher=teacher), teacher
     method.require_stage(cfg.method.stage)
     ancestry = load_ancestry(ancestry_path(cfg)) if cfg.run.ancestry else None
     task = Task(cfg.run.name or cfg.data.split, num_classes, cfg.method.stage)
@@ -99,9 +102,13 @@ def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def frozen_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Frozen parameters and buffers as built: they never change, so the export takes them from here, exactly,
     rather than from a backend that may hold them in bf16 or partitioned."""
-    state = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    state.update({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
-    return state
+    # state_dict's keys, not named_parameters/named_buffers: a tensor shared by several layers (VeRA's projections)
+    # is listed under every owner there (as the rebuilt model expects), and non-persistent buffers (OFT's index
+    # tables) are left out, as load_state_dict expects.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: (value.detach().float() if name in params else value.detach()).cpu().clone()
+            for name, value in model.state_dict(keep_vars=True).items()
+            if not (name in params and params[name].requires_grad)}
 
 
 class TrainView(Dataset):
@@ -172,7 +179,9 @@ def micro_step_loss(cfg: RunConfig, engine: TrainEngine, method: Method, diffusi
     with engine.autocast():
         terms = diffusion.training_losses(engine.forward_module, x0, draws.timesteps.to(device), kwargs,
                                           noise=draws.noise.to(device))
-        loss = terms["loss"].mean() + method.extra_loss(engine.module, {"x": x0, "y": y}).float()
+        batch_view = {"x": x0, "y": y, "x_t": terms["x_t"], "t": draws.timesteps.to(device), "model_kwargs": kwargs,
+                      "model_output": terms["model_output"]}
+        loss = terms["loss"].mean() + method.extra_loss(engine.module, batch_view).float()
     return {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
 
 

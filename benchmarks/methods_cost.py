@@ -26,6 +26,7 @@ Usage (repository root):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -84,18 +85,37 @@ def _arch(cfg: dict) -> ArchSpec:
     return ArchSpec(name=cfg["arch"], input_size=cfg["input_size"], in_channels=cfg["in_channels"])
 
 
+def _stage(method) -> str:
+    """The downstream stage timed: ``transfer`` (same size, new classes) where the method has it, else ``descend``
+    (size-transfer initialisers such as Weight Selection only make a model of another size)."""
+    return "transfer" if "transfer" in method.stages else "descend"
+
+
+def _ancestry_arch(arch: ArchSpec, stage: str) -> ArchSpec:
+    """The ancestry's size: the timed model's own, or two blocks deeper for a ``descend`` method, whose model is
+    then the benchmarked size (``DiT-B/2`` from ``DiT-B/2-d14``)."""
+    if stage != "descend":
+        return arch
+    from bench.models.dit import parse_flavour
+
+    return dataclasses.replace(arch, name=f"{arch.name}-d{parse_flavour(arch.name).depth + 2}")
+
+
 def _ancestry(method, arch: ArchSpec, cfg: dict):
-    """The cached random ancestry this method builds from (written on first use), or None."""
+    """The cached random ancestry this method builds from (written on first use), or None. Methods whose ancestry
+    is distilled from a teacher (TLEG, SWS, WAVE, LiGO) get one built without a teacher: values do not change
+    costs."""
     from methods.transfer import load_ancestry, save_ancestry
 
     if not method.ancestry_methods:
         return None
     source = method.ancestry_methods[0]
-    path = Path(cfg["cache"]) / f"ancestry-{source}-{cfg['arch'].replace('/', '-')}.safetensors"
+    source_arch = _ancestry_arch(arch, _stage(method))
+    path = Path(cfg["cache"]) / f"ancestry-{source}-{source_arch.name.replace('/', '-')}.safetensors"
     if not path.exists():
         torch.manual_seed(0)
-        model = get_method(source).build_ancestry(arch, cfg["num_classes"])
-        save_ancestry(path, model.state_dict(), method=source, arch=arch, num_classes=cfg["num_classes"])
+        model = get_method(source).build_ancestry(source_arch, cfg["num_classes"])
+        save_ancestry(path, model.state_dict(), method=source, arch=source_arch, num_classes=cfg["num_classes"])
     return load_ancestry(path)
 
 
@@ -105,7 +125,7 @@ def child_build(cfg: dict) -> dict:
     options, note = dict(cfg["options"]), ""
     method = get_method(cfg["method"], options)
     ancestry = _ancestry(method, arch, cfg)
-    task = Task("methods-cost", cfg["num_classes"], stage="transfer" if "transfer" in method.stages else "ancestry")
+    task = Task("methods-cost", cfg["num_classes"], stage=_stage(method))
     start = time.perf_counter()
     torch.manual_seed(0)
     try:
@@ -149,9 +169,9 @@ def child_time(cfg: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step() -> float:
+    def step() -> tuple[float, float]:
         synchronize()
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16"):
             out = model(x, t, y)
         loss = torch.nn.functional.mse_loss(out.float(), target) + method.extra_loss(model, {})
@@ -161,14 +181,17 @@ def child_time(cfg: dict) -> dict:
         synchronize()
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss for {cfg['method']}")
-        return time.perf_counter() - begin
+        return time.perf_counter() - begin, time.process_time() - begin_cpu
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(cfg["warmup"]):
         step()
     times = [step() for _ in range(cfg["steps"])]
-    result = {"step_s": times}
+    # On a shared CPU the wall clock mostly measures waiting for a core; the process's CPU time per step does not.
+    # On CUDA the (synchronised) wall clock is the cost.
+    result = {"step_s": [cpu if device.type == "cpu" else wall for wall, cpu in times],
+              "wall_s": [wall for wall, _ in times]}
     if device.type == "cuda":
         result["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -259,14 +282,18 @@ def render(rows: list[dict], args: argparse.Namespace, device: str, command: str
     memory = ("peak `torch.cuda.max_memory_allocated` (weights, gradients, AdamW state, activations)"
               if device == "cuda" else "peak RSS of the timing process, in brackets its growth over the RSS "
               "before the model was loaded (weights, gradients, AdamW state, activations)")
+    clock = ("CPU time of the timing process (`time.process_time`: time spent waiting for a core on the shared "
+             "machine is not counted; wall times are listed at the end)" if device == "cpu" else
+             "synchronised wall time")
     lines = [f"# Cost of every registered method ({device})", "", f"Command: `{command}`", "",
              *machine_lines(device, load_start), "",
              f"Setup: {args.input_size}x{args.input_size}x{args.in_channels} latents, {args.num_classes} classes, "
              f"batch {args.batch_size}, {'bf16 autocast' if device == 'cuda' else 'fp32'}, AdamW (lr 1e-4 x group "
-             f"lr_scale); each method's default options (stage `transfer`) built from a random ancestry; per timing "
+             f"lr_scale); each method's default options (stage `transfer`, or `descend` from a two-blocks-deeper "
+             f"ancestry for descend-only methods) built from a random ancestry; per timing "
              f"process {args.warmup} warm-up + {args.steps} timed steps, {args.repeats} repetitions interleaved "
              f"across methods, each in a fresh process ({args.threads or 'default'} torch thread(s)); step time = "
-             f"median over repetitions of each repetition's median step. Memory: {memory}.",
+             f"median over repetitions of each repetition's median step, {clock}. Memory: {memory}.",
              "Stored MB: bytes of `state_to_save` (what a run stores on top of its ancestry). GMACs: forward, one "
              "image, DiT convention (`bench.accounting`); 'as trained' counts every matmul of the trained model's "
              "forward at batch 1, including batch-independent work such as re-forming a weight.", ""]
@@ -274,7 +301,8 @@ def render(rows: list[dict], args: argparse.Namespace, device: str, command: str
         lines += ["**Noise warning:** this CPU is shared (2 cores, other jobs running, see the load average); "
                   "absolute times are slow and noisy, ratios within a run are the meaningful number, and small "
                   "differences (< ~15%) are not.", ""]
-    header = ["model", "method", "options", "trainable params", "stored MB", "step s", "x full",
+    step_label = "step CPU s" if device == "cpu" else "step s"
+    header = ["model", "method", "options", "trainable params", "stored MB", step_label, "x full",
               "peak mem MiB", "GMACs trained", "GMACs merged", "> 1.5x full"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -301,8 +329,11 @@ def render(rows: list[dict], args: argparse.Namespace, device: str, command: str
         lines += ["", "## Notes", ""] + [f"- {row['method']} ({row['arch']}): {row['note']}" for row in notes]
     lines += ["", "Build time per method (s, includes SVDs where the method takes them): " + "; ".join(
         f"{row['arch']} {row['method']} {row['build_s']:.1f}" for row in rows),
-              "", "All timed steps (s): " + "; ".join(
+              "", f"All timed steps, {step_label.replace('step ', '')}: " + "; ".join(
         f"{row['arch']} {row['method']} " + "/".join(f"{s:.2f}" for run in row["runs"] for s in run["step_s"])
+        for row in rows),
+              "", "All timed steps, wall clock (s): " + "; ".join(
+        f"{row['arch']} {row['method']} " + "/".join(f"{s:.2f}" for run in row["runs"] for s in run["wall_s"])
         for row in rows)]
     return "\n".join(lines) + "\n"
 

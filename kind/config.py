@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kind.gate import GATE_POLICIES, NULL_GATES
+from kind.gate import GATE_POLICIES, NULL_GATES, TAILOR_COMPUTE
 from methods.base import MethodConfig, MethodError
 from methods.surgery import check_reinit_names
 
@@ -56,6 +56,12 @@ class KindConfig(MethodConfig):
     one group per class [§2.5 alternative]."""
     null_gate: str = "learngenes"
     """Gate of the CFG null class: ``learngenes`` (every tailor off), ``all`` or ``random`` (its own mask) [§7 #5]."""
+    tailor_compute: str = "masked"
+    """How gated layers evaluate tailors; both give the same outputs and gradients, only speed and memory differ.
+    ``masked``: every tailor for every sample, inactive ones zeroed in rank space (r(m+n) MACs per token; the faster
+    one in our CPU benchmark); ``grouped``: samples grouped by gate row, only each group's active tailors computed
+    ((N_G + K_act)(m+n) MACs per token, plus gathering the active factor columns per group and layer)
+    (kind/README.md, "Cost") [ours: an implementation choice, not a modelling one]."""
     ortho_reg: float = 0.0
     """Weight of sum ||U^T U - I||^2 + ||V^T V - I||^2 over decomposed matrices, added as ``extra_loss`` [§7 #2]."""
 
@@ -108,6 +114,7 @@ class KindConfig(MethodConfig):
         _optional_count("descend_tailors", self.descend_tailors, 0)
         _choice("gate", self.gate, GATE_POLICIES)
         _choice("null_gate", self.null_gate, NULL_GATES)
+        _choice("tailor_compute", self.tailor_compute, TAILOR_COMPUTE)
         _choice("transfer_gate", self.transfer_gate, ("none", "classes"))
         _choice("domain_tailors", self.domain_tailors, ("fresh", "inherit"))
         _choice("domain_dense", self.domain_dense, ("inherit", "fresh"))

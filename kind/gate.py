@@ -20,17 +20,25 @@ on every lookup, records the looked-up labels' rank-space masks in a ``GateConte
 the same model read later in the same forward. The surgery lives inside the module tree, so DDP/DeepSpeed wrappers,
 ``torch.func.functional_call`` and deep copies carry it along; the table is a buffer, so ZeRO-3 (which partitions
 only parameters) leaves it whole.
+
+The context also groups the samples of a forward by gate row (``TailorGroups``), once per forward, for the layers'
+``grouped`` tailor compute, which evaluates only each group's active tailors (``TAILOR_COMPUTE``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 GATE_POLICIES = ("random", "disjoint", "none")
 NULL_GATES = ("learngenes", "all", "random")
+#: How a gated layer evaluates its tailors: ``masked`` computes every tailor for every sample and zeroes the inactive
+#: ones in rank space; ``grouped`` groups the samples by gate row and computes only each group's active tailors.
+#: Both give the same outputs and gradients; kind/README.md ("Cost") says which is faster where.
+TAILOR_COMPUTE = ("masked", "grouped")
 #: Multiplier that makes the per-group seeds of ``random`` gates independent of each other.
 _SEED_STRIDE = 1_000_003
 
@@ -89,19 +97,77 @@ def build_gate_table(policy: str, num_classes: int, n_tailors: int, *, active: i
     return table
 
 
+@dataclass(frozen=True)
+class TailorGroups:
+    """The samples of one forward grouped by gate row, for evaluating only the active tailors of each group.
+
+    Only groups with at least one active tailor are listed (samples whose gate switches every tailor off, like the
+    default null class, need their learngenes only). Group ``i`` holds the samples ``samples[i]`` (ascending batch
+    indices) and uses ``sizes[i]`` tailors: the next ``sizes[i]`` entries of ``tailor_index`` (indices into N_T,
+    group after group, ascending within a group).
+    """
+
+    samples: tuple[tuple[int, ...], ...]
+    tailor_index: torch.Tensor
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> TailorGroups | None:
+        """Group the (batch, N_T) tailor gates ``rows``; None when a row is not binary (only a {0, 1} gate can skip
+        tailors exactly) or the rows hold no real values (meta tensors: FLOP counting sees the masked compute)."""
+        if rows.device.type == "meta" or not bool(((rows == 0) | (rows == 1)).all()):
+            return None
+        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        on = unique != 0
+        active = on.sum(1).tolist()
+        keep = [g for g, n in enumerate(active) if n > 0]
+        members: dict[int, list[int]] = {g: [] for g in keep}
+        for sample, group in enumerate(inverse.tolist()):
+            if group in members:
+                members[group].append(sample)
+        tailor_index = on[keep].nonzero()[:, 1]  # row-major: group after group, ascending tailors within a group
+        return cls(tuple(tuple(members[g]) for g in keep), tailor_index, tuple(active[g] for g in keep))
+
+
 class GateContext:
     """Hands each sample's rank-space mask from the label embedding to the decomposed layers of one forward.
 
     Masks are kept per device, so replicas of one model on several devices (``nn.DataParallel``) do not overwrite
     each other. A layer reading the context checks that the recorded batch matches its input, so a layer called
     outside a DiT forward (or after a forward of another batch size) fails loudly instead of using a stale gate.
+    ``tailor_compute`` (one of ``TAILOR_COMPUTE``) is shared by every layer the context gates.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tailor_compute: str = "masked") -> None:
         self._masks: dict[torch.device, torch.Tensor] = {}
+        self._groups: dict[torch.device, TailorGroups | None] = {}
+        self.tailor_compute = tailor_compute
+
+    @property
+    def tailor_compute(self) -> str:
+        return self._tailor_compute
+
+    @tailor_compute.setter
+    def tailor_compute(self, value: str) -> None:
+        if value not in TAILOR_COMPUTE:
+            raise ValueError(f"tailor_compute must be one of {TAILOR_COMPUTE}, got {value!r}")
+        self._tailor_compute = value
 
     def record(self, mask: torch.Tensor) -> None:
         self._masks[mask.device] = mask
+        self._groups.pop(mask.device, None)  # grouped lazily, once per forward, by the first layer that asks
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the layers evaluate each gate group's active tailors only."""
+        return self.tailor_compute == "grouped"
+
+    def tailor_groups(self, x: torch.Tensor, rank: int, n_learngenes: int) -> TailorGroups | None:
+        """The recorded forward's samples grouped by tailor gate (None: this gate cannot be grouped)."""
+        mask = self.rank_mask(x, rank)
+        if mask.device not in self._groups:
+            self._groups[mask.device] = TailorGroups.from_rows(mask[:, n_learngenes:].detach())
+        return self._groups[mask.device]
 
     def rank_mask(self, x: torch.Tensor, rank: int) -> torch.Tensor:
         """The (batch, rank) mask recorded for the forward ``x`` belongs to."""

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from bench.accounting import forward_gmacs
-from bench.models.dit import DIT_FLAVOURS, DiT
+from bench.models.dit import DiT, parse_flavour
 from kind.config import KindConfig, KindFullTransferConfig, KindNoGateConfig
 from kind.gate import build_gate_table
 from kind.layers import (LEARNGENE, TAILOR, decompose_dit, gate_table, install_gate, kind_layers, merge_to_dit,
@@ -40,9 +40,10 @@ KIND_FAMILY = ("kind", "kind_nogate", "kind_fulltransfer")
 
 
 def _flavour(name: str):
-    if name not in DIT_FLAVOURS:
-        raise MethodError(f"unknown DiT flavour {name!r}; valid names: {', '.join(DIT_FLAVOURS)}")
-    return DIT_FLAVOURS[name]
+    try:
+        return parse_flavour(name)
+    except ValueError as err:
+        raise MethodError(str(err)) from None
 
 
 class _GateBoundMerge:
@@ -69,9 +70,11 @@ class KindMethod(Method):
 
     # ---- ancestry: integration and diversion ------------------------------------------------------------------
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int) -> nn.Module:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Ancestry | None = None) -> nn.Module:
         """The decomposable, class-gated DiT that the ancestry stage pre-trains (all components trainable)."""
         self.require_stage("ancestry")
+        if teacher is not None:
+            raise MethodError(f"{self.name} pre-trains its ancestry from the DiT initialisation, without a teacher")
         cfg = self.config
         model = arch.build(num_classes)
         width = model.hidden_size
@@ -80,7 +83,8 @@ class KindMethod(Method):
         decompose_dit(model, cfg.all_targets, n_learngenes, n_tailors, split_qkv=cfg.split_qkv)
         if cfg.gate != "none":
             has_null = model.y_embedder.embedding_table.num_embeddings > num_classes
-            install_gate(model, self._gate_table(cfg.gate, num_classes, n_tailors, cfg.class_groups, has_null))
+            install_gate(model, self._gate_table(cfg.gate, num_classes, n_tailors, cfg.class_groups, has_null),
+                         cfg.tailor_compute)
         model.kind_role = "ancestry"
         return model
 
@@ -125,7 +129,8 @@ class KindMethod(Method):
             if cfg.gate == "none":
                 raise MethodError("kind transfer_gate = 'classes' needs a gate policy (gate is 'none')")
             has_null = model.y_embedder.embedding_table.num_embeddings > task.num_classes
-            install_gate(model, self._gate_table(cfg.gate, task.num_classes, n_tailors, (), has_null))
+            install_gate(model, self._gate_table(cfg.gate, task.num_classes, n_tailors, (), has_null),
+                         cfg.tailor_compute)
         model.kind_role = task.stage
         self.mark_trainable(model)
         return model

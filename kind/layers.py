@@ -14,8 +14,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from kind.gate import GateContext, GateEmbedding
+from kind.gate import GateContext, GateEmbedding, TailorGroups
 from methods.base import MethodError
 from methods.decomposed import DecomposedLinear, SplitDecomposedLinear
 from methods.surgery import find_linears, set_submodule
@@ -46,10 +47,54 @@ class KindLinear(DecomposedLinear):
         return self.group_size(TAILOR)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind_gate_context is not None:
-            gate = self.kind_gate_context.rank_mask(x, self.rank)
+        context = self.kind_gate_context
+        if context is not None and mask is None and context.grouped:
+            groups = context.tailor_groups(x, self.rank, self.n_learngenes)
+            if groups is not None:
+                return self._grouped_forward(x, groups)
+        if context is not None:
+            gate = context.rank_mask(x, self.rank)
             mask = gate if mask is None else gate * mask
         return super().forward(x, mask)
+
+    def _grouped_forward(self, x: torch.Tensor, groups: TailorGroups) -> torch.Tensor:
+        """The gated output computing only active tailors: (N_G + K_act)(m + n) MACs per token instead of r(m + n).
+
+        The learngenes run once over the whole batch. The active tailor components of every group are gathered
+        once per layer (one ``index_select`` per factor, split per group): the backward scatters into the full
+        factors, so an inactive tailor gets an exact zero gradient, as under the mask. Each group's samples are
+        projected through its own components only; the tailor outputs are stacked in batch order (zeros for
+        samples with no active tailor) and added to the learngene output.
+        """
+        hidden = torch.matmul(x, self.kind_learngene_V)
+        out = F.linear(hidden * self.kind_learngene_sigma.to(hidden.dtype), self.kind_learngene_U, self.bias)
+        u, sigma, v = self.kind_tailor_U, self.kind_tailor_sigma, self.kind_tailor_V
+        if not groups.sizes:
+            # No sample uses a tailor. Keep them in the graph through empty slices (an exact 0.0) so that their
+            # gradient is a zero tensor, as under the mask, not None: AdamW then still applies its momentum to
+            # them, and DDP does not see unused parameters.
+            return out + sum(p.view(-1)[:0].sum() for p in (u, sigma, v)).to(out.dtype)
+        index = groups.tailor_index
+        # One column gather per factor for all groups together (its backward is one index_add per factor, however
+        # many groups there are), then split into per-group column blocks (views).
+        v_cols = v.index_select(1, index).split(groups.sizes, dim=1)
+        u_cols = u.index_select(1, index).split(groups.sizes, dim=1)
+        scales = sigma.index_select(0, index).split(groups.sizes)
+        # split/unbind/stack/cat rather than indexing: their backwards are one cat/stack each, where every
+        # indexed view would allocate and accumulate a zero gradient of the whole activation.
+        per_sample = x.split(1)
+        tailored: list[torch.Tensor | None] = [None] * x.shape[0]
+        for samples, v_k, u_k, s_k in zip(groups.samples, v_cols, u_cols, scales):
+            # A group's samples share one matmul pair.
+            xs = per_sample[samples[0]] if len(samples) == 1 else torch.cat([per_sample[i] for i in samples])
+            projected = torch.matmul(xs, v_k)
+            part = F.linear(projected * s_k.to(projected.dtype), u_k)
+            for sample, row in zip(samples, part.unbind(0)):
+                tailored[sample] = row
+        if any(t is None for t in tailored):
+            zero = out.new_zeros(out.shape[1:])
+            tailored = [zero if t is None else t for t in tailored]
+        return out + torch.stack(tailored).to(out.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -136,18 +181,39 @@ def kind_ranks(model: nn.Module) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def install_gate(model: nn.Module, table: torch.Tensor) -> GateContext:
-    """Gate ``model``'s KIND layers by class with the (rows, N_T) {0, 1} ``table``; returns the shared context."""
+def install_gate(model: nn.Module, table: torch.Tensor, tailor_compute: str | None = None) -> GateContext:
+    """Gate ``model``'s KIND layers by class with the (rows, N_T) {0, 1} ``table``; returns the shared context.
+
+    ``tailor_compute`` (``kind.gate.TAILOR_COMPUTE``) says how the layers evaluate tailors; every choice computes
+    the same outputs and gradients (``set_tailor_compute`` changes it later). None keeps the choice of a gate
+    already installed, else ``masked``."""
     n_learngenes, n_tailors = kind_ranks(model)
     if table.shape[1] != n_tailors:
         raise MethodError(f"gate table has {table.shape[1]} tailor columns but the model's layers have {n_tailors}")
-    context = GateContext()
     current = model.get_submodule(CLASS_TABLE)
+    if tailor_compute is None:
+        tailor_compute = current.context.tailor_compute if isinstance(current, GateEmbedding) else "masked"
+    try:
+        context = GateContext(tailor_compute)
+    except ValueError as err:
+        raise MethodError(f"kind {err}") from None
     plain = current.to_embedding() if isinstance(current, GateEmbedding) else current
     set_submodule(model, CLASS_TABLE, GateEmbedding(plain, table, n_learngenes, context))
     for layer in kind_layers(model).values():
         layer.kind_gate_context = context
     return context
+
+
+def set_tailor_compute(model: nn.Module, tailor_compute: str) -> None:
+    """Switch a gated model's tailor compute (``masked`` or ``grouped``); an ungated model is an error."""
+    table = model.get_submodule(CLASS_TABLE)
+    if not isinstance(table, GateEmbedding):
+        raise MethodError("this KIND model has no class gate: every tailor is on for every sample, so there is no "
+                          "tailor compute to choose")
+    try:
+        table.context.tailor_compute = tailor_compute
+    except ValueError as err:
+        raise MethodError(f"kind {err}") from None
 
 
 def gate_table(model: nn.Module) -> torch.Tensor | None:

@@ -170,9 +170,19 @@ class Method(abc.ABC):
 
     # ---- building -------------------------------------------------------------------------------------------
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int) -> nn.Module:
-        """The model this method pre-trains in the ``ancestry`` stage. Default: a stock DiT (dense ancestry)."""
+    teacher_methods: ClassVar[tuple[str, ...]] = ()
+    """Ancestry methods whose export ``build_ancestry`` accepts as a ``teacher`` (an ancestry pre-trained by
+    distillation, as TLEG, SWS and WAVE do); empty means the ancestry stage takes no teacher."""
+
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Ancestry | None = None) -> nn.Module:
+        """The model this method pre-trains in the ``ancestry`` stage. Default: a stock DiT (dense ancestry).
+
+        ``teacher`` (only for methods with ``teacher_methods``) is a pre-trained ancestry to learn from; a method
+        keeps what it needs of it (e.g. a frozen teacher DiT used by ``extra_loss``) on itself, never inside the
+        returned model, so it is neither trained, averaged by the EMA nor exported."""
         self.require_stage("ancestry")
+        if teacher is not None:
+            raise MethodError(f"method {self.name!r} pre-trains its ancestry without a teacher")
         return arch.build(num_classes)
 
     @abc.abstractmethod
@@ -193,8 +203,13 @@ class Method(abc.ABC):
         weight decay only to tensors with >= 2 dims.
         """
 
-    def extra_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """An optional regulariser added to the diffusion loss; zero by default."""
+    def extra_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """An optional regulariser added to the diffusion loss; zero by default.
+
+        ``batch`` holds ``x`` (clean inputs), ``y`` (labels), ``x_t`` (noised inputs), ``t`` (timesteps),
+        ``model_kwargs`` (what the model was called with besides x_t and t: labels after dropout, ...) and
+        ``model_output`` (the model's raw output on them, differentiable): enough to distil a teacher's prediction
+        on the same inputs without a second student forward."""
         return torch.zeros((), device=next(model.parameters()).device)
 
     # ---- saving ---------------------------------------------------------------------------------------------

@@ -28,9 +28,18 @@ _BUILTIN: dict[str, str] = {
     "svdiff": "baselines.svdiff:SvdiffMethod",
     "difffit": "baselines.difffit:DiffFitMethod",
     "bitfit": "baselines.difffit:BitFitMethod",
+    "heur_lg": "baselines.learngene_layers:HeurLGMethod",
+    "auto_lg": "baselines.learngene_layers:AutoLGMethod",
+    "weight_selection": "baselines.weight_selection:WeightSelectionMethod",
     "kind": "kind.kind:KindMethod",
     "kind_nogate": "kind.kind:KindNoGateMethod",
     "kind_fulltransfer": "kind.kind:KindFullTransferMethod",
+    "tleg": "baselines.tleg:TlegMethod",
+    "sws": "baselines.sws:SwsMethod",
+    "ligo": "baselines.ligo:LigoMethod",
+    "wave": "baselines.wave:WaveMethod",
+    "fine": "baselines.fine:FineMethod",
+    "fine_nofactor": "baselines.fine_nofactor:FineNoFactorMethod",
 }
 
 _lock = threading.Lock()

@@ -38,7 +38,7 @@ HIB = {"fid": False, "sfid": False, "is": True, "precision": True, "recall": Tru
 
 P1 = {"n_samples": 1000, "extractor": "kindbench-synthetic-v1", "extractor_sha256": "e1" * 32,
       "reference_id": "novel-a-train", "reference_sha256": "r1" * 32, "cfg_scale": 1.5, "sampler": "ddpm",
-      "num_steps": 50}
+      "num_steps": 50, "clip_denoised": False}
 P2 = {**P1, "extractor": "inception-v3-tf", "extractor_sha256": "e2" * 32, "reference_id": "novel-a-val",
       "reference_sha256": "r2" * 32}
 
@@ -127,7 +127,8 @@ def write_run(store: RecordStore, benchmark: str, key: tuple, numbers: dict, anc
     sample = _info("sample", run_id, benchmark, method, family, variant, seed, [transfer["job_id"]])
     store.write(_finish(sample, sample_info={
         "npz": f"runs/{run_id}/samples.npz", "npz_sha256": "s" * 64, "num_samples": 1000, "scheduler": "ddpm",
-        "num_steps": 50, "cfg_scale": 1.5, "label_mode": "uniform", "seed": seed, "grid_png": grid}))
+        "num_steps": 50, "cfg_scale": 1.5, "label_mode": "uniform", "seed": seed, "grid_png": grid,
+        "clip_denoised": False}))
     # KIND's evaluation lists its ancestry too (first): the join must still pick the run's own transfer
     upstream = ([ancestry_job] if ancestry_job else []) + [sample["job_id"]]
     evaluate = _info("evaluate", run_id, benchmark, method, family, variant, seed, upstream)

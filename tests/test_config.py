@@ -141,8 +141,14 @@ def test_wrong_type_names_key_and_types(override, key, expected, got):
 
 def test_cli_text_for_string_fields_stays_text():
     """A string field takes the override as typed, even when it reads as a number, bool or date."""
-    cfg = load_config(None, ["--run.name=123", "--data.root=true", "--run.name=2024-05-01", "--model.arch=3"])
-    assert cfg.run.name == "2024-05-01" and cfg.data.root == "true" and cfg.model.arch == "3"
+    cfg = load_config(None, ["--run.name=123", "--data.root=true", "--run.name=2024-05-01", "--sample.vae_dir=3"])
+    assert cfg.run.name == "2024-05-01" and cfg.data.root == "true" and cfg.sample.vae_dir == "3"
+
+
+def test_unknown_arch_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.arch.*DiT-Q/2"):
+        load_config(None, ["--model.arch=DiT-Q/2"])
+    assert load_config(None, ["--model.arch=DiT-T/2-d3"]).model.arch == "DiT-T/2-d3"
 
 
 def test_run_name_never_becomes_a_path():

@@ -263,3 +263,24 @@ def test_shipped_example_class_list_parses():
     classes = read_class_list(resolve_class_list("example"))
     assert [c.name for c in classes] == ["shark", "toy_dog", "tench", "goldfish"]
     assert classes[0].folders == ("n01484850", "n01491361", "n01494475")
+
+
+def test_class_balanced_subset_keeps_every_class_evenly_and_deterministically():
+    from bench.config import DataConfig, ModelConfig
+    from bench.data.factory import build_dataset
+    from bench.data.subset import balanced_subset_indices
+
+    labels = np.repeat(np.arange(4), [10, 10, 3, 1])
+    kept = balanced_subset_indices(labels, 0.2)
+    assert list(kept) == [0, 9, 10, 19, 20, 23]  # 2, 2, 1, 1 per class: first and last of each run, at least one
+    assert list(balanced_subset_indices(labels, 1.0)) == list(range(24))
+    with pytest.raises(ValueError, match="fraction"):
+        balanced_subset_indices(labels, 0.0)
+    data = DataConfig(split="novel-a", per_class=10, image_size=8, subset_fraction=0.25)
+    subset = build_dataset(data, ModelConfig(in_channels=3, input_size=8))
+    full = build_dataset(DataConfig(split="novel-a", per_class=10, image_size=8), ModelConfig(in_channels=3, input_size=8))
+    assert len(subset) == 3 * full.num_classes and subset.num_classes == full.num_classes
+    assert np.bincount(subset.labels).tolist() == [3] * full.num_classes
+    image, label = subset[1]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(full[int(subset.indices[1])][0]))
+    assert label == subset.labels[1]

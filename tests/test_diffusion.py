@@ -230,7 +230,9 @@ def _oracle_losses(diffusion, t, v_value, dtype=torch.float64):
 def test_true_noise_and_true_posterior_variance_give_zero_loss_for_t_positive(diffusion):
     t = torch.tensor([1, 5, 250, 999])
     losses = _oracle_losses(diffusion, t, v_value=-1.0)  # v = -1 selects the posterior variance exactly
-    assert set(losses) == {"loss", "mse", "vb"} and all(v.shape == (4,) for v in losses.values())
+    assert set(losses) == {"loss", "mse", "vb", "x_t", "model_output"}
+    assert all(losses[k].shape == (4,) for k in ("loss", "mse", "vb"))
+    assert losses["x_t"].shape == (4, C, H, W) and losses["model_output"].shape == (4, 2 * C, H, W)
     assert losses["mse"].abs().max().item() == 0.0
     assert losses["vb"].abs().max().item() < 1e-9
     wrong_variance = _oracle_losses(diffusion, t, v_value=1.0)["vb"]  # beta_t instead of the posterior variance

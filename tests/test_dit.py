@@ -360,3 +360,15 @@ def test_bad_flavour_and_sizes_raise_clear_errors():
 def test_arch_path_name():
     assert arch_path_name("DiT-B/2") == "DiT-B-2"
     assert arch_path_name("DiT-XL/8") == "DiT-XL-8"
+
+
+def test_depth_and_width_variants_parse_and_build():
+    from bench.models.dit import parse_flavour
+
+    assert parse_flavour("DiT-B/2-d6") == (6, 768, 2, 12)
+    assert parse_flavour("DiT-B/2-d6-w512") == (6, 512, 2, 8)  # head size 64 kept
+    model = build_dit("DiT-T/2-d3-w96", input_size=8, in_channels=3, num_classes=5)
+    assert len(model.blocks) == 3 and model.x_embedder.proj.out_channels == 96
+    for bad in ("DiT-B/2-d0", "DiT-B/2-w100", "DiT-Q/2-d3", "DiT-B/2-x3"):
+        with pytest.raises(ValueError, match="DiT"):
+            parse_flavour(bad)

@@ -15,9 +15,9 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.models.dit import DiT  # noqa: E402
-from kind.gate import GateEmbedding, build_gate_table, random_subset  # noqa: E402
+from kind.gate import GateContext, GateEmbedding, TailorGroups, build_gate_table, random_subset  # noqa: E402
 from kind.layers import (LEARNGENE, TAILOR, KindLinear, decomposed_targets, gate_table,  # noqa: E402
-                         install_gate, kind_layers)
+                         install_gate, kind_layers, set_tailor_compute)
 from kind.recombine import ancestry_from_components, extract, infer_layout, select_tailors  # noqa: E402
 from methods import ArchSpec, MethodError, Task, get_method  # noqa: E402
 from methods.decomposed import SplitDecomposedLinear  # noqa: E402
@@ -183,9 +183,10 @@ def tailor_columns_with_gradient(layer: KindLinear) -> torch.Tensor:
     return torch.stack(grads).sum(0) > 0
 
 
+@pytest.mark.parametrize("compute", ["masked", "grouped"])
 @pytest.mark.parametrize("label", [3, NULL])
-def test_a_single_class_batch_trains_only_that_class_s_tailors(label):
-    model = ancestry_model()
+def test_a_single_class_batch_trains_only_that_class_s_tailors(label, compute):
+    model = ancestry_model({"tailor_compute": compute})
     gate = gate_table(model)[label]
     x, t = inputs()
     model.train()
@@ -302,13 +303,14 @@ def test_wrappers_and_deep_copies_carry_the_gate():
     torch.testing.assert_close(out, model(x, t, y), rtol=0, atol=0)
 
 
-def test_ddp_wrapped_model_keeps_diversion(tmp_path):
+@pytest.mark.parametrize("compute", ["masked", "grouped"])
+def test_ddp_wrapped_model_keeps_diversion(tmp_path, compute):
     """torch DDP (gloo, world size 1): the surgery lives inside the module, so the wrapper changes nothing."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = ancestry_model()
+        model = ancestry_model({"tailor_compute": compute})
         ddp = nn.parallel.DistributedDataParallel(model)
         x, t = inputs(4)
         ddp(x, t, torch.full((4,), 6), force_drop_ids=torch.zeros(4, dtype=torch.long)).square().mean().backward()
@@ -317,6 +319,112 @@ def test_ddp_wrapped_model_keeps_diversion(tmp_path):
             assert torch.equal(tailor_columns_with_gradient(layer), gate.bool())
     finally:
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                                   Tailor compute: grouped (active tailors only) vs masked
+# --------------------------------------------------------------------------------------------------------------
+
+
+def gated_pair(options: dict | None = None) -> tuple[nn.Module, nn.Module]:
+    """The same perturbed ancestry twice: one computing tailors masked, one grouped."""
+    masked = ancestry_model({**(options or {}), "tailor_compute": "masked"})
+    grouped = copy.deepcopy(masked)
+    set_tailor_compute(grouped, "grouped")
+    return masked, grouped
+
+
+@pytest.mark.parametrize("options", [{}, {"null_gate": "random"}, {"gate": "disjoint", "n_tailors": 20,
+                                                                    "n_learngenes": 12}])
+def test_grouped_tailors_match_masked_outputs_and_gradients(options):
+    masked, grouped = gated_pair(options)
+    x, t = inputs(7)
+    # Repeated classes (one group of several samples), singletons, null labels, and a forced drop.
+    y = torch.tensor([4, NULL, 4, 9, 1, NULL, 4])
+    drop = torch.tensor([0, 0, 0, 0, 1, 0, 0])
+    outs = []
+    for model in (masked, grouped):
+        model.eval()  # no random label dropout: force_drop_ids alone decides which labels are dropped
+        out = model(x, t, y, force_drop_ids=drop)
+        out.square().mean().backward()
+        outs.append(out)
+    # The grouped model really grouped: class 4's three samples share a group (no silent masked fallback).
+    groups = grouped.y_embedder.embedding_table.context._groups[x.device]
+    assert groups is not None and (0, 2, 6) in groups.samples
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    named = dict(grouped.named_parameters())
+    for name, param in masked.named_parameters():
+        other = named[name].grad
+        assert (param.grad is None) == (other is None), name
+        if param.grad is not None:
+            scale = param.grad.abs().max().item()
+            torch.testing.assert_close(other, param.grad, rtol=1e-5, atol=1e-5 * max(scale, 1.0), msg=name)
+
+
+def test_grouped_tailors_keep_diversion_exact_in_a_mixed_batch():
+    """Tailors no sample of the batch switches on get exactly zero gradient; the others all learn."""
+    _, model = gated_pair()
+    x, t = inputs(4)
+    y = torch.tensor([2, 7, 2, NULL])
+    model.train()(x, t, y, force_drop_ids=torch.zeros(4, dtype=torch.long)).square().mean().backward()
+    table = gate_table(model)
+    used = (table[2] + table[7]) > 0
+    assert not used.all()  # the test needs tailors that nobody in the batch uses
+    for name, layer in kind_layers(model).items():
+        assert torch.all(layer.kind_tailor_U.grad[:, ~used] == 0), name
+        assert torch.all(layer.kind_tailor_V.grad[:, ~used] == 0), name
+        assert torch.all(layer.kind_tailor_sigma.grad[~used] == 0), name
+        assert torch.equal(tailor_columns_with_gradient(layer), used), name
+
+
+def test_grouped_tailors_give_zero_not_missing_gradients_to_an_all_null_batch():
+    """As under the mask, unused tailors get a zero gradient (AdamW momentum and DDP see the same parameters)."""
+    masked, grouped = gated_pair()
+    x, t = inputs(2)
+    for model in (masked, grouped):
+        model(x, t, torch.full((2,), NULL)).square().mean().backward()
+        for layer in kind_layers(model).values():
+            assert layer.kind_tailor_U.grad is not None and torch.all(layer.kind_tailor_U.grad == 0)
+            assert torch.all(layer.kind_tailor_sigma.grad == 0) and torch.all(layer.kind_tailor_V.grad == 0)
+
+
+def test_grouped_tailors_under_bf16_autocast_stay_close_to_masked():
+    masked, grouped = gated_pair()
+    x, t = inputs(3)
+    y = torch.tensor([3, NULL, 5])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out_masked, out_grouped = masked.eval()(x, t, y), grouped.eval()(x, t, y)
+    assert out_grouped.dtype == out_masked.dtype
+    torch.testing.assert_close(out_grouped.float(), out_masked.float(), rtol=0.05, atol=0.05)
+
+
+def test_tailor_groups_list_only_groups_with_active_tailors():
+    rows = torch.tensor([[1., 0., 1.], [0., 0., 0.], [1., 0., 1.], [0., 1., 0.]])
+    groups = TailorGroups.from_rows(rows)
+    assert sorted(groups.samples) == [(0, 2), (3,)]  # sample 1 (no active tailor) needs its learngenes only
+    by_samples = dict(zip(groups.samples, groups.tailor_index.split(groups.sizes)))
+    assert by_samples[(0, 2)].tolist() == [0, 2] and by_samples[(3,)].tolist() == [1]
+    assert TailorGroups.from_rows(torch.zeros(2, 3)).sizes == ()
+    assert TailorGroups.from_rows(torch.tensor([[0.5, 1.0]])) is None  # a soft gate cannot skip tailors exactly
+    assert TailorGroups.from_rows(torch.ones(2, 3, device="meta")) is None  # FLOP counting: masked
+
+
+def test_tailor_compute_choice_and_its_errors():
+    context = GateContext()
+    assert context.tailor_compute == "masked" and not context.grouped
+    assert get_method("kind").config.tailor_compute == "masked"
+    context.tailor_compute = "grouped"
+    assert context.grouped
+    with pytest.raises(ValueError, match="tailor_compute must be one of"):
+        context.tailor_compute = "fast"
+    model = ancestry_model({"tailor_compute": "grouped"})
+    assert model.y_embedder.embedding_table.context.tailor_compute == "grouped"
+    install_gate(model, gate_table(model).clone())  # a re-installed gate keeps the choice
+    assert model.y_embedder.embedding_table.context.tailor_compute == "grouped"
+    with pytest.raises(MethodError, match="tailor_compute must be one of"):
+        set_tailor_compute(model, "fast")
+    with pytest.raises(MethodError, match="no class gate"):
+        set_tailor_compute(get_method("kind_nogate").build_ancestry(TINY, CLASSES), "grouped")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -604,6 +712,7 @@ def test_orthogonality_regulariser_is_zero_at_init_and_trains_the_factors():
     ({"ortho_reg": -1.0}, "ortho_reg must be >= 0"),
     ({"reinit": ("blocks",)}, "cannot re-initialise 'blocks'"),
     ({"descend_blocks": "last"}, "descend_blocks must be one of"),
+    ({"tailor_compute": "fast"}, "tailor_compute must be one of"),
 ])
 def test_config_validation(options, message):
     with pytest.raises(MethodError, match=message):

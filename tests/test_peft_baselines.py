@@ -325,7 +325,7 @@ def test_config_validation(name, options, message):
 #                                       Budget: ranks matched to KIND's count
 # --------------------------------------------------------------------------------------------------------------
 
-from baselines.budget import kind_trainable_count, matched_rank, trainable_count  # noqa: E402
+from methods.budget import kind_trainable_count, matched_rank, trainable_count  # noqa: E402
 
 
 @pytest.mark.parametrize(("name", "options", "target"), [
@@ -353,13 +353,16 @@ def test_lora_matched_rank_follows_the_closed_form():
     assert matched_rank("lora", TINY, CLASSES, target) == expected
 
 
-def test_kind_count_is_the_trainable_count_of_a_real_kind_model():
-    kind = get_method("kind")
+@pytest.mark.parametrize("options", [{}, {"decompose_adaln": True}], ids=["default", "adaln"])
+def test_kind_count_is_the_trainable_count_of_a_real_kind_model(options):
+    kind = get_method("kind", options)
     torch.manual_seed(0)
     source = kind.build_ancestry(TINY, CLASSES)
     ancestry = Ancestry(method="kind", arch=TINY, num_classes=CLASSES, state=source.state_dict())
     model = kind.build(TINY, Task("kind", CLASSES), ancestry)
-    assert kind_trainable_count(TINY, CLASSES) == trainable(model) > 0
+    assert kind_trainable_count(TINY, CLASSES, options) == trainable(model) > 0
+    if options:  # decomposing adaLN adds tailors: a larger budget than the default's
+        assert trainable(model) > kind_trainable_count(TINY, CLASSES)
 
 
 def test_budget_errors():

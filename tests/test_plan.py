@@ -128,6 +128,60 @@ def test_shipped_suites_load():
     assert plan.by_stage("aggregate")
 
 
+def placed_imagenet(tmp_path, monkeypatch):
+    """Empty stand-ins for what the ImageNet suites expect on a cluster (the preflight checks paths only)."""
+    for folder in ("lat/novel461", "lat/pretrain150", "lat/imagenet1k", "weights", "vae", "refs"):
+        (tmp_path / folder).mkdir(parents=True)
+    for ref in ("imagenet-novel461-256.npz", "VIRTUAL_imagenet256_labeled.npz"):
+        (tmp_path / "refs" / ref).touch()
+    for var, folder in (("KINDBENCH_LATENTS", "lat"), ("KINDBENCH_REFS", "refs"), ("KINDBENCH_WEIGHTS_DIR", "weights"),
+                        ("KINDBENCH_VAE_DIR", "vae"), ("KINDBENCH_CACHE_DIR", "cache")):
+        monkeypatch.setenv(var, str(tmp_path / folder))
+
+
+def test_tiny_runs_every_registered_method():
+    from methods import list_methods
+
+    plan = build_plan("tiny", [])[1]
+    assert {j.info["method"] for j in plan.by_stage("evaluate")} == set(list_methods())
+
+
+@pytest.mark.parametrize("suite", ["kind-dit-b", "kind-dit-l", "fine-depth"])
+def test_cluster_suites_plan_once_data_is_placed(tmp_path, monkeypatch, suite):
+    placed_imagenet(tmp_path, monkeypatch)
+    plan = build_plan(suite, [])[1]
+    assert plan.by_stage("aggregate") and plan.by_stage("evaluate")
+
+
+def test_fine_depth_suite_covers_the_papers_tables(tmp_path, monkeypatch):
+    placed_imagenet(tmp_path, monkeypatch)
+    plan = build_plan("fine-depth", [])[1]
+    runs = {(j.info["method"], j.info["arch"]) for j in plan.by_stage("evaluate")}
+    for size in ("B", "L"):
+        for depth in (4, 6, 8, 10, 12):
+            arch = f"DiT-{size}/2-d{depth}"
+            assert {("scratch", arch), ("tleg", arch), ("fine", arch)} <= runs  # Table 1
+        assert ("fine_nofactor", f"DiT-{size}/2-d6") in runs  # Table 4
+    rules = {j.config["method"]["options"].get("sigma_init") for j in plan.by_stage("transfer")
+             if j.info["method"] == "fine" and "sigma" in j.info["variant"]}
+    assert rules == {"random", "identical", "interpolate"}  # Table 5
+    sigma_phase = [j for j in plan.by_stage("ancestry") if j.config["method"]["options"].get("train") == "sigma"]
+    assert len(sigma_phase) == 10 and all(j.config["data"]["subset_fraction"] == 0.01 for j in sigma_phase)
+
+
+@pytest.mark.slow
+def test_kind_peft_suite_matches_every_ranked_peft_to_kind(tmp_path, monkeypatch):
+    """Budget matching at DiT-B/2 and DiT-L/2 builds every ranked PEFT repeatedly (minutes on a CPU)."""
+    placed_imagenet(tmp_path, monkeypatch)
+    plan = build_plan("kind-peft", [])[1]
+    budget = [j for j in plan.by_stage("transfer") if j.info["variant"] == "kind-budget"]
+    assert {j.info["arch"] for j in budget} == {"DiT-B/2", "DiT-L/2"}
+    assert {j.info["method"] for j in budget} == {"lora", "dora", "pissa", "vera", "oft", "boft", "loha", "lokr"}
+    standard = {(j.info["method"], j.info["arch"]): j for j in plan.by_stage("transfer") if j.info["variant"] == "default"}
+    for job in budget:  # a matched rank is a different rank from the standard one, so a different run
+        assert job.run_id != standard[(job.info["method"], job.info["arch"])].run_id
+
+
 def test_slurm_dry_run_job_graph(tmp_path):
     suite, plan = build_plan(write_suite(tmp_path), [])
     roots = Roots(tmp_path / "runs", tmp_path / "results")
@@ -150,3 +204,130 @@ def test_slurm_dry_run_job_graph(tmp_path):
         assert "--requeue" in cmd and "--signal=B:USR1@300" in cmd and "--nodes=2" in cmd
         assert "--gpus-per-node=8" in cmd
     assert "--requeue" not in commands["evaluate"]
+
+
+# ---- distilled ancestries (a teacher ancestry) and KIND-matched budgets ------------------------------------------
+
+class _DistilledProbe:
+    """Registered once: an ancestry method that learns from a dense teacher (as TLEG, SWS and WAVE do)."""
+
+    @staticmethod
+    def register() -> None:
+        from baselines.scratch import ScratchMethod
+        from methods import list_methods, register_method
+
+        if "teacher_probe" in list_methods():
+            return
+
+        class TeacherProbe(ScratchMethod):  # only planned here, never built
+            name = "teacher_probe"
+            teacher_methods = ("scratch",)
+            ancestry_methods = ("teacher_probe",)
+
+        register_method("teacher_probe", TeacherProbe)
+
+
+TEACHER = '''
+    [ancestries.student]
+    method = "teacher_probe"
+    teacher = "dense"
+    [[methods]]
+    name = "teacher_probe"
+    ancestry = "student"
+    tasks = ["novel-a"]
+'''
+
+
+def teacher_suite() -> str:
+    return SUITE + textwrap.dedent(TEACHER)
+
+
+def test_a_distilled_ancestry_runs_after_its_teacher_and_inherits_its_ids(tmp_path):
+    _DistilledProbe.register()
+    plan = build_plan(write_suite(tmp_path, teacher_suite()), [])[1]
+    ancestries = {j.info["ancestry"]: j for j in plan.by_stage("ancestry")}
+    dense, student = ancestries["dense"], ancestries["student"]
+    assert student.deps == (dense.job_id,)
+    assert student.config["run"]["ancestry"] == f"{dense.run_id}/export.safetensors"
+    order = list(plan.jobs)
+    assert order.index(dense.job_id) < order.index(student.job_id)
+    # the teacher's training changes the student's id and everything downstream of it
+    longer = build_plan(write_suite(tmp_path, teacher_suite().replace("steps = 5", "steps = 6"), "b.toml"), [])[1]
+    changed = set(plan.jobs) - set(longer.jobs)
+    assert student.job_id in changed and dependents(plan, student.job_id) <= changed
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('teacher = "dense"', 'teacher = "nobody"'), "unknown teacher 'nobody'"),
+    (('method = "teacher_probe"\nteacher = "dense"', 'method = "scratch"\nteacher = "dense"'),
+     "cannot learn from a 'scratch' teacher"),
+])
+def test_bad_teachers_are_suite_errors(tmp_path, edit, message):
+    _DistilledProbe.register()
+    text = teacher_suite().replace(*edit)
+    assert text != teacher_suite()
+    with pytest.raises(SuiteError, match=re.escape(message)):
+        build_plan(write_suite(tmp_path, text, "bad.toml"), [])
+
+
+def test_teacher_cycles_are_suite_errors(tmp_path):
+    _DistilledProbe.register()
+    text = teacher_suite() + '[ancestries.other]\nmethod = "teacher_probe"\nteacher = "student"\n'
+    text = text.replace('teacher = "dense"', 'teacher = "other"')
+    with pytest.raises(SuiteError, match="cycle"):
+        build_plan(write_suite(tmp_path, text, "cycle.toml"), [])
+
+
+def test_slurm_submits_a_distilled_ancestry_in_a_second_wave(tmp_path):
+    _DistilledProbe.register()
+    plan = build_plan(write_suite(tmp_path, teacher_suite()), [])[1]
+    commands = submit(plan, Roots(tmp_path / "runs", tmp_path / "results"), Cluster.from_env({}), dry_run=True)
+    assert "ancestry" in commands and "ancestry.1" in commands
+    assert "--dependency" not in commands["ancestry"]
+    assert "--dependency=afterok:DRYRUN-ancestry " in commands["ancestry.1"] + " "
+    wave = (tmp_path / "runs" / "slurm" / plan.plan_id() / "ancestry.1.txt").read_text().split()
+    assert wave == [j.job_id for j in plan.by_stage("ancestry") if j.info["ancestry"] == "student"]
+    assert "DRYRUN-ancestry.1" in commands["transfer"]
+
+
+def test_budget_kind_sets_the_matched_rank_and_caches_it(tmp_path, monkeypatch):
+    import bench.plan as plan_module
+    from bench.models.dit import DiT  # noqa: F401 - imported before timing-free checks below
+    from methods.base import ArchSpec
+    from methods.budget import kind_matched_rank
+
+    monkeypatch.setenv("KINDBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    text = SUITE + textwrap.dedent('''
+        [ancestries.kind]
+        method = "kind"
+        [[methods]]
+        name = "kind"
+        ancestry = "kind"
+        [[methods]]
+        name = "lora"
+        variant = "kind-budget"
+        ancestry = "dense"
+        budget = "kind"
+        tasks = ["novel-a"]
+    ''')
+    plan = build_plan(write_suite(tmp_path, text, "budget.toml"), [])[1]
+    (job,) = [j for j in plan.by_stage("transfer") if j.info["variant"] == "kind-budget"]
+    expected = kind_matched_rank("lora", ArchSpec("DiT-T/2", 16, 3), 8, {}, {}, strict=False)
+    assert job.config["method"]["options"] == {"rank": expected}
+    assert job.info["benchmark"] == "novel-a--DiT-T-2"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the matched rank should come from the cache")
+
+    monkeypatch.setattr("methods.budget.kind_matched_rank", refuse)
+    again = build_plan(write_suite(tmp_path, text, "budget.toml"), [])[1]
+    assert set(again.jobs) == set(plan.jobs)
+    assert plan_module  # the cache lives in $KINDBENCH_CACHE_DIR
+    assert (tmp_path / "cache" / "budget_ranks.json").is_file()
+
+
+def test_budget_needs_a_rank_option(tmp_path):
+    text = SUITE.replace('name = "full"\nancestry = "dense"', 'name = "full"\nancestry = "dense"\nbudget = "kind"')
+    assert text != SUITE
+    with pytest.raises(SuiteError, match="cannot match the kind budget"):
+        build_plan(write_suite(tmp_path, text, "nobudget.toml"), [])

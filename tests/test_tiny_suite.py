@@ -32,7 +32,9 @@ def test_tiny_suite_end_to_end_and_rerun_is_a_no_op(tmp_path):
     assert records == set(plan.jobs)
     for benchmark in {j.info["benchmark"] for j in plan.by_stage("evaluate")}:
         csv = (tmp_path / "results/leaderboard" / benchmark / "leaderboard.csv").read_text()
-        for method in {j.info["method"] for j in plan.by_stage("evaluate")}:
+        expected = {j.info["method"] for j in plan.by_stage("evaluate") if j.info["benchmark"] == benchmark}
+        assert expected, benchmark
+        for method in expected:  # a method may run on some tasks only (kind_fulltransfer: the domain task)
             assert f",{method}," in csv or csv.startswith(method), (benchmark, method)
         assert (tmp_path / "results/plots" / benchmark / "loss_curves.png").stat().st_size > 0
 

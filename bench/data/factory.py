@@ -43,4 +43,8 @@ def build_dataset(data: DataConfig, model: ModelConfig) -> Dataset:
     if (model.in_channels, model.input_size) != expected:
         raise ValueError(f"data ({data.source}) gives {expected[0]}-channel {expected[1]}px inputs but the model expects "
                          f"model.in_channels={model.in_channels}, model.input_size={model.input_size}")
+    if data.subset_fraction < 1.0:
+        from bench.data.subset import ClassBalancedSubset
+
+        dataset = ClassBalancedSubset(dataset, data.subset_fraction)
     return dataset

@@ -240,7 +240,7 @@ class GaussianDiffusion:
         """Per-sample DiT training losses for a batch.
 
         Calls ``model_fn(x_t, t, **model_kwargs)``. Returns ``{"loss", "mse", "vb"}``, each of shape (N,):
-        ``mse`` is the epsilon MSE averaged over C, H, W; ``vb`` the VB term in bits/dim. With a learned variance
+        ``mse`` is the epsilon MSE averaged over C, H, W; ``vb`` the VB term in bits/dim; also ``x_t`` (the noised input) and ``model_output`` (raw, in the loss dtype). With a learned variance
         ``loss = mse + vb`` where the VB term sees the epsilon output through a stop-gradient (IDDPM: the VB only
         trains the variance, the MSE alone trains the mean). With a fixed variance ``loss = mse`` and ``vb`` is the
         bound of the fixed-variance model, detached, for monitoring only.
@@ -256,10 +256,12 @@ class GaussianDiffusion:
         x0_c, x_t_c = x0.to(compute_dtype), x_t.to(compute_dtype)
 
         mse = mean_over_sample((noise.to(compute_dtype) - eps) ** 2)
+        # x_t and the raw output ride along for regularisers that need them (distillation from a teacher).
+        inputs = {"x_t": x_t, "model_output": model_output}
         if v is None:
             with torch.no_grad():
                 vb = self.vb_terms_bpd(model_output, x0_c, x_t_c, t)
-            return {"loss": mse, "mse": mse, "vb": vb}
+            return {"loss": mse, "mse": mse, "vb": vb, **inputs}
         frozen_mean_output = torch.cat([eps.detach(), v], dim=1)
         vb = self.vb_terms_bpd(frozen_mean_output, x0_c, x_t_c, t)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        return {"loss": mse + vb, "mse": mse, "vb": vb, **inputs}

@@ -83,9 +83,13 @@ def _use_float64_schedule(scheduler, diffusion: GaussianDiffusion) -> None:
 
 
 def build_scheduler(
-    name: str, diffusion: GaussianDiffusion, num_steps: int, device: torch.device | str | None = None
+    name: str, diffusion: GaussianDiffusion, num_steps: int, device: torch.device | str | None = None,
+    clip_denoised: bool = False,
 ) -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
-    """A diffusers scheduler for ``name`` on ``diffusion``'s noise schedule, with its timesteps set."""
+    """A diffusers scheduler for ``name`` on ``diffusion``'s noise schedule, with its timesteps set.
+
+    ``clip_denoised`` clips each step's predicted x_0 to [-1, 1] (pixel-space images); DPM-Solver++ has no plain
+    clip, so it gets diffusers' dynamic thresholding capped at 1, which clips the same way."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
     if not isinstance(num_steps, int) or not 1 <= num_steps <= diffusion.num_timesteps:
@@ -93,21 +97,22 @@ def build_scheduler(
     config = diffusion.scheduler_config()
     if name == "ddpm":
         variance_type = "learned_range" if diffusion.learn_sigma else "fixed_large"
-        # clip_sample=False: DiT samples latents with clip_denoised=False (latents are not in [-1, 1]).
-        scheduler = DDPMScheduler(**config, variance_type=variance_type, clip_sample=False, prediction_type="epsilon")
+        # DiT samples latents with clip_denoised=False (latents are not in [-1, 1]); pixel models clip.
+        scheduler = DDPMScheduler(**config, variance_type=variance_type, clip_sample=clip_denoised,
+                                  prediction_type="epsilon")
         scheduler.set_timesteps(timesteps=respaced_timesteps(diffusion.num_timesteps, num_steps), device=device)
         _use_float64_schedule(scheduler, diffusion)
     elif name == "ddim":
         spacing = "trailing" if diffusion.num_timesteps % num_steps == 0 else "leading"
         scheduler = DDIMScheduler(
-            **config, clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon", timestep_spacing=spacing
-        )
+            **config, clip_sample=clip_denoised, set_alpha_to_one=True, prediction_type="epsilon",
+            timestep_spacing=spacing)
         scheduler.set_timesteps(num_steps, device=device)
         _use_float64_schedule(scheduler, diffusion)
     else:
+        clip = {"thresholding": True, "sample_max_value": 1.0} if clip_denoised else {}
         scheduler = DPMSolverMultistepScheduler(
-            **config, algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon"
-        )
+            **config, algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon", **clip)
         scheduler.set_timesteps(num_steps, device=device)
     return scheduler
 
@@ -180,6 +185,7 @@ def sample(
     noise: torch.Tensor | None = None,
     generators: Generators = None,
     diffusion: GaussianDiffusion | None = None,
+    clip_denoised: bool = False,
 ) -> torch.Tensor:
     """Draw one sample per label from ``model`` and return the final x_0 batch, shape (N, *shape), float32.
 
@@ -196,6 +202,7 @@ def sample(
         noise: optional initial x_T of shape (N, *shape); otherwise drawn from ``generators``.
         generators: one ``torch.Generator`` per sample (reproducible per sample), a single one, or None (global RNG).
         diffusion: the training process (noise schedule); default ``GaussianDiffusion(learn_sigma=model.learn_sigma)``.
+        clip_denoised: clip every step's predicted x_0 to [-1, 1] (images in pixel space; never for latents).
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")
@@ -223,7 +230,7 @@ def sample(
         x = noise.to(device=device, dtype=torch.float32)
 
     # Timesteps stay on the CPU (as diffusers' DiTPipeline keeps them): the schedulers index CPU tables with them.
-    steps = build_scheduler(scheduler, diffusion, num_steps)
+    steps = build_scheduler(scheduler, diffusion, num_steps, clip_denoised=clip_denoised)
     was_training = model.training
     model.eval()
     try:

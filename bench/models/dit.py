@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
-__all__ = ["DiT", "DiTBlock", "DiTFlavour", "DIT_FLAVOURS", "build_dit", "arch_path_name", "get_2d_sincos_pos_embed"]
+__all__ = ["DiT", "DiTBlock", "DiTFlavour", "DIT_FLAVOURS", "parse_flavour", "build_dit", "arch_path_name", "get_2d_sincos_pos_embed"]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -369,11 +370,26 @@ DIT_FLAVOURS: dict[str, DiTFlavour] = {
 }
 
 
-def _flavour(arch: str) -> DiTFlavour:
-    try:
-        return DIT_FLAVOURS[arch]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown DiT flavour {arch!r}; valid names: {', '.join(DIT_FLAVOURS)}") from None
+_VARIANT = re.compile(r"^(?P<base>DiT-[A-Z]+/\d+)(?:-d(?P<depth>\d+))?(?:-w(?P<width>\d+))?$")
+
+
+def parse_flavour(arch: str) -> DiTFlavour:
+    """A named flavour, or a depth/width variant of one: ``"DiT-B/2-d6"`` (6 blocks), ``"DiT-S/2-w256"`` (width
+    256, heads of the base flavour's head size), ``"DiT-B/2-d6-w512"``. Variants exist for the size-transfer
+    baselines (FINE, WAVE, TLEG, ...), whose descendants have other depths and widths than their ancestries."""
+    match = _VARIANT.match(arch) if isinstance(arch, str) else None
+    base = DIT_FLAVOURS.get(match["base"]) if match else None
+    if base is None:
+        raise ValueError(f"unknown DiT flavour {arch!r}; valid names: {', '.join(DIT_FLAVOURS)}, optionally with "
+                         f"a depth/width suffix such as 'DiT-B/2-d6' or 'DiT-B/2-d6-w512'")
+    depth = int(match["depth"]) if match["depth"] else base.depth
+    width = int(match["width"]) if match["width"] else base.hidden_size
+    head_size = base.hidden_size // base.num_heads
+    if depth < 1 or width < head_size or width % head_size:
+        raise ValueError(f"DiT variant {arch!r}: depth must be >= 1 and width a positive multiple of the head size "
+                         f"{head_size}")
+    heads = width // head_size
+    return DiTFlavour(depth, width, base.patch_size, heads)
 
 
 def build_dit(
@@ -391,7 +407,7 @@ def build_dit(
     ``device="meta"`` builds the structure without allocating weights (for FLOP/parameter accounting of
     large flavours); any other device creates the weights there directly.
     """
-    flavour = _flavour(arch)
+    flavour = parse_flavour(arch)
     context = torch.device(device) if device is not None else contextlib.nullcontext()
     with context:
         return DiT(
@@ -410,5 +426,5 @@ def build_dit(
 
 def arch_path_name(arch: str) -> str:
     """Flavour name as used in paths and run ids: ``"DiT-B/2"`` -> ``"DiT-B-2"``."""
-    _flavour(arch)
+    parse_flavour(arch)
     return arch.replace("/", "-")

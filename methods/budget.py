@@ -9,7 +9,7 @@ the CPU instead.
     >>> target = kind_trainable_count(ArchSpec("DiT-B/2"), num_classes=150)
     >>> matched_rank("lora", ArchSpec("DiT-B/2"), 150, target)          # largest r with count(r) <= target
 
-``python -m baselines.budget --arch DiT-B/2 --num-classes 150`` prints KIND's count and every matched rank.
+``python -m methods.budget --arch DiT-B/2 --num-classes 150`` prints KIND's count and every matched rank.
 """
 
 from __future__ import annotations
@@ -25,13 +25,19 @@ from methods.base import Ancestry, ArchSpec, Method, MethodError, Task
 
 def build_for_count(method: Method, arch: ArchSpec, num_classes: int, stage: str = "transfer",
                     device: str = "meta") -> torch.nn.Module:
-    """``method``'s model for a ``stage`` task, built from an ancestry of its first accepted ancestry method, on
-    ``device`` (meta: shapes only). Ancestry and task share ``num_classes`` (only the class table depends on it)."""
+    """``method``'s model for a ``stage`` task on ``device`` (meta: shapes only), built from an ancestry that the
+    method itself pre-trains (same options, so structural options such as KIND's ``decompose_adaln`` agree) or,
+    for a method without an ancestry stage, one of its first accepted ancestry method (a dense DiT). Ancestry and
+    task share ``num_classes`` (only the class table depends on it)."""
     with torch.device(device):
         ancestry = None
         if method.ancestry_methods:
-            source_name = method.ancestry_methods[0]
-            source = get_method(source_name).build_ancestry(arch, num_classes)
+            if "ancestry" in method.stages and method.name in method.ancestry_methods:
+                source_name, source_method = method.name, method
+            else:
+                source_name = method.ancestry_methods[0]
+                source_method = get_method(source_name)
+            source = source_method.build_ancestry(arch, num_classes)
             ancestry = Ancestry(method=source_name, arch=arch, num_classes=num_classes, state=source.state_dict())
         return method.build(arch, Task("budget", num_classes, stage=stage), ancestry)
 

@@ -71,6 +71,10 @@ WHY_SLOWER = {
     "vera": "VeRA's adapter path runs two rank-r matmuls per token through the shared projections with r = 256, "
             "about r (in + out) / (in x out) extra per adapted Linear (a third of qkv's cost at width 768), and "
             "keeps their activations for backward.",
+    "fine": "FINE's Sigma phase re-forms every layer's weight U diag(sigma) V^T from the shared factors each "
+            "forward (out x r x in MACs per layer per step, batch-independent: 121 'as trained' GMACs at batch 1 on "
+            "DiT-B/2) and backpropagates into sigma through it; at batch 2 that dominates the step, at the paper's "
+            "batch 64 it is a few percent. The phase lasts ~300 steps; phase 2 trains a plain DiT.",
     "oft": "OFT solves a Cayley system per block every forward and rotates the input block-wise: an extra "
            "in x b matmul per token per adapted layer.",
 }

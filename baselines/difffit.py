@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from baselines.adapters import AdapterConfig, AdapterMethod, check_lr_scale
 from methods.base import MethodError
-from methods.surgery import set_submodule
+from methods.surgery import plain_linear, set_submodule
 
 #: The Linear that ends each branch of a DiT block: gamma_1 scales the attention branch, gamma_2 the MLP branch.
 BRANCH_OUTPUTS = ("attn.proj", "mlp.fc2")
@@ -49,14 +49,9 @@ class ScaledLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with gamma folded in: W' = diag(gamma) W, b' = gamma * b."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
         gamma = self.difffit_gamma.detach()
-        with torch.no_grad():
-            linear.weight.copy_(self.weight * gamma.unsqueeze(1))
-            if self.bias is not None:
-                linear.bias.copy_(self.bias * gamma)
-        return linear
+        return plain_linear(self.weight.detach() * gamma.unsqueeze(1),
+                            None if self.bias is None else self.bias.detach() * gamma)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from baselines.adapters import AdapterConfig, AdapterMethod, check_lr_scale
 from methods.decomposed import svd_factors
-from methods.surgery import set_submodule
+from methods.surgery import plain_linear, set_submodule
 
 
 class SpectralShiftLinear(nn.Module):
@@ -62,14 +62,7 @@ class SpectralShiftLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing exactly this layer (same weight tensor as the forward forms)."""
-        weight = self.weight().detach()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
-                           dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return plain_linear(self.weight().detach(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.svdiff_sigma.numel()}"

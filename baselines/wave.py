@@ -48,7 +48,7 @@ from bench.models.dit import DiT
 from methods.accounting import method_accounting
 from methods.base import Accounting, Ancestry, ArchSpec, Method, MethodConfig, MethodError, Task
 from methods.surgery import (check_reinit_names, find_linears, freeze_all, matches_suffix, module_param_names,
-                             reinit_modules, set_submodule)
+                             plain_linear, reinit_modules, set_submodule)
 from methods.transfer import DENSE_METHODS, load_into
 
 TRAIN_MODES = ("scalers", "all")
@@ -100,14 +100,7 @@ class WaveLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with exactly the weight this layer composes (and its bias)."""
-        weight = self.weight().detach()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
-                           dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return plain_linear(self.weight().detach(), self.bias)
 
     def extra_repr(self) -> str:
         return f"target={self.target}, in_features={self.in_features}, out_features={self.out_features}, " \

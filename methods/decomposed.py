@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from methods.surgery import plain_linear
+
 __all__ = ["DecomposedLinear", "SplitDecomposedLinear", "svd_factors"]
 
 _FACTORS = ("U", "sigma", "V")
@@ -178,13 +180,7 @@ class DecomposedLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self, mask: torch.Tensor | None = None) -> nn.Linear:
         """A plain nn.Linear computing what this layer computes under ``mask`` (None: every component on)."""
-        weight = self.merged_weight(mask)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        linear.weight.copy_(weight)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        return plain_linear(self.merged_weight(mask), self.bias)
 
     # ---- initialisation -------------------------------------------------------------------------------------
 

@@ -81,6 +81,18 @@ class SurgeryReport:
     by_target: dict[str, list[str]] = field(default_factory=dict)
 
 
+@torch.no_grad()
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` (out x in) and ``bias``: what a method's layer becomes when it
+    is merged into a plain DiT (same device and dtype as ``weight``)."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted path ``name`` inside ``model`` (the parent must exist)."""
     parent_name, _, child = name.rpartition(".")

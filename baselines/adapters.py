@@ -198,19 +198,9 @@ class AdapterMethod(Method):
         state.update(self.extra_state(model))
         return state
 
-    def load_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Like ``Method.load_state``, but buffers saved by ``extra_state`` (VeRA's projections) load too."""
-        own: dict[str, torch.Tensor] = dict(model.named_parameters())
-        own.update(model.named_buffers())
-        missing = [k for k in state if k not in own]
-        if missing:
-            raise MethodError(f"{self.name}: saved tensors not in the model: {missing[:5]}")
-        with torch.no_grad():
-            for key, value in state.items():
-                if own[key].shape != value.shape:
-                    raise MethodError(f"{self.name}: {key} has shape {tuple(value.shape)} in the file but "
-                                      f"{tuple(own[key].shape)} in the model")
-                own[key].copy_(value)
+    def loadable_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Parameters and buffers: ``extra_state`` saves buffers too (VeRA's projections)."""
+        return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
     # ---- inference ------------------------------------------------------------------------------------------
 

@@ -221,9 +221,13 @@ class Method(abc.ABC):
         """
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
+    def loadable_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors ``load_state`` may fill, by name: the parameters (methods that save buffers add those)."""
+        return dict(model.named_parameters())
+
     def load_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Inverse of ``state_to_save``: load those tensors into a model built by ``build``; every key must fit."""
-        own = dict(model.named_parameters())
+        own = self.loadable_tensors(model)
         missing = [k for k in state if k not in own]
         if missing:
             raise MethodError(f"{self.name}: saved tensors not in the model: {missing[:5]}")

@@ -9,8 +9,14 @@ ZeRO-3 the root's forward encloses every use of them, so ZeRO-3 gathers them bef
 until the root is done (a parameter owned by a module whose forward does *not* enclose its uses would need
 ``deepspeed.zero.register_external_parameter``).
 
-The weight is rebuilt at every forward (the paper's "W is reconstructed from them at every forward pass"), so its
-cost (``m1 * r * m2`` MACs per layer) is per forward call, independent of the number of tokens or images.
+Two exact evaluations of the same function, chosen per call by counting MACs (``forward_macs``):
+
+* **formed**: rebuild W (the paper's "W is reconstructed from them at every forward pass", ``out * r * in`` MACs per
+  call, independent of the batch) and run a dense ``F.linear``. Cheapest when U and V train (the factorised
+  ancestry) or when a call carries many tokens.
+* **factored**: ``((x V) * sigma) Uᵀ + b``, ``r * (in + out)`` MACs per token, and no dense weight gradient to form.
+  Cheapest in the Σ phase (U, V frozen), where the formed path's batch-independent re-forming costs more than the
+  whole layer at a small batch (``benchmarks/methods_cost.py`` measured 1.69x full fine-tuning at batch 2).
 """
 
 from __future__ import annotations
@@ -65,7 +71,31 @@ class SharedFactorLinear(nn.Module):
         u, v = self.factors
         return (u * self.sigma) @ v.T
 
+    def forward_macs(self, tokens: int, path: str) -> int:
+        """Multiply-accumulates of a training step through this layer (forward, and backward for whatever requires
+        a gradient) on ``tokens`` input rows, by ``path`` ("formed" or "factored")."""
+        u, v = self.factors
+        out_dim, rank = u.shape
+        in_dim = v.shape[0]
+        grad_factors = u.requires_grad or v.requires_grad
+        if path == "formed":
+            macs = out_dim * rank * in_dim + 2 * tokens * out_dim * in_dim  # form W, y = x Wᵀ, dL/dx = g W
+            if self.sigma.requires_grad or grad_factors:
+                macs += tokens * out_dim * in_dim + out_dim * in_dim * rank  # dL/dW, then (dL/dW) V
+            if grad_factors:
+                macs += out_dim * in_dim * rank  # the second factor's gradient
+            return macs
+        macs = 2 * tokens * rank * (in_dim + out_dim)  # x V then Uᵀ, and their input gradients
+        if grad_factors:
+            macs += tokens * rank * (in_dim + out_dim)  # dL/dU and dL/dV
+        return macs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // x.shape[-1] if x.numel() else 0
+        if self.forward_macs(tokens, "factored") < self.forward_macs(tokens, "formed"):
+            u, v = self.factors
+            y = (x @ v * self.sigma) @ u.T
+            return y + self.bias if self.bias is not None else y
         return F.linear(x, self.weight_matrix(), self.bias)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,7 @@
-"""PEFT baselines through HF ``peft`` (methods.md §6): LoRA, DoRA, PiSSA, VeRA, OFT, BOFT, LoHa, LoKr.
+"""PEFT baselines through HF ``peft`` (methods.md §6): LoRA, DoRA, PiSSA, VeRA, OFT, LoHa, LoKr.
+
+BOFT is native (``baselines.boft``): peft forms its rotation as a dense matrix every forward, which costs several
+times full fine-tuning.
 
 One class hierarchy, not copies: ``PeftAdapterMethod`` (on ``baselines.adapters.AdapterMethod``) maps its Config
 to a peft config (``peft_config``) and names peft's tuner-layer type (``tuner_layer``), which is how trainable
@@ -12,8 +15,7 @@ those the tuner class itself does the same injection, and every layer keeps a re
 
 peft's own ``modules_to_save`` is not used for ``reinit``/``train_modules``: it wraps the module and renames its
 parameters, so the merged model would no longer load with DiT's names. Where peft silently changes what was asked
-for (OFT adjusts a block size that does not divide a layer; BOFT drops to one butterfly factor without its CUDA
-extension) we check first and fail instead.
+for (OFT adjusts a block size that does not divide a layer) we check first and fail instead.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from typing import ClassVar
 import peft
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.boft import BOFTLayer
 from peft.tuners.loha import LoHaLayer
 from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lora import LoraLayer
@@ -90,8 +91,6 @@ class PeftAdapterMethod(AdapterMethod):
 
     tuner_layer: ClassVar[type[BaseTunerLayer]] = BaseTunerLayer
     rank_option = "rank"
-    meta_countable: ClassVar[bool] = True
-    """Whether a meta-device build works (``methods.budget`` counts on meta; peft's BOFT needs real tensors)."""
 
     @abc.abstractmethod
     def peft_config(self, targets: list[str]) -> peft.PeftConfig:
@@ -295,7 +294,7 @@ class VeraMethod(PeftAdapterMethod):
 
 
 # --------------------------------------------------------------------------------------------------------------
-#                                         Orthogonal fine-tuning: OFT, BOFT
+#                                            Orthogonal fine-tuning: OFT
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -368,69 +367,6 @@ class OftMethod(PeftAdapterMethod):
         # Block sizes dividing every adapted input width (1 would train nothing: a 1x1 skew matrix is 0).
         common = math.gcd(*(width for _, width in shapes))
         return [b for b in _divisors(common) if b > 1]
-
-
-@dataclass
-class BoftConfig(AdapterConfig):
-    """BOFT: OFT whose orthogonal matrix is a product of ``butterfly_factor`` block-diagonal factors interleaved with
-    butterfly permutations, plus a trained per-output scale (Liu et al., arXiv 2311.06243)."""
-
-    label = "boft"
-
-    block_size: int = 8
-    """Size b of each orthogonal block (peft ``boft_block_size``); every in_features must be a multiple of
-    b * 2^(butterfly_factor - 1)."""
-    butterfly_factor: int = 2
-    """Number m of butterfly factors (1 is OFT with a scale vector). peft builds m > 1 only with its ``fbd_cuda``
-    extension (compiled on first use where CUDA and ninja exist); without it, asking for m > 1 is an error here
-    because peft would silently build m = 1."""
-    dropout: float = 0.0
-    """Multiplicative block dropout (peft ``boft_dropout``)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive_int(self.label, "block_size", self.block_size, minimum=2)
-        check_positive_int(self.label, "butterfly_factor", self.butterfly_factor)
-        check_dropout(self.label, "dropout", self.dropout)
-        if self.butterfly_factor > 1 and self.block_size % 2:
-            raise MethodError(f"boft block_size must be even with butterfly_factor > 1, got {self.block_size}")
-
-
-class BoftMethod(PeftAdapterMethod):
-    """BOFT (peft): butterfly-factorised orthogonal rotation of each adapted Linear's input, plus an output scale."""
-
-    name = "boft"
-    Config = BoftConfig
-    tuner_layer = BOFTLayer
-    rank_option = "block_size"
-    # peft builds BOFT's permutation matrices with Python loops over tensor values, which meta tensors refuse.
-    meta_countable = False
-
-    def peft_config(self, targets: list[str]) -> peft.PeftConfig:
-        cfg = self.config
-        return peft.BOFTConfig(boft_block_size=cfg.block_size, boft_n_butterfly_factor=cfg.butterfly_factor,
-                               boft_dropout=cfg.dropout, bias="none", target_modules=list(targets))
-
-    def check_targets(self, probe: nn.Module, targets: list[str]) -> None:
-        span = self.config.block_size * 2 ** (self.config.butterfly_factor - 1)
-        for name in targets:
-            width = probe.get_submodule(name).in_features
-            if width % span:
-                raise MethodError(f"boft block_size * 2^(butterfly_factor - 1) = {span} does not divide "
-                                  f"in_features = {width} of {name}")
-
-    def check_injected(self, model: nn.Module) -> None:
-        built = {layer.boft_R[ADAPTER].shape[0] for layer in tuner_layers(model, BOFTLayer).values()}
-        if built != {self.config.butterfly_factor}:
-            raise MethodError(f"boft butterfly_factor = {self.config.butterfly_factor} needs peft's fbd_cuda "
-                              f"extension, which could not be built here (no CUDA or ninja); peft fell back to "
-                              f"{sorted(built)} factor(s). Set butterfly_factor = 1 or build where CUDA is available")
-
-    def rank_candidates(self, shapes: list[tuple[int, int]]) -> list[int]:
-        span = 2 ** (self.config.butterfly_factor - 1)
-        step = 2 if self.config.butterfly_factor > 1 else 1
-        smallest = min(width for _, width in shapes)
-        return [b for b in range(2, smallest + 1, step) if all(width % (b * span) == 0 for _, width in shapes)]
 
 
 # --------------------------------------------------------------------------------------------------------------

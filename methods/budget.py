@@ -3,8 +3,7 @@
 Every PEFT baseline is reported twice: at its standard rank (r = 16) and at the rank whose trainable-parameter count
 matches KIND's. The count is measured, not derived from a formula: the method is built exactly as a run builds it
 (ancestry, new class table, adapters, ``mark_trainable``) on the meta device, where no weights are allocated, so
-counting DiT-L/2 takes a fraction of a second. A method that cannot be built on meta (peft's BOFT) is built on
-the CPU instead.
+counting DiT-L/2 takes a fraction of a second.
 
     >>> target = kind_trainable_count(ArchSpec("DiT-B/2"), num_classes=150)
     >>> matched_rank("lora", ArchSpec("DiT-B/2"), 150, target)          # largest r with count(r) <= target
@@ -47,8 +46,7 @@ def trainable_count(method_name: str, arch: ArchSpec, num_classes: int, options:
     """Trainable parameters of ``method_name`` (with ``options``) built for a ``stage`` task on ``arch``: adapters,
     new class embeddings and fully trained modules alike, exactly what the optimizer would receive."""
     method = get_method(method_name, options)
-    device = "meta" if getattr(type(method), "meta_countable", True) else "cpu"
-    model = build_for_count(method, arch, num_classes, stage, device)
+    model = build_for_count(method, arch, num_classes, stage)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

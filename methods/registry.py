@@ -22,7 +22,7 @@ _BUILTIN: dict[str, str] = {
     "pissa": "baselines.peft_adapter:PissaMethod",
     "vera": "baselines.peft_adapter:VeraMethod",
     "oft": "baselines.peft_adapter:OftMethod",
-    "boft": "baselines.peft_adapter:BoftMethod",
+    "boft": "baselines.boft:BoftMethod",
     "loha": "baselines.peft_adapter:LohaMethod",
     "lokr": "baselines.peft_adapter:LokrMethod",
     "svdiff": "baselines.svdiff:SvdiffMethod",

@@ -137,6 +137,51 @@ def test_ancestry_holds_each_factor_once_and_every_block_reads_it():
         torch.testing.assert_close(layer.weight_matrix(), expected)
 
 
+def _factor_layer(out_dim: int, in_dim: int, rank: int, train_factors: bool):
+    torch.manual_seed(0)
+    owner = torch.nn.Module()
+    u, v = torch.linalg.qr(torch.randn(out_dim, rank))[0], torch.linalg.qr(torch.randn(in_dim, rank))[0]
+    owner.register_parameter("fine_U_mlp_fc1", torch.nn.Parameter(u, requires_grad=train_factors))
+    owner.register_parameter("fine_V_mlp_fc1", torch.nn.Parameter(v, requires_grad=train_factors))
+    layer = SharedFactorLinear(owner, "mlp.fc1", torch.rand(rank) + 0.5, torch.randn(out_dim))
+    return owner, layer
+
+
+def test_sigma_phase_at_a_small_batch_runs_in_rank_space():
+    # DiT-B/2's qkv at full rank, batch 2 (512 tokens): re-forming W costs more than the whole rank-space pass.
+    _, frozen = _factor_layer(2304, 768, 768, train_factors=False)
+    assert frozen.forward_macs(512, "factored") < frozen.forward_macs(512, "formed")
+    # The factorised ancestry (U, V trained) at 32 images per rank: forming W once per step is the cheaper one.
+    _, trained = _factor_layer(2304, 768, 768, train_factors=True)
+    assert trained.forward_macs(32 * 256, "formed") < trained.forward_macs(32 * 256, "factored")
+
+
+@pytest.mark.parametrize("train_factors", [False, True])
+@pytest.mark.parametrize("tokens, cheaper", [(1, "factored"), (4096, "formed")])
+def test_shared_factor_layer_takes_the_cheaper_path_and_both_compute_the_same(train_factors, tokens, cheaper):
+    owner, layer = _factor_layer(48, 32, 32, train_factors)
+    macs = {path: layer.forward_macs(tokens, path) for path in ("formed", "factored")}
+    assert min(macs, key=macs.get) == cheaper
+    for p in (*owner.parameters(), *layer.parameters()):
+        p.data = p.data.double()
+    x = torch.randn(tokens, 32, dtype=torch.float64)
+    outputs, grads = {}, {}
+    for path in ("formed", "factored"):
+        for p in (*owner.parameters(), *layer.parameters()):
+            p.grad = None
+        u, v = layer.factors
+        if path == "formed":
+            outputs[path] = torch.nn.functional.linear(x, layer.weight_matrix(), layer.bias)
+        else:
+            outputs[path] = (x @ v * layer.sigma) @ u.T + layer.bias
+        outputs[path].square().sum().backward()
+        grads[path] = [p.grad.clone() for p in (*owner.parameters(), *layer.parameters()) if p.requires_grad]
+    assert torch.equal(layer(x), outputs[cheaper])  # the forward runs exactly the cheaper path
+    torch.testing.assert_close(outputs["formed"], outputs["factored"], rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads["formed"], grads["factored"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 # --------------------------------------------------------------------------------------------------------------
 #                                          Descendants of other depths
 # --------------------------------------------------------------------------------------------------------------

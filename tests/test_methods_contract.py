@@ -48,7 +48,7 @@ ROWS = [
     ("vera", {"rank": 8}, TINY),
     ("oft", {"block_size": 8}, TINY),
     ("oft", {"block_size": 0, "blocks": 4, "coft": True, "targets": ("mlp.fc1", "adaLN_modulation.1")}, TINY),
-    ("boft", {"block_size": 8, "butterfly_factor": 1}, TINY),
+    ("boft", {"block_size": 4, "butterfly_factor": 2}, TINY),
     ("loha", {"rank": 4}, TINY),
     ("lokr", {"rank": 4}, TINY),
     ("svdiff", {}, TINY),

@@ -392,7 +392,8 @@ def render_markdown(rows: list[dict], args: argparse.Namespace, device: str, com
              f"Command: `{command}`", "", *machine, f"- load average at the end: {load_end:.2f}", "",
              f"Setup: {args.input_size}x{args.input_size}x{args.in_channels} latents, {args.num_classes} classes, "
              f"learned sigma. KIND with default options (q/k/v/o/fc1/fc2 decomposed, q/k/v split, N_G = N_T = d/2, "
-             f"random class gate K_act = N_T/2, null label = learngenes only). Tailor compute `masked`: every tailor "
+             f"random class gate K_act = N_T/2, null label = learngenes only; the default tailor compute `auto` is "
+             f"`grouped` on a CPU and `masked` on a GPU). Tailor compute `masked`: every tailor "
              f"evaluated for every sample, then masked; `grouped`: samples grouped by gate row, each group's active "
              f"tailors only (same outputs and gradients). Training step: forward (labels dropped at "
              f"p = {LABEL_DROP}), "

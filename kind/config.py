@@ -56,12 +56,13 @@ class KindConfig(MethodConfig):
     one group per class [§2.5 alternative]."""
     null_gate: str = "learngenes"
     """Gate of the CFG null class: ``learngenes`` (every tailor off), ``all`` or ``random`` (its own mask) [§7 #5]."""
-    tailor_compute: str = "masked"
-    """How gated layers evaluate tailors; both give the same outputs and gradients, only speed and memory differ.
-    ``masked``: every tailor for every sample, inactive ones zeroed in rank space (r(m+n) MACs per token; the faster
-    one in our CPU benchmark); ``grouped``: samples grouped by gate row, only each group's active tailors computed
-    ((N_G + K_act)(m+n) MACs per token, plus gathering the active factor columns per group and layer)
-    (kind/README.md, "Cost") [ours: an implementation choice, not a modelling one]."""
+    tailor_compute: str = "auto"
+    """How gated layers evaluate tailors; every value gives the same outputs and gradients, only speed and memory
+    differ. ``masked``: every tailor for every sample, inactive ones zeroed in rank space (r(m+n) MACs per token,
+    large GEMMs); ``grouped``: samples grouped by gate row, only each group's active tailors computed
+    ((N_G + K_act)(m+n) MACs per token, one small matmul pair per group and layer); ``auto``: ``grouped`` on a
+    CPU, where it measured faster, ``masked`` on a GPU, where per-group launches would dominate (kind/README.md,
+    "Cost") [ours: an implementation choice, not a modelling one]."""
     ortho_reg: float = 0.0
     """Weight of sum ||U^T U - I||^2 + ||V^T V - I||^2 over decomposed matrices, added as ``extra_loss`` [§7 #2]."""
 

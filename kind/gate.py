@@ -36,9 +36,10 @@ from torch import nn
 GATE_POLICIES = ("random", "disjoint", "none")
 NULL_GATES = ("learngenes", "all", "random")
 #: How a gated layer evaluates its tailors: ``masked`` computes every tailor for every sample and zeroes the inactive
-#: ones in rank space; ``grouped`` groups the samples by gate row and computes only each group's active tailors.
-#: Both give the same outputs and gradients; kind/README.md ("Cost") says which is faster where.
-TAILOR_COMPUTE = ("masked", "grouped")
+#: ones in rank space; ``grouped`` groups the samples by gate row and computes only each group's active tailors;
+#: ``auto`` is ``grouped`` on a CPU and ``masked`` elsewhere, decided per forward by the input's device. All give the
+#: same outputs and gradients; kind/README.md ("Cost") says which is faster where and why.
+TAILOR_COMPUTE = ("auto", "masked", "grouped")
 #: Multiplier that makes the per-group seeds of ``random`` gates independent of each other.
 _SEED_STRIDE = 1_000_003
 
@@ -138,7 +139,7 @@ class GateContext:
     ``tailor_compute`` (one of ``TAILOR_COMPUTE``) is shared by every layer the context gates.
     """
 
-    def __init__(self, tailor_compute: str = "masked") -> None:
+    def __init__(self, tailor_compute: str = "auto") -> None:
         self._masks: dict[torch.device, torch.Tensor] = {}
         self._groups: dict[torch.device, TailorGroups | None] = {}
         self.tailor_compute = tailor_compute
@@ -157,9 +158,12 @@ class GateContext:
         self._masks[mask.device] = mask
         self._groups.pop(mask.device, None)  # grouped lazily, once per forward, by the first layer that asks
 
-    @property
-    def grouped(self) -> bool:
-        """Whether the layers evaluate each gate group's active tailors only."""
+    def grouped(self, device: torch.device) -> bool:
+        """Whether layers running on ``device`` evaluate each gate group's active tailors only. ``auto`` groups on
+        CPUs only: per-group matmuls are cheap to launch there, while on a GPU a batch of ~100 distinct classes
+        would launch ~100 small kernels per layer (kind/README.md, "Cost")."""
+        if self.tailor_compute == "auto":
+            return device.type == "cpu"
         return self.tailor_compute == "grouped"
 
     def tailor_groups(self, x: torch.Tensor, rank: int, n_learngenes: int) -> TailorGroups | None:

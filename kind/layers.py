@@ -48,7 +48,7 @@ class KindLinear(DecomposedLinear):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         context = self.kind_gate_context
-        if context is not None and mask is None and context.grouped:
+        if context is not None and mask is None and context.grouped(x.device):
             groups = context.tailor_groups(x, self.rank, self.n_learngenes)
             if groups is not None:
                 return self._grouped_forward(x, groups)
@@ -192,7 +192,7 @@ def install_gate(model: nn.Module, table: torch.Tensor, tailor_compute: str | No
         raise MethodError(f"gate table has {table.shape[1]} tailor columns but the model's layers have {n_tailors}")
     current = model.get_submodule(CLASS_TABLE)
     if tailor_compute is None:
-        tailor_compute = current.context.tailor_compute if isinstance(current, GateEmbedding) else "masked"
+        tailor_compute = current.context.tailor_compute if isinstance(current, GateEmbedding) else "auto"
     try:
         context = GateContext(tailor_compute)
     except ValueError as err:
@@ -205,7 +205,7 @@ def install_gate(model: nn.Module, table: torch.Tensor, tailor_compute: str | No
 
 
 def set_tailor_compute(model: nn.Module, tailor_compute: str) -> None:
-    """Switch a gated model's tailor compute (``masked`` or ``grouped``); an ungated model is an error."""
+    """Switch a gated model's tailor compute (``kind.gate.TAILOR_COMPUTE``); an ungated model is an error."""
     table = model.get_submodule(CLASS_TABLE)
     if not isinstance(table, GateEmbedding):
         raise MethodError("this KIND model has no class gate: every tailor is on for every sample, so there is no "

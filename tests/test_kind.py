@@ -183,7 +183,7 @@ def tailor_columns_with_gradient(layer: KindLinear) -> torch.Tensor:
     return torch.stack(grads).sum(0) > 0
 
 
-@pytest.mark.parametrize("compute", ["masked", "grouped"])
+@pytest.mark.parametrize("compute", ["masked", "grouped", "auto"])
 @pytest.mark.parametrize("label", [3, NULL])
 def test_a_single_class_batch_trains_only_that_class_s_tailors(label, compute):
     model = ancestry_model({"tailor_compute": compute})
@@ -411,10 +411,13 @@ def test_tailor_groups_list_only_groups_with_active_tailors():
 
 def test_tailor_compute_choice_and_its_errors():
     context = GateContext()
-    assert context.tailor_compute == "masked" and not context.grouped
-    assert get_method("kind").config.tailor_compute == "masked"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert context.tailor_compute == "auto" and get_method("kind").config.tailor_compute == "auto"
+    assert context.grouped(cpu) and not context.grouped(cuda)  # auto: grouped on CPUs, masked on GPUs
+    context.tailor_compute = "masked"
+    assert not context.grouped(cpu)
     context.tailor_compute = "grouped"
-    assert context.grouped
+    assert context.grouped(cpu) and context.grouped(cuda)
     with pytest.raises(ValueError, match="tailor_compute must be one of"):
         context.tailor_compute = "fast"
     model = ancestry_model({"tailor_compute": "grouped"})

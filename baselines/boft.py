@@ -11,7 +11,8 @@ own construction.
 
 Why native, when peft has BOFT: peft forms R as a dense ``in x in`` matrix at every forward (``m`` dense
 ``in x in x in`` products with its permutation matrices, then ``x @ R``), which cost 8.2x full fine-tuning per step
-at DiT-B/2 (``results/benchmarks/methods_cost_cpu.md``, session 2), and builds m > 1 only with a CUDA extension.
+at DiT-B/2 in ``benchmarks/methods_cost.py`` (the peft version's row is in the git history of
+``results/benchmarks/methods_cost_cpu.md``), and builds m > 1 only with a CUDA extension.
 Here the factors act on the activations: a gather, ``in * b`` MACs per token for the blocks, and a gather back, per
 factor; R itself is formed only by ``merge``.
 """

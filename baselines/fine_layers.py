@@ -9,7 +9,8 @@ ZeRO-3 the root's forward encloses every use of them, so ZeRO-3 gathers them bef
 until the root is done (a parameter owned by a module whose forward does *not* enclose its uses would need
 ``deepspeed.zero.register_external_parameter``).
 
-Two exact evaluations of the same function, chosen per call by counting MACs (``forward_macs``):
+Two exact evaluations of the same function, chosen per call by counting MACs
+(``methods.decomposed.low_rank_step_macs``):
 
 * **formed**: rebuild W (the paper's "W is reconstructed from them at every forward pass", ``out * r * in`` MACs per
   call, independent of the batch) and run a dense ``F.linear``. Cheapest when U and V train (the factorised
@@ -28,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from methods.base import MethodError
+from methods.decomposed import factored_is_cheaper, low_rank_step_macs
 from methods.surgery import find_linears, set_submodule
 
 #: Every matrix type FINE factorises: q/k/v (fused), o, MLP in, MLP out, adaLN (methods.md §3.1).
@@ -71,29 +73,18 @@ class SharedFactorLinear(nn.Module):
         u, v = self.factors
         return (u * self.sigma) @ v.T
 
-    def forward_macs(self, tokens: int, path: str) -> int:
-        """Multiply-accumulates of a training step through this layer (forward, and backward for whatever requires
-        a gradient) on ``tokens`` input rows, by ``path`` ("formed" or "factored")."""
+    def _grads(self) -> dict[str, bool]:
         u, v = self.factors
-        out_dim, rank = u.shape
-        in_dim = v.shape[0]
-        grad_factors = u.requires_grad or v.requires_grad
-        if path == "formed":
-            macs = out_dim * rank * in_dim + 2 * tokens * out_dim * in_dim  # form W, y = x Wᵀ, dL/dx = g W
-            if self.sigma.requires_grad or grad_factors:
-                macs += tokens * out_dim * in_dim + out_dim * in_dim * rank  # dL/dW, then (dL/dW) V
-            if grad_factors:
-                macs += out_dim * in_dim * rank  # the second factor's gradient
-            return macs
-        macs = 2 * tokens * rank * (in_dim + out_dim)  # x V then Uᵀ, and their input gradients
-        if grad_factors:
-            macs += tokens * rank * (in_dim + out_dim)  # dL/dU and dL/dV
-        return macs
+        return {"grad_spectrum": self.sigma.requires_grad, "grad_factors": u.requires_grad or v.requires_grad}
+
+    def forward_macs(self, tokens: int, path: str) -> int:
+        """MACs of a training step through this layer on ``tokens`` rows by ``path`` (``low_rank_step_macs``)."""
+        u, v = self.factors
+        return low_rank_step_macs(path, tokens, u.shape[0], v.shape[0], u.shape[1], **self._grads())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.numel() // x.shape[-1] if x.numel() else 0
-        if self.forward_macs(tokens, "factored") < self.forward_macs(tokens, "formed"):
-            u, v = self.factors
+        u, v = self.factors
+        if factored_is_cheaper(x, u.shape[0], v.shape[0], u.shape[1], **self._grads()):
             y = (x @ v * self.sigma) @ u.T
             return y + self.bias if self.bias is not None else y
         return F.linear(x, self.weight_matrix(), self.bias)

@@ -8,13 +8,19 @@ ancestry weights (costs do not depend on values). Phases, each child in a fresh 
 1. build: one child per method builds the model, takes ``method.count(model)`` (the ``Accounting`` a run records)
    and saves the built module to a cache directory;
 2. time: one child per (method, repetition), repetitions interleaved across methods (every method's repetition 0,
-   then every method's repetition 1, ...) so slow drifts in machine load hit all methods alike. A child loads the
+   then every method's repetition 1, ...), odd repetitions in reverse order. The reference (``full``) is timed at
+   the start of every repetition, after every ``--reference-every`` methods and at the end, and each method's
+   ratio in a repetition is to the mean of the two reference timings around it: machine speed drifts by 20-30%
+   over a half-hour repetition on the shared CPU, which a single reference timing per repetition turned into
+   method-order bias (dense-descendant methods, the same computation as ``full``, read 1.25x at the end of an
+   alphabetical run). A child loads the
    model, builds AdamW (lr 1e-4 x each group's ``lr_scale``, the DiT recipe) over the method's own param groups, and
    times warm-up + timed steps of forward (MSE to a fixed target + ``extra_loss``), backward and optimizer step on
    the same inputs for every method. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the child's
    peak RSS and its growth over the RSS before the model was loaded.
 
-The table reports medians over repetitions and each method's step time relative to ``full`` (flagged above 1.5x,
+The table reports medians over repetitions and each method's step time relative to ``full`` (the median over
+repetitions of the bracketed ratios) (flagged above 1.5x,
 with the reason where one is known). Written to ``results/benchmarks/methods_cost_<device>.md`` with the machine and
 command.
 
@@ -78,6 +84,10 @@ WHY_SLOWER = {
     "wave": "every forward re-forms each layer's weight as a sum of num_templates (8) Kronecker products of its "
             "scalers with the shared templates (8 elementwise passes over an out x in matrix, batch-independent), "
             "and backward reduces the dense weight gradient back onto scalers and templates the same way.",
+    "kind": "KIND's downstream model runs every decomposed matrix factorised at full rank, r (in + out) MACs per "
+            "token: 2x a square layer's matmuls (q, k, v, o) and 1.25x for fc1/fc2, forward and input-gradient "
+            "alike (1.47x forward GMACs); the frozen learngenes skip their weight gradients, which pays back part. "
+            "Merged for sampling it is a plain DiT.",
     "oft": "OFT solves a Cayley system per block every forward and rotates the input block-wise: an extra "
            "in x b matmul per token per adapted layer.",
 }
@@ -85,6 +95,7 @@ WHY_SLOWER = {
 #: above 1 is machine noise (their differences lie in the initial weights, not in the cost of a step).
 _DENSE_DESCENDANT = ("the descendant is a plain dense DiT trained in full, the same computation as full "
                      "fine-tuning; the difference is noise on this shared machine.")
+WHY_SLOWER.update({"kind_nogate": WHY_SLOWER["kind"], "kind_fulltransfer": WHY_SLOWER["kind"]})
 WHY_SLOWER.update({name: _DENSE_DESCENDANT for name in (
     "scratch", "fine_nofactor", "tleg", "sws", "ligo", "heur_lg", "auto_lg", "weight_selection")})
 
@@ -236,18 +247,36 @@ def measure_arch(arch: str, args: argparse.Namespace, device: str, cache: Path) 
               f"({built['build_s']:.1f} s)", flush=True)
         rows.append(dict(cfg, **built, runs=[]))
     precision = "bf16" if device == "cuda" else "fp32"
+    reference = next(row for row in rows if row["method"] == REFERENCE)
+    others = [row for row in rows if row is not reference]
     for repeat in range(args.repeats):
-        for row in rows:
-            cfg = {k: row[k] for k in ("arch", "input_size", "in_channels", "num_classes", "device", "method",
-                                        "options", "model_path")}
-            cfg.update(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, precision=precision)
-            run = run_child("time", cfg, args.threads)
-            row["runs"].append(run)
-            print(f"  {arch} {row['method']:18s} repeat {repeat}: median step "
-                  f"{statistics.median(run['step_s']):.2f} s, peak {run['peak_mem_mib']:.0f} MiB", flush=True)
+        order = others if repeat % 2 == 0 else others[::-1]
+        previous_ref = time_one(reference, repeat, args, precision)
+        pending: list[tuple[dict, float]] = []  # (row, its median step) waiting for the next reference timing
+        for position, row in enumerate(order, start=1):
+            pending.append((row, time_one(row, repeat, args, precision)))
+            if position % args.reference_every == 0 or position == len(order):
+                next_ref = time_one(reference, repeat, args, precision)
+                local = (previous_ref + next_ref) / 2
+                for waiting, step in pending:
+                    waiting.setdefault("bracketed_ratios", []).append(step / local)
+                pending, previous_ref = [], next_ref
     for row in rows:
         Path(row["model_path"]).unlink(missing_ok=True)
     return rows
+
+
+def time_one(row: dict, repeat: int, args: argparse.Namespace, precision: str) -> float:
+    """Time ``row``'s method in a fresh child; appends the run to ``row["runs"]`` and returns its median step."""
+    cfg = {k: row[k] for k in ("arch", "input_size", "in_channels", "num_classes", "device", "method", "options",
+                                "model_path")}
+    cfg.update(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, precision=precision)
+    run = run_child("time", cfg, args.threads)
+    row["runs"].append(run)
+    median = statistics.median(run["step_s"])
+    print(f"  {row['arch']} {row['method']:18s} repeat {repeat}: median step {median:.2f} s, peak "
+          f"{run['peak_mem_mib']:.0f} MiB", flush=True)
+    return median
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -257,10 +286,12 @@ def summarise(rows: list[dict]) -> list[dict]:
         row["peak_mem_median_mib"] = statistics.median(r["peak_mem_mib"] for r in row["runs"])
         growth = [r["peak_growth_mib"] for r in row["runs"] if "peak_growth_mib" in r]
         row["peak_growth_median_mib"] = statistics.median(growth) if growth else None
-    reference = {row["arch"]: row["step_median_s"] for row in rows if row["method"] == REFERENCE}
     for row in rows:
-        ref = reference.get(row["arch"])
-        row["ratio"] = row["step_median_s"] / ref if ref else None
+        if row["method"] == REFERENCE:
+            row["ratio"] = 1.0
+        else:
+            ratios = row.get("bracketed_ratios")
+            row["ratio"] = statistics.median(ratios) if ratios else None
     return rows
 
 
@@ -297,7 +328,11 @@ def render(rows: list[dict], args: argparse.Namespace, device: str, command: str
              f"ancestry for descend-only methods) built from a random ancestry; per timing "
              f"process {args.warmup} warm-up + {args.steps} timed steps, {args.repeats} repetitions interleaved "
              f"across methods, each in a fresh process ({args.threads or 'default'} torch thread(s)); step time = "
-             f"median over repetitions of each repetition's median step, {clock}. Memory: {memory}.",
+             f"median over repetitions of each repetition's median step, {clock}. x full: in each repetition "
+             f"(odd ones in reverse order) full is timed at the start, after every {args.reference_every} methods "
+             f"and at the end, each method's time is divided by the mean of the two full timings around it, and "
+             f"the column is the median of those ratios over repetitions (machine speed drifts over a repetition). "
+             f"Memory: {memory}.",
              "Stored MB: bytes of `state_to_save` (what a run stores on top of its ancestry). GMACs: forward, one "
              "image, DiT convention (`bench.accounting`); 'as trained' counts every matmul of the trained model's "
              "forward at batch 1, including batch-independent work such as re-forming a weight.", ""]
@@ -358,6 +393,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per timing process")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per timing process")
     parser.add_argument("--repeats", type=int, default=3, help="timing processes per method, interleaved")
+    parser.add_argument("--reference-every", type=int, default=5,
+                        help="time the reference (full) again after this many methods (ratios use the two around)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per timing process")
     parser.add_argument("--build-threads", type=int, default=1,
                         help="threads per build process (1: LAPACK SVDs are far faster single-threaded on a loaded "

@@ -29,9 +29,46 @@ from torch.nn import functional as F
 
 from methods.surgery import plain_linear
 
-__all__ = ["DecomposedLinear", "SplitDecomposedLinear", "svd_factors"]
+__all__ = ["DecomposedLinear", "SplitDecomposedLinear", "low_rank_step_macs", "svd_factors"]
 
 _FACTORS = ("U", "sigma", "V")
+LOW_RANK_PATHS = ("formed", "factored")
+
+
+def low_rank_step_macs(path: str, tokens: int, out_dim: int, in_dim: int, rank: int, *, grad_spectrum: bool,
+                       grad_factors: bool) -> int:
+    """Multiply-accumulates of one training step (forward, and backward for what needs a gradient) of a layer
+    ``W = U diag(s) Vᵀ`` on ``tokens`` input rows, by how it is evaluated:
+
+    * ``formed``: form W (``out * r * in``, independent of the batch), run a dense matmul, and in backward the
+      input gradient, the dense weight gradient and its projection onto the spectrum and/or the factors;
+    * ``factored``: ``((x V) * s) Uᵀ``, ``r * (in + out)`` per token each way, no dense weight gradient.
+
+    Layers whose factors are frozen (FINE's Σ phase, SVDiff) save the dense weight gradient by staying factored;
+    layers whose factors train see a large batch amortise the forming. Elementwise work is not counted.
+    """
+    if path == "formed":
+        macs = out_dim * rank * in_dim + 2 * tokens * out_dim * in_dim  # form W, y = x Wᵀ, dL/dx = g W
+        if grad_spectrum or grad_factors:
+            macs += tokens * out_dim * in_dim + out_dim * in_dim * rank  # dL/dW, then (dL/dW) V
+        if grad_factors:
+            macs += out_dim * in_dim * rank  # the second factor's gradient
+        return macs
+    if path != "factored":
+        raise ValueError(f"path must be one of {LOW_RANK_PATHS}, got {path!r}")
+    macs = 2 * tokens * rank * (in_dim + out_dim)  # x V then Uᵀ, and their input gradients
+    if grad_factors:
+        macs += tokens * rank * (in_dim + out_dim)  # dL/dU and dL/dV
+    return macs
+
+
+def factored_is_cheaper(x: torch.Tensor, out_dim: int, in_dim: int, rank: int, *, grad_spectrum: bool,
+                        grad_factors: bool) -> bool:
+    """Whether ``low_rank_step_macs`` favours the factored path for the input ``x`` (..., in_dim)."""
+    tokens = x.numel() // in_dim if x.numel() else 0
+    shape = (tokens, out_dim, in_dim, rank)
+    kw = {"grad_spectrum": grad_spectrum, "grad_factors": grad_factors}
+    return low_rank_step_macs("factored", *shape, **kw) < low_rank_step_macs("formed", *shape, **kw)
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

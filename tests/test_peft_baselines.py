@@ -256,6 +256,27 @@ def test_dora_trains_a_magnitude_vector_per_output(ancestry):
     assert magnitudes["blocks.0.mlp.fc1.lora_magnitude_vector.default.weight"].shape == (256,)
 
 
+@pytest.mark.parametrize(("tokens", "path"), [(2, "factored"), (4096, "formed")])
+def test_svdiff_takes_the_cheaper_exact_path(tokens, path):
+    from baselines.svdiff import SpectralShiftLinear
+    from methods.decomposed import low_rank_step_macs
+
+    torch.manual_seed(0)
+    layer = SpectralShiftLinear.from_linear(nn.Linear(24, 40, dtype=torch.float64))
+    with torch.no_grad():
+        layer.svdiff_delta.normal_(0, 0.5)  # some spectra clamp at zero through relu
+    macs = {p: low_rank_step_macs(p, tokens, 40, 24, 24, grad_spectrum=True, grad_factors=False)
+            for p in ("formed", "factored")}
+    assert min(macs, key=macs.get) == path
+    x = torch.randn(tokens, 24, dtype=torch.float64)
+    out = layer(x)
+    formed = nn.functional.linear(x, layer.weight(), layer.bias)
+    torch.testing.assert_close(out, formed, rtol=1e-10, atol=1e-10)
+    (grad,) = torch.autograd.grad(out.square().sum(), layer.svdiff_delta)
+    (expected,) = torch.autograd.grad(formed.square().sum(), layer.svdiff_delta)
+    torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-9)
+
+
 def test_svdiff_reproduces_the_ancestry_and_clamps_negative_spectra(ancestry):
     method, model = build("svdiff", {}, ancestry)
     layer = model.blocks[0].mlp.fc1

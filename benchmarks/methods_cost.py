@@ -167,6 +167,10 @@ def _current_rss() -> int:
 def child_time(cfg: dict) -> dict:
     """Load one built model and time its training steps; returns per-step seconds and peak memory."""
     device = torch.device(cfg["device"])
+    if device.type == "cpu" and cfg["flush_denormal"]:
+        # Small singular components times small gradients give denormal floats, which x86 cores process very slowly
+        # (benchmarks/kind_layer.py); flushed for every method alike, as GPUs effectively do.
+        torch.set_flush_denormal(True)
     method = get_method(cfg["method"], cfg["options"])
     baseline_rss = _current_rss()
     model = torch.load(cfg["model_path"], weights_only=False, map_location="cpu").to(device).train()
@@ -270,7 +274,8 @@ def time_one(row: dict, repeat: int, args: argparse.Namespace, precision: str) -
     """Time ``row``'s method in a fresh child; appends the run to ``row["runs"]`` and returns its median step."""
     cfg = {k: row[k] for k in ("arch", "input_size", "in_channels", "num_classes", "device", "method", "options",
                                 "model_path")}
-    cfg.update(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, precision=precision)
+    cfg.update(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, precision=precision,
+               flush_denormal=not args.keep_denormals)
     run = run_child("time", cfg, args.threads)
     row["runs"].append(run)
     median = statistics.median(run["step_s"])
@@ -332,7 +337,8 @@ def render(rows: list[dict], args: argparse.Namespace, device: str, command: str
              f"(odd ones in reverse order) full is timed at the start, after every {args.reference_every} methods "
              f"and at the end, each method's time is divided by the mean of the two full timings around it, and "
              f"the column is the median of those ratios over repetitions (machine speed drifts over a repetition). "
-             f"Memory: {memory}.",
+             f"Denormal floats: {'kept' if args.keep_denormals else 'flushed to zero on CPU'} for every "
+             f"method. Memory: {memory}.",
              "Stored MB: bytes of `state_to_save` (what a run stores on top of its ancestry). GMACs: forward, one "
              "image, DiT convention (`bench.accounting`); 'as trained' counts every matmul of the trained model's "
              "forward at batch 1, including batch-independent work such as re-forming a weight.", ""]
@@ -393,6 +399,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per timing process")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per timing process")
     parser.add_argument("--repeats", type=int, default=3, help="timing processes per method, interleaved")
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="do not flush denormal floats to zero on CPU (flushed by default, for every method)")
     parser.add_argument("--reference-every", type=int, default=5,
                         help="time the reference (full) again after this many methods (ratios use the two around)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per timing process")

@@ -362,20 +362,17 @@ def render(rows: list[dict], args: argparse.Namespace, device: str, command: str
             row["arch"], row["method"], options, f"{acc['params_trainable']:,}", f"{acc['stored_bytes'] / 1e6:.2f}",
             f"{row['step_median_s']:.2f}", f"{ratio:.2f}" if ratio is not None else "-", memory_cell,
             f"{acc['gmacs_fwd_trained']:.2f}", f"{acc['gmacs_fwd_merged']:.2f}", "**yes**" if slow else ""]) + " |")
-    flagged = [row for row in rows if row["ratio"] is not None and row["ratio"] > SLOW_FACTOR]
-    lines += ["", f"## Methods above {SLOW_FACTOR}x full fine-tuning per step", ""]
-    if not flagged:
-        lines.append("None.")
-    for row in flagged:
-        why = WHY_SLOWER.get(row["method"], "no mechanism recorded in benchmarks/methods_cost.py (unexplained)")
-        lines.append(f"- **{row['method']}** ({row['arch']}, {row['ratio']:.2f}x): {why}")
-    close = [row for row in rows if row["ratio"] is not None and CLOSE_FACTOR <= row["ratio"] <= SLOW_FACTOR]
-    lines += ["", f"## Methods close to the limit ({CLOSE_FACTOR}x to {SLOW_FACTOR}x full fine-tuning)", ""]
-    if not close:
-        lines.append("None.")
-    for row in close:
-        why = WHY_SLOWER.get(row["method"], "no mechanism recorded in benchmarks/methods_cost.py")
-        lines.append(f"- **{row['method']}** ({row['arch']}, {row['ratio']:.2f}x): {why}")
+    sections = [
+        (f"Methods above {SLOW_FACTOR}x full fine-tuning per step", lambda r: r > SLOW_FACTOR, " (unexplained)"),
+        (f"Methods close to the limit ({CLOSE_FACTOR}x to {SLOW_FACTOR}x full fine-tuning)",
+         lambda r: CLOSE_FACTOR <= r <= SLOW_FACTOR, ""),
+    ]
+    for title, selected, unknown in sections:
+        chosen = [row for row in rows if row["ratio"] is not None and selected(row["ratio"])]
+        lines += ["", f"## {title}", ""] + ([] if chosen else ["None."])
+        for row in chosen:
+            why = WHY_SLOWER.get(row["method"], "no mechanism recorded in benchmarks/methods_cost.py" + unknown)
+            lines.append(f"- **{row['method']}** ({row['arch']}, {row['ratio']:.2f}x): {why}")
     lines += ["", "Build time per method (s, includes SVDs where the method takes them): " + "; ".join(
         f"{row['arch']} {row['method']} {row['build_s']:.1f}" for row in rows),
               "", f"All timed steps, {step_label.replace('step ', '')}: " + "; ".join(

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from methods.base import MethodError
-from methods.decomposed import factored_is_cheaper, low_rank_step_macs
+from methods.decomposed import factored_is_cheaper, factored_linear, low_rank_step_macs
 from methods.surgery import find_linears, set_submodule
 
 #: Every matrix type FINE factorises: q/k/v (fused), o, MLP in, MLP out, adaLN (methods.md §3.1).
@@ -85,8 +85,7 @@ class SharedFactorLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u, v = self.factors
         if factored_is_cheaper(x, u.shape[0], v.shape[0], u.shape[1], **self._grads()):
-            y = (x @ v * self.sigma) @ u.T
-            return y + self.bias if self.bias is not None else y
+            return factored_linear(x, u, self.sigma, v, self.bias)
         return F.linear(x, self.weight_matrix(), self.bias)
 
     def extra_repr(self) -> str:

@@ -10,7 +10,8 @@ Each call takes the cheaper of two exact evaluations by MAC count (``methods.dec
 W (``out * k * in`` MACs, independent of the batch) and run a dense ``F.linear``, as the paper's implementation
 does, or stay factored, ``((x V) * relu(sigma + delta)) Uᵀ`` (``k * (in + out)`` MACs per token, and no dense weight
 gradient, since only the spectrum trains). At a small batch re-forming W cost more than the layer's own matmuls
-(``benchmarks/methods_cost.py`` measured 1.53x full fine-tuning at batch 2); at a large batch the formed path wins. The frozen factors are kept as (frozen) Parameters: they are inherited
+(``benchmarks/methods_cost.py`` measured 1.53x full fine-tuning at batch 2); at a large batch the formed path wins.
+The frozen factors are kept as (frozen) Parameters: they are inherited
 from the ancestry, and for a square matrix they hold twice the values of W.
 """
 
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from baselines.adapters import AdapterConfig, AdapterMethod, check_lr_scale
-from methods.decomposed import factored_is_cheaper, svd_factors
+from methods.decomposed import factored_is_cheaper, factored_linear, svd_factors
 from methods.surgery import plain_linear, set_submodule
 
 
@@ -63,8 +64,8 @@ class SpectralShiftLinear(nn.Module):
         grads = {"grad_spectrum": self.svdiff_delta.requires_grad,
                  "grad_factors": self.svdiff_U.requires_grad or self.svdiff_V.requires_grad}
         if factored_is_cheaper(x, self.out_features, self.in_features, self.svdiff_sigma.numel(), **grads):
-            y = (x @ self.svdiff_V * F.relu(self.svdiff_sigma + self.svdiff_delta)) @ self.svdiff_U.T
-            return y + self.bias if self.bias is not None else y
+            spectrum = F.relu(self.svdiff_sigma + self.svdiff_delta)
+            return factored_linear(x, self.svdiff_U, spectrum, self.svdiff_V, self.bias)
         return F.linear(x, self.weight(), self.bias)
 
     def to_linear(self) -> nn.Linear:

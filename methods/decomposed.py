@@ -29,7 +29,8 @@ from torch.nn import functional as F
 
 from methods.surgery import plain_linear
 
-__all__ = ["DecomposedLinear", "SplitDecomposedLinear", "low_rank_step_macs", "svd_factors"]
+__all__ = ["DecomposedLinear", "SplitDecomposedLinear", "factored_is_cheaper", "factored_linear", "low_rank_step_macs",
+           "svd_factors"]
 
 _FACTORS = ("U", "sigma", "V")
 LOW_RANK_PATHS = ("formed", "factored")
@@ -60,6 +61,13 @@ def low_rank_step_macs(path: str, tokens: int, out_dim: int, in_dim: int, rank: 
     if grad_factors:
         macs += tokens * rank * (in_dim + out_dim)  # dL/dU and dL/dV
     return macs
+
+
+def factored_linear(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, v: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """``((x V) * scale) Uᵀ + b``: the factored path of ``low_rank_step_macs``, never forming the dense weight."""
+    y = (x @ v * scale) @ u.T
+    return y + bias if bias is not None else y
 
 
 def factored_is_cheaper(x: torch.Tensor, out_dim: int, in_dim: int, rank: int, *, grad_spectrum: bool,

@@ -96,8 +96,7 @@ class AdapterMethod(Method):
     Config = AdapterConfig
     stages = frozenset({"transfer", "domain"})
     ancestry_methods = DENSE_METHODS
-    rank_option: ClassVar[str | None] = None
-    """The option ``methods.budget.matched_rank`` varies to meet a parameter budget (None: the method has none)."""
+    family = "peft"
 
     # ---- building -------------------------------------------------------------------------------------------
 

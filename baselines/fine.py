@@ -102,6 +102,8 @@ def _mark(model: nn.Module, phase: str, new: set[str], trained_modules: tuple[st
 class FineMethod(Method):
     """FINE: shared-factor learngene (U, V) pre-trained once; descendants of any depth get their own σ."""
 
+    family = "learngene"
+
     name = "fine"
     Config = FineConfig
     stages = frozenset({"ancestry", "transfer", "descend"})

@@ -53,6 +53,8 @@ class FineNoFactorConfig(MethodConfig):
 class FineNoFactorMethod(DenseMethod):
     """Initialise each block of a (possibly shallower or deeper) DiT from one source block's top-r SVD; train all."""
 
+    family = "learngene"
+
     name = "fine_nofactor"
     Config = FineNoFactorConfig
     stages = frozenset({"transfer", "descend"})

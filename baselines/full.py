@@ -37,6 +37,8 @@ class FullConfig(MethodConfig):
 class FullMethod(DenseMethod):
     """Fine-tune every parameter of a dense pre-trained DiT on the downstream task."""
 
+    family = "full_ft"
+
     name = "full"
     Config = FullConfig
     stages = frozenset({"transfer", "domain"})

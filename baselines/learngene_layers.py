@@ -105,6 +105,8 @@ def best_window(scores: torch.Tensor, k: int) -> list[int]:
 class LayerInheritMethod(DenseMethod):
     """Inherit k whole ancestry blocks (chosen by ``choose_blocks``) into a DiT of any depth and the same width."""
 
+    family = "learngene"
+
     Config = LayerInheritConfig
     stages = frozenset({"transfer", "descend"})
     ancestry_methods = DENSE_METHODS

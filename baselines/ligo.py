@@ -196,6 +196,8 @@ class LigoConfig(MethodConfig):
 class LigoMethod(DenseMethod):
     """LiGO: learn a growth operator from a small dense DiT (ancestry stage), then train the grown DiT in full."""
 
+    family = "init"
+
     name = "ligo"
     Config = LigoConfig
     stages = frozenset({"ancestry", "transfer", "descend", "domain"})

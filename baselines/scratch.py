@@ -30,6 +30,8 @@ class ScratchConfig(MethodConfig):
 class ScratchMethod(DenseMethod):
     """Train a freshly initialised DiT of the requested size in full."""
 
+    family = "pretrain"
+
     name = "scratch"
     Config = ScratchConfig
     stages = frozenset(STAGES)

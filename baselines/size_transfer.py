@@ -204,6 +204,8 @@ class SizeTransferMethod(DenseMethod):
     """A learngene method whose ancestry is an auxiliary DiT with generated blocks (subclasses say how) and whose
     descendants, of any depth, are plain DiTs initialised by expanding them and then trained in full."""
 
+    family = "learngene"
+
     Config = SizeTransferConfig
     stages = frozenset({"ancestry", "transfer", "descend", "domain"})
     teacher_methods = DENSE_METHODS

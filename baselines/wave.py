@@ -275,6 +275,8 @@ def merge_wave(model: nn.Module) -> DiT:
 class WaveMethod(Method):
     """WAVE: shared Kronecker weight templates (the learngene) and per-layer scalers; see the module docstring."""
 
+    family = "learngene"
+
     name = "wave"
     Config = WaveConfig
     stages = frozenset({"ancestry", "transfer", "descend"})

@@ -147,6 +147,8 @@ def select(tensor: torch.Tensor, rule: list[torch.Tensor | None]) -> torch.Tenso
 class WeightSelectionMethod(DenseMethod):
     """Initialise a smaller DiT (fewer blocks, narrower) from a subset of a dense ancestry's weights."""
 
+    family = "init"
+
     name = "weight_selection"
     Config = WeightSelectionConfig
     # Same size is the identity selection (full fine-tuning); the method exists for smaller descendants.

@@ -8,12 +8,16 @@
     kindbench evaluate SAMPLES.npz --ref REF [...]      (bench.metrics)
     kindbench metrics acceptance ...                     (bench.metrics)
     kindbench methods                                    list registered methods
+    kindbench --version                                  the installed version
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import re
 import sys
+from pathlib import Path
 
 #: verb -> (module with a ``main(argv) -> int``, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -39,8 +43,22 @@ def list_methods_main(argv: list[str]) -> int:
     return 0
 
 
+def version() -> str:
+    """The installed distribution's version, else the one in pyproject.toml (a source tree that is not installed)."""
+    try:
+        return importlib.metadata.version("kindbench")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE)
+    except OSError:
+        match = None
+    return match.group(1) if match else "unknown"
+
+
 def usage() -> str:
-    lines = ["usage: kindbench <verb> [args]", "", "verbs:"]
+    lines = ["usage: kindbench <verb> [args] | --version", "", "verbs:"]
     lines += [f"  {verb:10s} {help_}" for verb, (_, help_) in VERBS.items()]
     return "\n".join(lines)
 
@@ -50,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"-h", "--help"}:
         print(usage())
         return 0 if argv else 2
+    if argv[0] in {"-V", "--version"}:
+        print(f"kindbench {version()}")
+        return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         print(f"kindbench: unknown verb {verb!r}\n{usage()}", file=sys.stderr)

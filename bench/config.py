@@ -14,12 +14,13 @@ import difflib
 import hashlib
 import json
 import re
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.tomlcompat import tomllib
 
 
 class ConfigError(ValueError):
@@ -196,6 +197,9 @@ class EngineConfig:
 
 @dataclass
 class SampleConfig:
+    """How a trained model is sampled (``[protocol.sample]``, ``--set sample.*``, ``kindbench sample``): the sample
+    job's own settings, never part of a training config."""
+
     scheduler: str = "ddpm"
     """Sampler: ``ddpm`` (learned range), ``ddim`` or ``dpm++``."""
     num_steps: int = 250
@@ -227,6 +231,38 @@ class SampleConfig:
                "sample.num_steps, num_samples and per_proc_batch must be positive")
         _check(self.cfg_scale >= 1.0, "sample.cfg_scale must be >= 1")
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """How a suite scores its samples (``[protocol.eval]``, ``--set eval.*``): the evaluate and prepare jobs' own
+    settings, never part of a training config."""
+
+    extractor: str = "synthetic"
+    """Feature space: ``synthetic`` (the embedded domain extractor, for the synthetic data) or ``inception``
+    (Inception-V3, ADM's protocol: FID, sFID, IS, precision/recall; plus FDD with DINOv2)."""
+    ref_per_class: int = 64
+    """Held-out real images per class in a synthetic task's reference (``extractor = synthetic``)."""
+    cache_dir: str = ""
+    """Where the synthetic domain extractor is cached (empty: ``$KINDBENCH_CACHE_DIR`` or ``~/.cache/kindbench``)."""
+    reference: str = ""
+    """ADM-style reference batch (``extractor = inception``), e.g. ``${KINDBENCH_REFS}/VIRTUAL_imagenet256_labeled.npz``."""
+    weights_dir: str = ""
+    """Inception/DINOv2 weights (empty: ``$KINDBENCH_WEIGHTS_DIR``)."""
+    fdd: str = "auto"
+    """FDD (DINOv2 Frechet distance): ``auto`` (when its weights are present), ``true`` or ``false``."""
+
+    def __post_init__(self) -> None:
+        _check(self.extractor in {"synthetic", "inception"},
+               f"eval.extractor must be synthetic or inception, got {self.extractor!r}")
+        _check(self.ref_per_class > 0, "eval.ref_per_class must be positive")
+        _check(self.fdd in {"auto", "true", "false"}, f"eval.fdd must be auto, true or false, got {self.fdd!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
 
 @dataclass
 class RunConfig:
@@ -239,7 +275,6 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
     run: RunSection = field(default_factory=lambda: RunSection())
 
     def to_dict(self) -> dict[str, Any]:
@@ -247,13 +282,13 @@ class RunConfig:
 
     def config_hash(self, length: int = 8) -> str:
         """Content hash of what changes the trained model. Left out: bookkeeping (logging and checkpoint cadence,
-        loader workers, ``run.*`` but the name and ancestry), machine paths (the same experiment keeps its id on
-        another cluster) and the ``sample`` section (sampling is its own stage, named by its own tag)."""
+        loader workers, ``run.*`` but the name and ancestry), and machine paths (the same experiment keeps its id on
+        another cluster). Sampling and scoring settings are not part of a training config at all: they belong to
+        the sample and evaluate jobs (``SampleConfig``, ``EvalConfig``)."""
         data = self.to_dict()
         data["run"] = {k: v for k, v in data["run"].items() if k in RunSection.HASHED}
         for section, key in UNHASHED:
             data[section].pop(key, None)
-        data.pop("sample")
         canonical = json.dumps(data, sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
@@ -357,6 +392,24 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def from_dict(data: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from nested dicts, rejecting unknown keys and wrong types."""
     return _build(RunConfig, data, prefix="")
+
+
+def section_from_overrides(cls: type, section: str, overrides: typing.Sequence[str]) -> Any:
+    """One section from ``--<section>.key=value`` overrides over its defaults; any other key is an error."""
+    data: dict[str, Any] = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        head, _, rest = key.partition(".")
+        if head != section or not rest or "." in rest:
+            raise ConfigError(f"expected --{section}.key=value, got {item!r}")
+        data[rest] = _CliValue(item.split("=", 1)[1], value)
+    return _build(cls, data, prefix=f"{section}.")
+
+
+def section_from_dict(cls: type, data: dict[str, Any], section: str) -> Any:
+    """One section (``SampleConfig``, ``EvalConfig``) from a table, checked like ``from_dict`` (keys named
+    ``<section>.<key>`` in errors, with the did-you-mean)."""
+    return _build(cls, data, prefix=f"{section}.")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

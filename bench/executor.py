@@ -6,10 +6,13 @@
     kindbench run --suite tiny --nproc 2              # training/sampling jobs under torchrun
     kindbench run --suite tiny --jobs 2               # two jobs at once, each in its own process
 
-Jobs run in dependency order; a job whose success record exists is skipped (``--force`` reruns). A failed job
-leaves a failed record; the jobs that depend on it are skipped and everything else goes on, and the aggregate job
-still builds leaderboards from whatever finished. The SLURM executor (``bench.slurm``) runs the same jobs through
-the same ``bench.jobs.run_job``.
+Jobs run in dependency order; a job whose record is trustworthy (``bench.status``: outputs present and unchanged,
+code fingerprint current, inputs unchanged) is skipped, any other runs again (``--force`` reruns everything,
+``--keep-stale`` accepts records of other code). A failed job leaves a failed record; the jobs that depend on it
+are skipped and everything else goes on, and the aggregate job still builds leaderboards from whatever finished.
+Records, leaderboards and plots go to ``<runs>/results/<suite>/`` unless ``--results`` names another folder, so a
+user's run never writes over the published results under ``results/``. The SLURM executor (``bench.slurm``) runs
+the same jobs through the same ``bench.jobs.run_job``.
 """
 
 from __future__ import annotations
@@ -28,35 +31,53 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.config import RunConfig, from_dict, parse_override
+from bench.config import ConfigError, EvalConfig, RunConfig, SampleConfig, from_dict, parse_override
 from bench.jobs import Roots, run_job
-from bench.plan import STAGES, Job, Plan, make_plan
-from bench.suite import Suite, SuiteError, deep_merge, load_suite
+from bench.plan import STAGES, Job, Plan, make_plan, resolve_budgets
+from bench.status import JobState, plan_states
+from bench.suite import Suite, SuiteError, load_suite, protocol_section
 
 
-def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``--set`` items -> (config overrides for every training run, eval-protocol overrides)."""
+#: ``--set`` sections that are a protocol (the sample and evaluate jobs' settings), not training config.
+PROTOCOL_SECTIONS = ("sample", "eval")
+
+
+def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``--set`` items -> (config overrides for every training run, protocol overrides by section)."""
     config: dict[str, Any] = {}
-    evaluation: dict[str, Any] = {}
+    protocol: dict[str, dict[str, Any]] = {name: {} for name in PROTOCOL_SECTIONS}
     for item in items:
         key, value = parse_override(item)
-        target, parts = (evaluation, key.split(".")[1:]) if key.startswith("eval.") else (config, key.split("."))
-        node = target
+        head, _, rest = key.partition(".")
+        if head in PROTOCOL_SECTIONS:
+            if not rest or "." in rest:
+                raise SuiteError(f"--set {item!r}: expected {head}.key=value")
+            protocol[head][rest] = item.split("=", 1)[1] if isinstance(value, str) else value
+            continue
+        node = config
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    return config, evaluation
+    return config, protocol
 
 
 def build_plan(suite_name: str, sets: list[str]) -> tuple[Suite, Plan]:
-    """Load the suite, apply ``--set`` overrides, expand the plan and check every input path exists."""
+    """Load the suite, apply ``--set`` overrides (training config to the training jobs, ``sample.*`` and
+    ``eval.*`` to the protocol of the sample and evaluate jobs), resolve budgets, expand the plan and check every
+    input path exists."""
     suite = load_suite(suite_name)
-    config, evaluation = parse_sets(sets)
-    if evaluation:
-        suite.eval = deep_merge(suite.eval, evaluation)
-    if "sample" in config:  # sampling overrides belong to the protocol every run shares
-        suite.sample = deep_merge(suite.sample, config.pop("sample"))
-    plan = make_plan(suite, config)
+    try:
+        config, protocol = parse_sets(sets)
+    except ConfigError as err:
+        raise SuiteError(str(err)) from None
+    where = f"--set for suite {suite.name!r}"
+    suite.sample = protocol_section(SampleConfig, {**suite.sample.to_dict(), **protocol["sample"]}, "sample", where)
+    suite.eval = protocol_section(EvalConfig, {**suite.eval.to_dict(), **protocol["eval"]}, "eval", where)
+    try:
+        plan = make_plan(suite, config, resolve_budgets(suite))
+    except ConfigError as err:  # a --set training override that no config accepts
+        raise SuiteError(f"{where}: {err}") from None
     problems = missing_inputs(plan, suite)
     if problems:
         raise SuiteError(f"suite {suite.name!r} cannot run here; missing inputs:\n  " + "\n  ".join(problems))
@@ -89,42 +110,38 @@ def missing_inputs(plan: Plan, suite: Suite) -> list[str]:
         elif data["source"] == "latents":
             need(data["latent_dir"], "data.latent_dir (VAE latent cache)", True)
         if model["in_channels"] == 4:
-            need(job.config["sample"]["vae_dir"] or os.environ.get("KINDBENCH_VAE_DIR", ""),
+            need(suite.sample.vae_dir or os.environ.get("KINDBENCH_VAE_DIR", ""),
                  "sample.vae_dir / $KINDBENCH_VAE_DIR (SD-VAE to decode samples)", True)
-    if suite.eval.get("extractor", "synthetic") != "synthetic":
-        need(str(suite.eval.get("reference", "")), "eval.reference (ADM reference batch)", False)
-        need(str(suite.eval.get("weights_dir", "") or os.environ.get("KINDBENCH_WEIGHTS_DIR", "")),
+    if suite.eval.extractor != "synthetic":
+        need(suite.eval.reference, "eval.reference (ADM reference batch)", False)
+        need(suite.eval.weights_dir or os.environ.get("KINDBENCH_WEIGHTS_DIR", ""),
              "eval.weights_dir / $KINDBENCH_WEIGHTS_DIR (Inception, DINOv2 weights)", True)
     return sorted(problems)
 
 
-def job_status(plan: Plan, roots: Roots) -> dict[str, str]:
-    store = roots.store
-    status = {}
-    for job_id in plan.jobs:
-        status[job_id] = "done" if store.exists(job_id) else ("failed" if store.failed(job_id) else "pending")
-    return status
-
-
-def print_plan(plan: Plan, roots: Roots, console: Console) -> None:
-    status = job_status(plan, roots)
-    table = Table(title=f"plan for suite {plan.suite!r}: {len(plan.jobs)} jobs")
-    for column in ("stage", "job", "after", "status"):
+def print_plan(plan: Plan, roots: Roots, console: Console, keep_stale: bool = False) -> dict[str, JobState]:
+    """The job graph with each job's state and, where it would run again, why (missing, changed, stale, ...)."""
+    states = plan_states(plan, roots, keep_stale=keep_stale)
+    table = Table(title=f"plan for suite {plan.suite!r}: {len(plan.jobs)} jobs (results: {roots.results})")
+    for column in ("stage", "job", "after", "status", "why"):
         table.add_column(column)
-    colour = {"done": "green", "failed": "red", "pending": "yellow"}
+    colour = {"done": "green", "failed": "red", "pending": "yellow", "stale": "magenta"}
     for job in plan.jobs.values():
-        table.add_row(job.stage, job.job_id, str(len(job.deps)), f"[{colour[status[job.job_id]]}]{status[job.job_id]}")
+        state = states[job.job_id]
+        table.add_row(job.stage, job.job_id, str(len(job.deps)),
+                      f"[{colour.get(state.state, 'cyan')}]{state.state}", state.reason)
     console.print(table)
     counts = defaultdict(int)
-    for value in status.values():
-        counts[value] += 1
+    for value in states.values():
+        counts[value.state] += 1
     console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    return states
 
 
 def _job_command(plan_path: Path, job: Job, roots: Roots, nproc: int, force: bool) -> list[str]:
     """The command that runs one job in its own process: torchrun for multi-process training/sampling."""
     args = ["-m", "bench.jobs", "--plan", str(plan_path), "--job", job.job_id, "--runs", str(roots.runs),
-            "--results", str(roots.results)] + (["--force"] if force or job.stage == "aggregate" else [])
+            "--results", str(roots.results)] + (["--force"] if force else [])
     if nproc > 1 and job.stage in ("ancestry", "transfer", "sample"):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return [sys.executable, *args]
@@ -159,7 +176,7 @@ def _blocked_by(job: Job, outcome: dict[str, str]) -> list[str]:
 
 
 def run_local(plan: Plan, roots: Roots, *, nproc: int = 1, force: bool = False, jobs: int = 1,
-              console: Console | None = None) -> dict[str, Any]:
+              keep_stale: bool = False, console: Console | None = None) -> dict[str, Any]:
     """Run every missing job of ``plan``, ``jobs`` at a time; returns per-stage timings and the job outcomes.
 
     ``stage_seconds`` sums the wall time of each stage's jobs (with ``jobs`` > 1 they overlap, so the stages add
@@ -169,12 +186,15 @@ def run_local(plan: Plan, roots: Roots, *, nproc: int = 1, force: bool = False, 
     outcome: dict[str, str] = {}
     stage_time: dict[str, float] = defaultdict(float)
     t_start = time.perf_counter()
-    store = roots.store
+    states = plan_states(plan, roots, keep_stale=keep_stale, force=force)
     todo = []
-    for job in plan.jobs.values():  # already recorded jobs are done, whatever order they are met in
-        if store.exists(job.job_id) and not force and job.stage != "aggregate":
+    for job in plan.jobs.values():  # trustworthy records are done, whatever order they are met in
+        if not states[job.job_id].todo:
             outcome[job.job_id] = "done"
         else:
+            if states[job.job_id].state not in ("pending", "done"):
+                console.print(f"[cyan]rerun[/]     {job.job_id}: {states[job.job_id].state}: "
+                              f"{states[job.job_id].reason}")
             todo.append(job)
     if jobs > 1:
         _run_parallel(todo, plan_path, roots, nproc, force, jobs, outcome, stage_time, console)
@@ -207,7 +227,7 @@ def _run_sequential(todo: list[Job], plan: Plan, plan_path: Path, roots: Roots, 
                     raise RuntimeError(f"job {job.job_id} failed under torchrun (exit {proc.returncode}); see its record")
             else:
                 engine = from_dict(job.config).engine if job.config else RunConfig().engine
-                run_job(plan, job, roots, init_distributed(engine), force=force or job.stage == "aggregate")
+                run_job(plan, job, roots, init_distributed(engine), force=force)
             outcome[job.job_id] = "ran"
         except Exception as err:  # noqa: BLE001 - recorded by run_job; the other branches go on
             outcome[job.job_id] = "failed"
@@ -238,7 +258,7 @@ def _execute(plan_path: str, job_id: str, runs: str, results: str, nproc: int, f
                     return False, f"torchrun exited with {proc.returncode}; see its record"
                 return True, ""
             engine = from_dict(job.config).engine if job.config else RunConfig().engine
-            run_job(plan, job, roots, init_distributed(engine), force=force or job.stage == "aggregate")
+            run_job(plan, job, roots, init_distributed(engine), force=force)
             return True, ""
         except Exception as err:  # noqa: BLE001 - run_job recorded it; the executor goes on with other branches
             return False, str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -327,13 +347,24 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="tiny", help="shipped suite name or a suite TOML file")
     parser.add_argument("--runs", type=Path, default=Path(os.environ.get("KINDBENCH_RUNS", "runs")),
                         help="bulk artefacts (checkpoints, samples, references); default runs/ or $KINDBENCH_RUNS")
-    parser.add_argument("--results", type=Path, help="records, leaderboards, plots; default results/<suite>")
+    parser.add_argument("--results", type=Path,
+                        help="records, leaderboards, plots; default <runs>/results/<suite> (your own results; the "
+                             "published ones under results/<suite>/ are never written unless named here)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override for every run (e.g. schedule.steps=20, sample.num_samples=64, eval.n=...)")
+                        help="override for every run (e.g. schedule.steps=20, sample.num_samples=64, "
+                             "eval.ref_per_class=32)")
+    parser.add_argument("--keep-stale", action="store_true",
+                        help="accept records made by other code (stale) as done instead of re-running them")
+
+
+def default_results(runs: Path, suite: str) -> Path:
+    """Where a user's run writes records, leaderboards and plots when ``--results`` is not given: beside its
+    artefacts, never over the published results of the repository (``results/<suite>/``)."""
+    return Path(runs) / "results" / suite
 
 
 def _roots(args: argparse.Namespace, suite: Suite) -> Roots:
-    return Roots(args.runs, args.results or Path("results") / suite.name)
+    return Roots(args.runs, args.results or default_results(args.runs, suite.name))
 
 
 def plan_main(argv: list[str]) -> int:
@@ -349,7 +380,7 @@ def plan_main(argv: list[str]) -> int:
     if args.json:
         print(plan.to_json())
     else:
-        print_plan(plan, _roots(args, suite), Console())
+        print_plan(plan, _roots(args, suite), Console(), keep_stale=args.keep_stale)
     return 0
 
 
@@ -370,7 +401,8 @@ def run_main(argv: list[str]) -> int:
     roots = _roots(args, suite)
     console = Console(stderr=True, soft_wrap=True)
     jobs = args.jobs if args.jobs > 0 else default_parallel_jobs(plan)
-    summary = run_local(plan, roots, nproc=args.nproc, force=args.force, jobs=jobs, console=console)
+    summary = run_local(plan, roots, nproc=args.nproc, force=args.force, jobs=jobs, keep_stale=args.keep_stale,
+                        console=console)
     (roots.results / "last_run.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     console.print(f"leaderboards: {roots.results / 'leaderboard'}    plots: {roots.results / 'plots'}")
     return 1 if summary["outcomes"]["failed"] else 0

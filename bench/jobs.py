@@ -5,150 +5,47 @@
     torchrun --nproc_per_node 8 -m bench.jobs ...                                            (multi-GPU stages)
 
 Bulk artefacts (checkpoints, samples, references) go under ``RUNS``; records, leaderboards and plots under
-``RESULTS`` (``RESULTS/records`` for successful jobs, ``RESULTS/failed`` for the rest). A job whose success record
-exists is not run again unless forced; a failed job leaves a failed record with its one-line error and never a
-half-written success.
+``RESULTS`` (``RESULTS/records`` for successful jobs, ``RESULTS/failed`` for the rest). What a stage computes lives
+in ``bench.stages.<stage>``; this module routes a job there and writes its record: the code fingerprint, the
+digests of the inputs it consumed and the sha256 of every output. A job whose record is trustworthy
+(``bench.status``) is not run again unless forced; a failed job leaves a failed record with its one-line error and
+never a half-written success.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.config import RunConfig, from_dict
-from bench.engine import DistContext, init_distributed, shutdown
+from bench.engine import DistContext, barrier, init_distributed, shutdown
+from bench.fingerprint import STAGE_MODULES, code_fingerprint
 from bench.hashing import file_sha256
 from bench.plan import Job, Plan
 from bench.preemption import EXIT_REQUEUE
-from bench.store import RecordStore, metric, new_record, new_run_info
-from bench.train import Preempted, train
+from bench.stages import Roots, StageResult
+from bench.status import RESTART_STATES, consumed_inputs, job_state, retire_outputs
+from bench.store import RecordStore, new_record, new_run_info
+from bench.train import Preempted
+
+__all__ = ["Roots", "run_job", "main"]
 
 
-@dataclass(frozen=True)
-class Roots:
-    runs: Path
-    """Bulk artefacts: run directories, samples, references (git-ignored)."""
-    results: Path
-    """Records, leaderboards, plots (small; committed for shipped suites)."""
-
-    def __post_init__(self) -> None:
-        # absolute: records point at artefacts, and jobs may run from another working directory (SLURM)
-        object.__setattr__(self, "runs", Path(self.runs).resolve())
-        object.__setattr__(self, "results", Path(self.results).resolve())
-
-    @property
-    def store(self) -> RecordStore:
-        return RecordStore(self.results)
-
-    def reference_dir(self, job: Job) -> Path:
-        return self.runs / "references" / job.job_id
+def _run_stage(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StageResult:
+    module = importlib.import_module(STAGE_MODULES[job.stage])
+    return module.run(job, roots, ctx, store)
 
 
-# --------------------------------------------------------------------------------------------------------------
-#                                                 Stages
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _train(job: Job, roots: Roots, ctx: DistContext) -> dict[str, Any]:
-
-    cfg = from_dict(job.config)
-    cfg.run.out_dir = str(roots.runs)
-    summary = train(cfg, ctx)
-    final = summary.get("final") or {}
-    accounting = summary["accounting"] or {}
-    return {"train_info": {
-        "steps": summary["steps"], "images_seen": summary["images_seen"], "global_batch": cfg.schedule.global_batch,
-        "world_size": ctx.world_size, "wall_s": summary["wall_s"],
-        "gpu_hours": summary["wall_s"] * ctx.world_size / 3600 if ctx.device.type == "cuda" else 0.0,
-        "peak_mem_gb": summary["peak_mem_gb"], "final_loss": final.get("loss"),
-        "loss_curve": str(roots.runs / summary["run_id"] / "train.jsonl"), "accounting": accounting,
-        "train_gmacs_total": accounting.get("gmacs_fwd_trained", 0.0) * 3 * summary["images_seen"],
-        "resumed_from_step": summary["resumed_from_step"]}}
-
-
-def _sample(job: Job, roots: Roots, ctx: DistContext) -> dict[str, Any]:
-    from bench.sample import sample_run
-
-    info = sample_run(roots.runs / job.run_id, [], ctx)
-    keep = ("npz", "num_samples", "scheduler", "num_steps", "cfg_scale", "label_mode", "seed", "grid_png",
-            "clip_denoised")
-    return {"sample_info": {**{k: info[k] for k in keep}, "npz_sha256": file_sha256(Path(info["npz"])),
-                            "tag": info["tag"], "guide_channels": info["guide_channels"]}}
-
-
-def _prepare(job: Job, roots: Roots, ctx: DistContext) -> dict[str, Any]:
-    """The reference a task is scored against: held-out real images + statistics in the extractor's space."""
-    data, protocol = job.info["data"], job.info["eval"]
-    extractor_kind = protocol.get("extractor", "synthetic")
-    if extractor_kind == "synthetic":
-        if data["source"] != "synthetic":
-            raise ValueError("eval.extractor = synthetic scores only the embedded synthetic data")
-        from bench.data.synthetic import SyntheticImages, synthetic_split
-        from bench.metrics.domain import load_domain_extractor
-        from bench.metrics.domain_eval import build_domain_reference
-
-        # held out: image indices after the training ones, so no reference image was trained on
-        held_out = SyntheticImages(synthetic_split(data["split"]), image_size=data["image_size"],
-                                   per_class=int(protocol.get("ref_per_class", 64)), domain=data["domain"],
-                                   seed=data["seed"], first_index=data["per_class"])
-        extractor = load_domain_extractor(protocol.get("cache_dir") or None)
-        path = roots.reference_dir(job) / "reference.npz"
-        info = build_domain_reference(held_out.images_uint8(), path, extractor,
-                                      meta={"task": job.info["task"], "split": data["split"], "domain": data["domain"],
-                                            "first_index": data["per_class"], "seed": data["seed"]})
-        return {"reference": {**info, "path": str(path)}}
-    reference = Path(os.path.expandvars(protocol.get("reference", "")))
-    if not reference.is_file():
-        raise FileNotFoundError(f"reference batch {reference} not found: set eval.reference (for ImageNet 256 the "
-                                f"ADM file VIRTUAL_imagenet256_labeled.npz, e.g. via $KINDBENCH_ADM_REF)")
-    return {"reference": {"path": str(reference), "sha256": file_sha256(reference)}}
-
-
-def _evaluate(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> dict[str, Any]:
-    sample_rec, prepare_rec = store.read(job.info["sample_job"]), store.read(job.info["prepare_job"])
-    if sample_rec is None or prepare_rec is None:
-        raise FileNotFoundError(f"evaluate {job.job_id}: the sample or prepare record is missing")
-    samples = Path(sample_rec["sample_info"]["npz"])
-    reference = prepare_rec["extra"]["reference"]
-    protocol = job.info["eval"]
-    s = sample_rec["sample_info"]
-    if protocol.get("extractor", "synthetic") == "synthetic":
-        from bench.metrics.domain import load_domain_extractor
-        from bench.metrics.domain_eval import evaluate_domain
-
-        extractor = load_domain_extractor(protocol.get("cache_dir"))
-        result = evaluate_domain(samples, Path(reference["path"]), extractor,
-                                 protocol={"cfg_scale": s["cfg_scale"], "sampler": s["scheduler"],
-                                           "num_steps": s["num_steps"],
-                                           "clip_denoised": bool(s.get("clip_denoised", False))})
-        result["protocol"].setdefault("extractor_sha256", extractor.sha256)
-    else:
-        from bench.metrics.evaluate import EvalOptions, evaluate
-
-        result = evaluate(EvalOptions(samples=samples, ref=Path(reference["path"]),
-                                      weights_dir=protocol.get("weights_dir") or None, fdd=protocol.get("fdd", "auto"),
-                                      out=samples.with_suffix(".eval.json"), overwrite=True))
-    metrics = {name: metric(m["value"], m["higher_is_better"]) for name, m in result["metrics"].items()}
-    # the reference is the prepare job's output: its id names it, its sha256 pins it
-    protocol_out = {"reference_id": job.info["prepare_job"], "reference_sha256": reference.get("sha256", ""),
-                    **result["protocol"], "cfg_scale": s["cfg_scale"], "sampler": s["scheduler"],
-                    "num_steps": s["num_steps"], "clip_denoised": bool(s.get("clip_denoised", False))}
-    return {"eval_info": {"metrics": metrics, "protocol": protocol_out}}
-
-
-def _aggregate(job: Job, roots: Roots, ctx: DistContext) -> dict[str, Any]:
-    from bench.leaderboard import build_leaderboards
-    from bench.plots import make_plots
-
-    tables = build_leaderboards(roots.results, roots.results / "leaderboard")
-    plots = make_plots(roots.results / "leaderboard", roots.results / "plots")
-    return {"aggregate": {"tables": [str(p) for p in tables], "plots": [str(p) for p in plots]}}
+def _outputs(result: StageResult, roots: Roots, ctx: DistContext) -> dict[str, dict[str, str]]:
+    """The files a job produced, with their sha256: a later run trusts the record only while they still match."""
+    if not ctx.is_main:
+        return {}
+    return {name: {"path": path, "sha256": file_sha256(roots.artefact(path))} for name, path in result.outputs.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,39 +53,46 @@ def _aggregate(job: Job, roots: Roots, ctx: DistContext) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _run_info(plan: Plan, job: Job) -> dict[str, Any]:
+def _run_info(plan: Plan, job: Job, store: RecordStore) -> dict[str, Any]:
     info = job.info
     cfg = from_dict(job.config) if job.config else None
     ancestry = None
     if info.get("ancestry_job"):
         parent = plan.jobs[info["ancestry_job"]]
         ancestry = {"job_id": parent.job_id, "path": f"{parent.run_id}/export.safetensors", "sha256": ""}
-    return new_run_info(job_id=job.job_id, run_id=job.run_id or job.job_id, stage=job.stage, suite=plan.suite,
+    run_info = new_run_info(job_id=job.job_id, run_id=job.run_id or job.job_id, stage=job.stage, suite=plan.suite,
                         benchmark=info.get("benchmark", ""), task=info.get("task", ""), arch=info.get("arch", ""),
                         method=info.get("method", ""), family=info.get("family", ""),
                         variant=info.get("variant", ""), seed=int(info.get("seed", 0)),
                         config=job.config or {"info": info}, config_hash=cfg.config_hash() if cfg else "",
                         ancestry=ancestry, depends_on=job.deps)
+    # what the job is made of: its code, and the exact outputs of the jobs it consumes (bench.status compares both)
+    run_info["code"] = code_fingerprint(job.stage, info.get("method") or None)
+    run_info["inputs"] = consumed_inputs(job, store)
+    if job.stage in ("sample", "evaluate"):
+        run_info["protocol_settings"] = info.get("sample") if job.stage == "sample" else info.get("eval")
+    return run_info
 
 
 def run_job(plan: Plan, job: Job, roots: Roots, ctx: DistContext, *, force: bool = False) -> dict[str, Any] | None:
-    """Run ``job`` (every rank calls this) and write its record on rank 0; returns the record (rank 0) or None."""
-    store = roots.store
-    if store.exists(job.job_id) and not force:
-        return store.read(job.job_id)
-    run_info = _run_info(plan, job)
+    """Run ``job`` (every rank calls this) and write its record on rank 0; returns the record (rank 0) or None.
+
+    Without ``force`` a job whose record is trustworthy (``bench.status``) is not run again. A job that is run over
+    an untrusted record (stale code, changed or missing outputs or inputs) first moves its old outputs aside."""
+    store = RecordStore(roots.results)
+    if not force:
+        state = job_state(plan, job.job_id, roots)
+        if state.state == "done":
+            return store.read(job.job_id)
+    else:
+        state = job_state(plan, job.job_id, roots)
+    if ctx.is_main and state.state in RESTART_STATES:
+        retire_outputs(job, roots)
+    barrier(ctx)
+    run_info = _run_info(plan, job, store)
     t0 = time.perf_counter()
     try:
-        if job.stage in ("ancestry", "transfer"):
-            blocks = _train(job, roots, ctx)
-        elif job.stage == "sample":
-            blocks = _sample(job, roots, ctx)
-        elif job.stage == "prepare":
-            blocks = {"extra": _prepare(job, roots, ctx)}
-        elif job.stage == "evaluate":
-            blocks = _evaluate(job, roots, ctx, store)
-        else:
-            blocks = {"extra": _aggregate(job, roots, ctx)}
+        result = _run_stage(job, roots, ctx, store)
     except Preempted:
         raise  # checkpointed and asked to stop: not a failure; the requeued job resumes
     except Exception as err:  # a failed job is recorded, never silently lost; the executor goes on
@@ -200,8 +104,11 @@ def run_job(plan: Plan, job: Job, roots: Roots, ctx: DistContext, *, force: bool
         raise
     if not ctx.is_main:
         return None
-    record = new_record(run_info, timings={"stage_wall_s": time.perf_counter() - t0}, **blocks)
-    store.write(record, force=force)
+    if run_info.get("ancestry") is not None:
+        run_info["ancestry"]["sha256"] = result.ancestry_sha256
+    record = new_record(run_info, timings={"stage_wall_s": time.perf_counter() - t0}, **result.blocks)
+    record["outputs"] = _outputs(result, roots, ctx)
+    store.write(record, force=store.exists(job.job_id))
     return record
 
 

@@ -10,6 +10,12 @@ Everything here is derived from records only (DESIGN.md §4; harness.md §6.4):
   comes from the ``sample`` record found the same way. A missing training record leaves the cost columns empty.
 * **Aggregate.** Rows with the same (benchmark, protocol, method, variant) are one leaderboard row: metrics as mean
   and sample std (ddof=1, empty for one seed), costs as the mean over seeds.
+* **Stale rows are never ranked.** Every evaluation gets ``bench.status.stale_reason``: "" when it and everything
+  upstream of it (over ``depends_on``) was made by this checkout's code from the inputs there now; otherwise why not
+  (other code, no code fingerprint, an input re-run since). The reason is the ``stale`` column. A stale and a current
+  run never share a leaderboard row; stale rows get no rank, best marker or Pareto flag, and the ranks, best markers
+  and fronts of the current rows are computed without them. Markdown lists them in a separate table, LaTeX leaves
+  them out (a comment names them), ``status.*`` counts them per benchmark. ``kindbench run`` re-runs stale jobs.
 * **Protocols are never mixed.** The protocol (n_samples, extractor + sha256, reference + sha256, cfg_scale,
   sampler, num_steps) is hashed into ``protocol_id``; ranks, best markers and Pareto flags are computed within one
   protocol, and Markdown/LaTeX print a separate table per protocol.
@@ -39,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import tables
+from bench.status import stale_reason
 from bench.store import EvalProtocol, MalformedRecordError, Record, RecordStore
 
 #: metrics in display order; unknown metrics follow alphabetically
@@ -49,9 +56,9 @@ COST_COLUMNS = ("params_trainable", "params_total", "params_inherited", "params_
                 "gmacs_fwd_trained", "gmacs_fwd_merged", "train_gmacs_total", "steps", "images_seen", "global_batch",
                 "world_size", "gpu_hours", "wall_s", "peak_mem_gb")
 RUN_COLUMNS = IDENTITY_COLUMNS + ("method", "family", "variant", "seed", "run_id", "eval_job_id", "train_job_id",
-                                  "sample_job_id", "config_hash", "git_sha", "git_dirty") + COST_COLUMNS + (
+                                  "sample_job_id", "config_hash", "git_sha", "git_dirty", "stale") + COST_COLUMNS + (
                                   "final_loss", "loss_curve", "grid_png")
-AGG_HEAD = IDENTITY_COLUMNS + ("rank", "method", "family", "variant", "n_seeds", "seeds", "run_ids")
+AGG_HEAD = IDENTITY_COLUMNS + ("rank", "method", "family", "variant", "n_seeds", "seeds", "run_ids", "stale")
 AGG_COSTS = ("params_trainable", "params_total", "trainable_pct", "stored_bytes", "gmacs_fwd_trained",
              "gmacs_fwd_merged", "train_gmacs_total", "steps", "images_seen", "gpu_hours", "wall_s", "peak_mem_gb")
 INTEGER_COSTS = ("params_trainable", "params_total", "stored_bytes", "steps", "images_seen")
@@ -137,15 +144,18 @@ def _relative_artefact(path: str | None, store_root: Path, out_dir: Path) -> str
     return Path(os.path.relpath(full.resolve(), out_dir.resolve())).as_posix()
 
 
-def run_row(evaluation: Record, index: RecordIndex, store_root: Path, out_dir: Path) -> dict[str, Any]:
-    """One seed-run row: identity + protocol + costs (from the training record) + metric values."""
+def run_row(evaluation: Record, index: RecordIndex, store_root: Path, out_dir: Path,
+            stale: str = "") -> dict[str, Any]:
+    """One seed-run row: identity + protocol + costs (from the training record) + metric values; ``stale`` is
+    why the evaluation is not current ("" when it is)."""
     info, protocol = evaluation["run_info"], evaluation["eval_info"]["protocol"]
     train = index.upstream(evaluation, ("transfer", "ancestry"))  # a run's own transfer before any ancestry
     sample = index.upstream(evaluation, ("sample",))
     row: dict[str, Any] = {key: info[key] for key in ("benchmark", "task", "arch", "method", "family", "variant",
                                                       "seed", "run_id", "config_hash", "git_sha", "git_dirty")}
     row.update({key: protocol[key] for key in PROTOCOL_KEYS}, protocol_id=protocol_id(protocol),
-               eval_job_id=info["job_id"], train_job_id="", sample_job_id="", loss_curve="", grid_png="")
+               eval_job_id=info["job_id"], train_job_id="", sample_job_id="", loss_curve="", grid_png="",
+               stale=stale)
     row.update(dict.fromkeys(COST_COLUMNS), final_loss=None)
     if train is None:
         warnings.warn(f"evaluation {info['job_id']} has no successful training record upstream; its cost columns "
@@ -183,9 +193,10 @@ def ordered_metrics(names: Iterable[str]) -> list[str]:
 
 
 def drop_duplicate_seeds(rows: list[dict[str, Any]], finished: dict[str, str]) -> list[dict[str, Any]]:
-    """Keep one evaluation per (benchmark, protocol, method, variant, seed): the latest finished one."""
+    """Keep one evaluation per (benchmark, protocol, method, variant, seed): a current one over a stale one, then
+    the latest finished."""
     latest: dict[tuple, dict[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: (finished[r["eval_job_id"]], r["eval_job_id"])):
+    for row in sorted(rows, key=lambda r: (not r.get("stale"), finished[r["eval_job_id"]], r["eval_job_id"])):
         key = (row["benchmark"], row["protocol_id"], row["method"], row["variant"], row["seed"])
         if key in latest:
             warnings.warn(f"two evaluations of {key}: using {row['eval_job_id']}, ignoring "
@@ -233,7 +244,8 @@ def aggregate_group(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str,
     first = runs[0]
     row = {key: first[key] for key in IDENTITY_COLUMNS + ("method", "family", "variant")}
     row.update(rank=None, n_seeds=len(runs), seeds=";".join(str(r["seed"]) for r in runs),
-               run_ids=";".join(r["run_id"] for r in runs))
+               run_ids=";".join(r["run_id"] for r in runs),
+               stale=next((r["stale"] for r in runs if r.get("stale")), ""))
     for key in ("params_trainable", "params_total", "stored_bytes"):
         distinct = {r[key] for r in runs if r[key] is not None}
         if len(distinct) > 1:
@@ -253,7 +265,21 @@ def aggregate_group(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str,
 
 
 def rank_protocol_group(rows: list[dict[str, Any]], metrics: list[str], directions: dict[str, bool]) -> list[dict]:
-    """Sort by the primary metric, number the ranks, mark the best value and the Pareto fronts per metric."""
+    """Sort by the primary metric, number the ranks, mark the best value and the Pareto fronts per metric.
+
+    Only current rows take part; stale rows (a non-empty ``stale``) get no rank, best marker or Pareto flag and
+    follow the ranked rows, by method and variant."""
+    stale = sorted((row for row in rows if row.get("stale")), key=lambda r: (r["method"], r["variant"]))
+    for row in stale:
+        row["rank"] = None
+        for name in metrics:
+            row[f"{name}_higher_is_better"] = directions[name]
+            row[f"best_{name}"] = False
+            row.update({f"pareto_{name}_vs_{axis}": False for axis in PARETO_AXES})
+    return _rank_current([row for row in rows if not row.get("stale")], metrics, directions) + stale
+
+
+def _rank_current(rows: list[dict[str, Any]], metrics: list[str], directions: dict[str, bool]) -> list[dict]:
     for name in metrics:
         hib = directions[name]
         means = [row[f"{name}_mean"] for row in rows]
@@ -281,13 +307,15 @@ def rank_protocol_group(rows: list[dict[str, Any]], metrics: list[str], directio
 
 
 def aggregate(runs: list[dict[str, Any]], directions: dict[str, bool]) -> dict[str, list[dict[str, Any]]]:
-    """benchmark -> leaderboard rows, grouped by protocol (in protocol_id order) and ranked within each."""
+    """benchmark -> leaderboard rows, grouped by protocol (in protocol_id order) and ranked within each; stale
+    runs are aggregated apart from current runs of the same method and variant, and follow the ranked rows."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        groups[(run["benchmark"], run["protocol_id"], run["method"], run["variant"])].append(run)
+        groups[(run["benchmark"], run["protocol_id"], run["method"], run["variant"], bool(run.get("stale")))].append(
+            run)
     by_protocol: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     metrics = ordered_metrics(directions)
-    for (benchmark, pid, _, _), members in sorted(groups.items()):
+    for (benchmark, pid, _, _, _), members in sorted(groups.items()):
         by_protocol[(benchmark, pid)].append(aggregate_group(members, metrics))
     boards: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for (benchmark, _), rows in sorted(by_protocol.items()):
@@ -320,15 +348,31 @@ def failures(records: list[Record]) -> list[Record]:
     return sorted((r for r in records if r["status"] != "success"), key=lambda r: r["run_info"]["job_id"])
 
 
-def write_status(out_dir: Path, records: list[Record], malformed: list[tuple[Path, str]]) -> list[Path]:
-    rows = [{"benchmark": benchmark, "stage": stage, "status": status, "count": n}
-            for benchmark, counter in sorted(status_counts(records).items())
-            for (stage, status), n in sorted(counter.items())]
+def stale_counts(evaluations: list[Record], stale: dict[str, str]) -> Counter:
+    """benchmark -> number of its successful evaluations that are stale (0 for a benchmark with only current ones)."""
+    counts: Counter = Counter()
+    for record in evaluations:
+        info = record["run_info"]
+        counts[info["benchmark"]] += bool(stale.get(info["job_id"]))
+    return counts
+
+
+def write_status(out_dir: Path, records: list[Record], malformed: list[tuple[Path, str]],
+                 stale: Counter | None = None) -> list[Path]:
+    """``status.csv`` and ``status.md``. ``stale`` (benchmark -> count) adds an ``evaluate``/``stale`` row per
+    benchmark with evaluations: how many of its successful evaluations are stale (a subset of ``success``)."""
+    stale = stale or Counter()
+    rows = []
+    for benchmark, counter in sorted(status_counts(records).items()):
+        rows += [{"benchmark": benchmark, "stage": stage, "status": status, "count": n}
+                 for (stage, status), n in sorted(counter.items())]
+        if benchmark in stale:
+            rows.append({"benchmark": benchmark, "stage": "evaluate", "status": "stale", "count": stale[benchmark]})
     if malformed:
         rows.append({"benchmark": "", "stage": "", "status": "malformed", "count": len(malformed)})
     csv_path = write_csv(out_dir / "status.csv", rows, ["benchmark", "stage", "status", "count"])
     md_path = out_dir / "status.md"
-    md_path.write_text(tables.status_markdown(status_counts(records), failures(records), malformed))
+    md_path.write_text(tables.status_markdown(status_counts(records), failures(records), malformed, stale))
     return [csv_path, md_path]
 
 
@@ -374,23 +418,27 @@ def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike
     metrics = ordered_metrics(directions)
     index = RecordIndex(success)
     finished = {r["run_info"]["job_id"]: r["run_info"]["finished_at"] for r in evaluations}
-    runs = drop_duplicate_seeds([run_row(r, index, store_root, out_dir) for r in evaluations], finished)
+    checked, memo = RecordStore(store_root), {}  # one memo: upstream records shared by evaluations are judged once
+    stale = {r["run_info"]["job_id"]: stale_reason(r["run_info"]["job_id"], checked, memo) for r in evaluations}
+    runs = drop_duplicate_seeds([run_row(r, index, store_root, out_dir, stale[r["run_info"]["job_id"]])
+                                 for r in evaluations], finished)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [write_csv(out_dir / "leaderboard_runs.csv", runs, list(RUN_COLUMNS) + metrics)]
     boards = aggregate(runs, directions)
     counts = status_counts(records)
+    n_stale = stale_counts(evaluations, stale)
     # suite-level jobs (prepare, aggregate) may have no benchmark: counted in status.*, no leaderboard of their own
     for benchmark in sorted(set(boards) | {name for name in counts if name}):
         rows = boards.get(benchmark, [])
         folder = out_dir / _safe_folder(benchmark)
         written.append(write_csv(folder / "leaderboard.csv", rows, agg_columns(metrics)))
         bench_failures = [r for r in failures(records) if r["run_info"]["benchmark"] == benchmark]
-        (folder / "leaderboard.md").write_text(
-            tables.leaderboard_markdown(benchmark, rows, metrics, counts[benchmark], bench_failures))
+        (folder / "leaderboard.md").write_text(tables.leaderboard_markdown(
+            benchmark, rows, metrics, counts[benchmark], bench_failures, n_stale.get(benchmark)))
         (folder / "leaderboard.tex").write_text(tables.leaderboard_latex(benchmark, rows, metrics))
         written += [folder / "leaderboard.md", folder / "leaderboard.tex"]
-    written += write_status(out_dir, records, malformed)
+    written += write_status(out_dir, records, malformed, n_stale)
     return written
 
 

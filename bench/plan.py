@@ -28,13 +28,6 @@ from bench.suite import Suite, SuiteError, resolve_config
 
 STAGES = ("prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate")
 
-#: Leaderboard family when the suite does not say (harness.md §6.3).
-DEFAULT_FAMILY = {"scratch": "pretrain", "full": "full_ft", "heur_lg": "learngene", "auto_lg": "learngene",
-                  "weight_selection": "init", "kind": "learngene", "kind_nogate": "learngene",
-                  "kind_fulltransfer": "learngene", "fine": "learngene", "fine_nofactor": "learngene", "wave": "learngene", "tleg": "learngene",
-                  "sws": "learngene", "ligo": "init"}
-
-
 def short_hash(payload: Any, length: int = 8) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
@@ -88,13 +81,19 @@ def _arch_dash(arch: str) -> str:
     return arch.replace("/", "-")
 
 
-def make_plan(suite: Suite, overrides: dict[str, Any] | None = None) -> Plan:
-    """Every job of ``suite`` in dependency order (pure: no filesystem access, so ids are reproducible).
+def make_plan(suite: Suite, overrides: dict[str, Any] | None = None,
+              budget_options: dict[tuple, dict[str, Any]] | None = None) -> Plan:
+    """Every job of ``suite`` in dependency order (pure: builds no model, reads and writes no file, so ids are
+    reproducible).
 
     ``overrides`` (nested config tables) apply last to every training run, e.g. fewer steps for a smoke run;
-    they are part of the resolved configs, hence of the ids.
+    they are part of the resolved configs, hence of the ids. ``budget_options`` holds the options of every
+    budget-matched method (``resolve_budgets``, run before planning).
     """
+    from methods import get_method_class
+
     final = overrides or {}
+    budget_options = budget_options or {}
     jobs: dict[str, Job] = {}
 
     def add(job: Job) -> Job:
@@ -133,7 +132,11 @@ def make_plan(suite: Suite, overrides: dict[str, Any] | None = None) -> Plan:
                     run_name = task.name if spec.variant == "default" else f"{task.name}.{spec.variant}"
                     options = spec.options
                     if spec.budget:
-                        options = matched_budget_options(suite, spec, task, arch, seed)
+                        key = budget_key(spec, task.name, arch, seed)
+                        if key not in budget_options:
+                            raise SuiteError(f"suite {suite.name!r} method {spec.name!r} variant {spec.variant!r}: "
+                                             f"its {spec.budget} budget is not resolved (call resolve_budgets)")
+                        options = budget_options[key]
                     layers = [{"model": {"arch": arch}, "engine": {"seed": seed},
                                "method": {"name": spec.name, "stage": task.stage, "options": options},
                                "run": {"name": run_name,
@@ -143,7 +146,7 @@ def make_plan(suite: Suite, overrides: dict[str, Any] | None = None) -> Plan:
                     cfg = from_dict(resolve_config(suite, *layers))
                     labels = {"method": spec.name, "variant": spec.variant, "seed": seed, "task": task.name,
                               "task_stage": task.stage, "arch": cfg.model.arch,
-                              "family": spec.family or DEFAULT_FAMILY.get(spec.name, "peft"),
+                              "family": spec.family or get_method_class(spec.name).family,
                               "benchmark": f"{task.name}--{_arch_dash(cfg.model.arch)}",
                               "ancestry_job": parent.job_id if parent else None}
                     train = add(_train_job(suite, cfg, "transfer", (parent.job_id,) if parent else (), labels))
@@ -178,14 +181,30 @@ def _budget_cache_path() -> Path:
     return Path(root) / "budget_ranks.json"
 
 
-def _method_sources_hash() -> str:
-    """Hash of the method packages' source: a matched rank is reused only while no method code changed."""
-    repo = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for package in ("methods", "kind", "baselines"):
-        for path in sorted((repo / package).glob("*.py")):
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
+def _method_sources_hash(*methods: str) -> str:
+    """The code fingerprint of the methods involved: a matched rank is reused only while their code is unchanged."""
+    from bench.fingerprint import code_fingerprint
+
+    return short_hash([code_fingerprint("transfer", m)["fingerprint"] for m in methods], 16)
+
+
+def budget_key(spec: Any, task: str, arch: str, seed: int) -> tuple:
+    return (spec.name, spec.variant, task, arch, seed)
+
+
+def resolve_budgets(suite: Suite) -> dict[tuple, dict[str, Any]]:
+    """The options of every budget-matched (method, task, arch, seed) of ``suite``: the step before planning that
+    builds models (on the meta device) and reads/writes the rank cache, so ``make_plan`` itself stays pure."""
+    out = {}
+    for spec in suite.methods:
+        if not spec.budget:
+            continue
+        for task_name in spec.tasks:
+            for arch in suite.archs:
+                for seed in suite.seeds:
+                    out[budget_key(spec, task_name, arch, seed)] = matched_budget_options(
+                        suite, spec, suite.tasks[task_name], arch, seed)
+    return out
 
 
 def matched_budget_options(suite: Suite, spec: Any, task: Any, arch: str, seed: int) -> dict[str, Any]:
@@ -202,7 +221,7 @@ def matched_budget_options(suite: Suite, spec: Any, task: Any, arch: str, seed: 
     kind_options = next((s.options for s in suite.methods if s.name == "kind" and task.name in s.tasks), {})
     try:
         num_classes = task.num_classes or task_num_classes(cfg)
-        key = short_hash([spec.name, spec.options, arch_spec, num_classes, kind_options, _method_sources_hash()], 16)
+        key = short_hash([spec.name, spec.options, arch_spec, num_classes, kind_options, _method_sources_hash(spec.name, "kind")], 16)
         cache = _budget_cache_path()
         known = json.loads(cache.read_text()) if cache.is_file() else {}
         if key not in known:  # bisection over real (meta-device) builds: seconds per method, minutes for DiT-L/2
@@ -226,30 +245,32 @@ def _train_job(suite: Suite, cfg: RunConfig, stage: str, deps: tuple[str, ...], 
 def _prepare_job(suite: Suite, cfg: RunConfig, task: str) -> Job:
     """The reference set of a task: its data (split, domain, size) and the evaluation protocol."""
     data = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("num_workers",)}
-    payload = {"data": data, "eval": suite.eval, "in_channels": cfg.model.in_channels,
-               "extractor_id": _extractor_id(suite.eval)}
+    payload = {"data": data, "eval": suite.eval.to_dict(), "in_channels": cfg.model.in_channels,
+               "extractor_id": _extractor_id(suite.eval.extractor)}
     job_id = f"prepare--{task}--{data['image_size']}px--{short_hash(payload)}"
     return Job(job_id, "prepare", (), None, None, {"suite": suite.name, "task": task, **payload})
 
 
-def _extractor_id(protocol: dict[str, Any]) -> str:
+def _extractor_id(extractor: str) -> str:
     """The feature extractor's identity, hashed into reference and evaluation ids: a new extractor version means
     new references and scores, never a stale reference reused under the same id."""
-    if protocol.get("extractor", "synthetic") == "synthetic":
+    if extractor == "synthetic":
         from bench.metrics.domain import EXTRACTOR_NAME
 
         return EXTRACTOR_NAME
-    return str(protocol.get("extractor"))
+    return extractor
 
 
 def _sample_and_evaluate(suite: Suite, cfg: RunConfig, train: Job, prepare: Job, labels: dict[str, Any], add) -> Job:
-    sample_cfg = cfg.to_dict()["sample"]
+    """The sample job (its own settings: the suite's sampling protocol) and the evaluate job (the metric protocol)."""
+    sample_cfg = suite.sample.to_dict()
     sample = add(Job(f"{train.run_id}--sample-{short_hash(sample_cfg)}", "sample", (train.job_id,), train.run_id,
-                     train.config, {"suite": suite.name, **labels}))
-    eval_hash = short_hash([sample_cfg, suite.eval, prepare.job_id])
+                     train.config, {"suite": suite.name, **labels, "sample": sample_cfg}))
+    eval_cfg = suite.eval.to_dict()
+    eval_hash = short_hash([sample_cfg, eval_cfg, prepare.job_id])
     return add(Job(f"{train.run_id}--evaluate-{eval_hash}", "evaluate", (sample.job_id, prepare.job_id), train.run_id,
                    train.config, {"suite": suite.name, **labels, "sample_job": sample.job_id,
-                                  "prepare_job": prepare.job_id, "eval": suite.eval}))
+                                  "prepare_job": prepare.job_id, "eval": eval_cfg}))
 
 
 def dependents(plan: Plan, job_id: str) -> set[str]:

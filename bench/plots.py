@@ -10,6 +10,9 @@ Per benchmark and evaluation protocol (protocols are never mixed in one figure, 
 
 Per benchmark: ``loss_curves`` from the runs' ``train.jsonl`` (one colour per method/variant, one line per seed).
 
+Stale rows and runs (a non-empty ``stale`` column: made by other code than the checkout's) are not results of this
+code and are never drawn; CSVs from before that column are drawn whole.
+
 The Pareto fronts are the ``pareto_<metric>_vs_<axis>`` flags of ``leaderboard.csv``: the leaderboard decides, the
 plot draws. Output is reproducible: a fixed style (matplotlib defaults + ``STYLE``, not the user's matplotlibrc),
 fixed sizes and dpi, no timestamps or version strings in PNG/PDF metadata, so the same CSVs give identical bytes.
@@ -73,6 +76,11 @@ def read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
         if missing:
             raise ValueError(f"{path} lacks columns {missing}: not a kindbench leaderboard CSV")
         return list(reader)
+
+
+def current_rows(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows that are results of this code: a non-empty ``stale`` cell leaves a row out."""
+    return [row for row in rows if not row.get("stale")]
 
 
 def number(text: str | None) -> float | None:
@@ -278,13 +286,13 @@ def make_plots(leaderboard_dir: str | os.PathLike, out_dir: str | os.PathLike) -
         raise FileNotFoundError(f"no <benchmark>/leaderboard.csv under {base}: run `kindbench leaderboard` first")
     if not boards:
         warnings.warn(f"{base}: the leaderboard has no benchmark yet; no figures", PlotWarning, stacklevel=2)
-    runs = read_csv(runs_csv, RUN_COLUMNS) if runs_csv.is_file() else []
+    runs = current_rows(read_csv(runs_csv, RUN_COLUMNS)) if runs_csv.is_file() else []
     written: list[Path] = []
     with matplotlib.style.context("default"), matplotlib.rc_context(STYLE):
         for board_csv in boards:
-            board = read_csv(board_csv, BOARD_COLUMNS)
+            board = current_rows(read_csv(board_csv, BOARD_COLUMNS))
             if not board:
-                continue  # a benchmark with failures only: nothing to draw
+                continue  # a benchmark with failures or stale rows only: nothing to draw
             benchmark = board[0]["benchmark"]
             bench_runs = [r for r in runs if r["benchmark"] == benchmark]
             written += plot_benchmark(board, bench_runs, base, out / board_csv.parent.name)

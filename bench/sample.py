@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 -m bench.sample --run-dir runs/<run_id>
 
 The model is rebuilt from the run's ``config.json`` and ``export.safetensors`` (fp32 EMA) and merged into a
-plain DiT by its method. Sample ``i`` takes its label, initial noise and every step's noise from its own generator
+plain DiT by its method. The sampling settings are this command's own (``SampleConfig`` defaults, then
+``--sample.*``; a suite's sample job passes its protocol): a training run's config holds none. Sample ``i`` takes its label, initial noise and every step's noise from its own generator
 seeded by ``(sample.seed, i)``: the samples do not depend on the world size or on restarts. Work is cut into
 chunks of ``per_proc_batch`` consecutive samples (chunk k goes to rank k mod world), each written atomically to
 ``parts/``; a restart skips finished chunks. Rank 0 then writes the ``.npz`` in index order, a grid PNG and
@@ -14,8 +15,11 @@ chunks of ``per_proc_batch`` consecutive samples (chunk k goes to rank k mod wor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +27,12 @@ import numpy as np
 import torch
 
 from bench.batching import derive_seed
-from bench.config import ConfigError, RunConfig, SampleConfig, from_dict, parse_override
+from bench.config import ConfigError, RunConfig, SampleConfig, from_dict, section_from_overrides
 from bench.data.grid import save_grid
 from bench.diffusion import GaussianDiffusion, sample
 from bench.engine import DistContext, barrier, init_distributed, shutdown
 from bench.metrics.sample_io import to_uint8_dit, write_samples_npz
+from bench.progress import progress_bar
 from bench.train import ancestry_path
 from methods import Task, get_method
 from methods.transfer import load_ancestry
@@ -75,63 +80,64 @@ def sample_labels(cfg: SampleConfig, indices: range, num_classes: int) -> torch.
         derive_seed(cfg.seed, LABEL_STREAM, i)))) for i in indices])
 
 
-def _decoder(cfg: RunConfig, device: torch.device):
+def _decoder(cfg: RunConfig, s: SampleConfig, device: torch.device):
     """Latents -> images in [-1, 1]: the VAE for latent models, identity in pixel space."""
     if cfg.model.in_channels == 3:
         return lambda x: x
     from bench.models.vae import decode, load_vae
 
-    vae = load_vae(cfg.sample.vae_dir or None, device=device)
+    vae = load_vae(s.vae_dir or None, device=device)
     return lambda x: decode(vae, x)
 
 
-def clips_denoised(cfg: RunConfig) -> bool:
+def clips_denoised(cfg: RunConfig, s: SampleConfig) -> bool:
     """``sample.clip_denoised`` resolved: ``auto`` clips in pixel space (3 channels) and never for latents."""
-    return cfg.sample.clip_denoised == "true" or (cfg.sample.clip_denoised == "auto" and cfg.model.in_channels == 3)
+    return s.clip_denoised == "true" or (s.clip_denoised == "auto" and cfg.model.in_channels == 3)
 
 
-def draw_chunk(model: torch.nn.Module, cfg: RunConfig, indices: range, device: torch.device, decoder) -> tuple[
-        np.ndarray, np.ndarray]:
-    s = cfg.sample
+def draw_chunk(model: torch.nn.Module, cfg: RunConfig, s: SampleConfig, indices: range, device: torch.device,
+               decoder) -> tuple[np.ndarray, np.ndarray]:
     labels = sample_labels(s, indices, model.num_classes)
     generators = [torch.Generator(device).manual_seed(derive_seed(s.seed, NOISE_STREAM, i)) for i in indices]
     shape = (model.in_channels, model.input_size, model.input_size)
     diffusion = GaussianDiffusion(cfg.diffusion.num_timesteps, cfg.diffusion.beta_schedule, model.learn_sigma)
     x = sample(model, labels.to(device), shape=shape, scheduler=s.scheduler, num_steps=s.num_steps,
                cfg_scale=s.cfg_scale, guide_channels=s.guide_channels or None, generators=generators,
-               diffusion=diffusion, clip_denoised=clips_denoised(cfg))
+               diffusion=diffusion, clip_denoised=clips_denoised(cfg, s))
     with torch.no_grad():
         images = decoder(x)
     return to_uint8_dit(images.permute(0, 2, 3, 1)), labels.numpy()
 
 
-def sample_run(run_dir: Path, overrides: list[str], ctx: DistContext) -> dict[str, Any]:
-    """Sample the run in ``run_dir`` (every rank calls it); returns the sample record on every rank."""
+def sample_config(overrides: list[str]) -> SampleConfig:
+    """``SampleConfig`` defaults with ``--sample.key=value`` overrides (typed and checked like ``kindbench train``)."""
+    return section_from_overrides(SampleConfig, "sample", overrides)
+
+
+def sample_run(run_dir: Path, s: SampleConfig, ctx: DistContext) -> dict[str, Any]:
+    """Sample the run in ``run_dir`` with the settings ``s`` (every rank calls it); returns the sample record on
+    every rank. Finished chunks of an interrupted call with the same settings are reused."""
     model, cfg, meta = load_run_model(run_dir)
-    for item in overrides:
-        key, value = parse_override(item)
-        if not key.startswith("sample."):
-            raise ConfigError(f"bench.sample takes only sample.* overrides, got {key!r}")
-        data = cfg.to_dict()
-        data["sample"][key.split(".", 1)[1]] = value
-        cfg = from_dict(data)
-    s = cfg.sample
-    tag = sample_tag(s, int(meta.get("steps", 0)), clips_denoised(cfg))
+    clip = clips_denoised(cfg, s)
+    tag = sample_tag(s, int(meta.get("steps", 0)), clip)
     out_dir = run_dir / "samples" / tag
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     model.to(ctx.device)
-    decoder = _decoder(cfg, ctx.device)
+    decoder = _decoder(cfg, s, ctx.device)
     chunks = range(0, s.num_samples, s.per_proc_batch)
-    for k, start in enumerate(chunks):
-        part = parts / f"chunk_{k:06d}.npz"
-        if k % ctx.world_size != ctx.rank or part.exists():
-            continue
-        images, labels = draw_chunk(model, cfg, range(start, min(start + s.per_proc_batch, s.num_samples)),
-                                    ctx.device, decoder)
-        tmp = part.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images, labels=labels)
-        tmp.replace(part)
+    mine = [k for k in range(len(chunks)) if k % ctx.world_size == ctx.rank]
+    with progress_bar(len(mine) if ctx.is_main else 0, f"sampling {run_dir.name}") as advance:
+        for k in mine:
+            part = parts / f"chunk_{k:06d}.npz"
+            if not part.exists():
+                start = chunks[k]
+                images, labels = draw_chunk(model, cfg, s, range(start, min(start + s.per_proc_batch, s.num_samples)),
+                                            ctx.device, decoder)
+                tmp = parts / f".chunk_{k:06d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz"  # unique per writer
+                np.savez(tmp, images=images, labels=labels)
+                tmp.replace(part)
+            advance(1)
     barrier(ctx)
     npz = out_dir / "samples.npz"
     if ctx.is_main:
@@ -146,7 +152,7 @@ def sample_run(run_dir: Path, overrides: list[str], ctx: DistContext) -> dict[st
             "num_samples": s.num_samples, "scheduler": s.scheduler, "num_steps": s.num_steps,
             "cfg_scale": s.cfg_scale, "guide_channels": s.guide_channels, "label_mode": s.label_mode,
             "seed": s.seed, "tag": tag, "per_sample_seeding": True, "world_size": ctx.world_size,
-            "clip_denoised": clips_denoised(cfg)}
+            "clip_denoised": clip, "config": dataclasses.asdict(s)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,9 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Other arguments: --sample.key=value overrides.")
     parser.add_argument("--run-dir", required=True, type=Path, help="a trained run directory (runs/<run_id>)")
     args, overrides = parser.parse_known_args(argv)
+    try:
+        settings = sample_config(overrides)
+    except ConfigError as err:
+        print(f"kindbench sample: error: {err}", file=sys.stderr)
+        return 2
     ctx = init_distributed(RunConfig().engine)
     try:
-        record = sample_run(args.run_dir, overrides, ctx)
+        record = sample_run(args.run_dir, settings, ctx)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"kindbench sample: error: {err}", file=sys.stderr)
         return 1

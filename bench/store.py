@@ -142,6 +142,18 @@ class Record(TypedDict, total=False):
     timings: dict[str, float]  # {"stage_wall_s": ...}
     meta_info: dict[str, Any]  # environment: hostname, python, packages, cuda, gpu, world size, SLURM ids, git
     extra: dict[str, Any]  # stage-specific payload without a block of its own (prepare: reference; aggregate: files)
+    outputs: dict[str, OutputRef]  # files the job produced that later jobs read (bench.status checks them)
+
+
+class OutputRef(TypedDict):
+    path: str  # relative to the runs root unless absolute
+    sha256: str  # the file as the job wrote it; a different or missing file makes the record untrusted
+
+
+# Written by bench.jobs into run_info beside the required keys (optional for records of older versions):
+#   code: {"fingerprint": str, "modules": str}  hash of the source the job's stage and method ran (bench.fingerprint)
+#   inputs: {job_id: digest}                    digest of every record the job consumed (bench.status.record_digest)
+#   protocol_settings: dict                     the sample job's SampleConfig / the evaluate job's EvalConfig
 
 
 REQUIRED = {
@@ -212,6 +224,12 @@ def validate_record(record: Any) -> None:
         raise ValueError("run_info.depends_on must be a list of job ids")
     if not isinstance(info["config"], dict):
         raise ValueError("run_info.config must be an object (the resolved config)")
+    outputs = record.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, dict):
+            raise ValueError("outputs must be an object: name -> {path, sha256}")
+        for name, ref in outputs.items():
+            _require(ref, ("path", "sha256"), f"outputs.{name}")
     for key in ("created_at", "finished_at"):
         _check_time(info[key], f"run_info.{key}")
     for name in ("timings", "meta_info"):

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import copy
 import os
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bench.config import ConfigError, RunConfig, from_dict
+from bench.config import ConfigError, EvalConfig, RunConfig, SampleConfig, from_dict, section_from_dict
+from bench.tomlcompat import tomllib
 
 SUITES_PACKAGE = "bench.suites"
 TASK_STAGES = ("transfer", "domain", "descend")
@@ -80,8 +80,10 @@ class Suite:
     seeds: tuple[int, ...]
     archs: tuple[str, ...]
     defaults: dict[str, Any]
-    sample: dict[str, Any]
-    eval: dict[str, Any]
+    sample: SampleConfig
+    """The sampling protocol: the sample jobs' settings (never part of a training config)."""
+    eval: EvalConfig
+    """The metric protocol: the prepare and evaluate jobs' settings."""
     ancestries: dict[str, AncestrySpec]
     tasks: dict[str, TaskSpec]
     methods: list[MethodSpec]
@@ -166,11 +168,22 @@ def load_suite(name_or_path: str) -> Suite:
                                   spec.get("options", {}), spec.get("overrides", {}), spec.get("budget")))
     suite = Suite(name=data.get("name", path.stem), description=data.get("description", ""),
                   seeds=tuple(data.get("seeds", [0])), archs=tuple(data.get("archs", [RunConfig().model.arch])),
-                  defaults=_table(data, "defaults", where), sample=_table(protocol, "sample", where),
-                  eval=_table(protocol, "eval", where), ancestries=ancestries, tasks=tasks, methods=methods,
+                  defaults=_table(data, "defaults", where),
+                  sample=protocol_section(SampleConfig, _table(protocol, "sample", where), "sample", where),
+                  eval=protocol_section(EvalConfig, _table(protocol, "eval", where), "eval", where),
+                  ancestries=ancestries, tasks=tasks, methods=methods,
                   source=str(path), raw=data)
     validate_suite(suite)
     return suite
+
+
+def protocol_section(cls: type, table: dict[str, Any], section: str, where: str) -> Any:
+    """``[protocol.sample]`` / ``[protocol.eval]`` (or ``--set sample.*`` / ``eval.*`` merged into them), typed and
+    checked: an unknown key or a wrong type is a one-line SuiteError naming it."""
+    try:
+        return section_from_dict(cls, table, section)
+    except (ConfigError, TypeError) as err:
+        raise SuiteError(f"{where}: {err}") from None
 
 
 def validate_suite(suite: Suite) -> None:
@@ -194,6 +207,7 @@ def validate_suite(suite: Suite) -> None:
             current = suite.ancestries[current].teacher
     for spec in suite.ancestries.values():
         cls = method_class(spec.method, f"ancestry {spec.name!r}")
+        _check_options(cls, spec.options, f"{where} ancestry {spec.name!r}")
         if "ancestry" not in cls.stages:
             raise SuiteError(f"{where} ancestry {spec.name!r}: method {spec.method!r} has no ancestry stage")
         if spec.teacher is not None:
@@ -217,6 +231,7 @@ def validate_suite(suite: Suite) -> None:
             raise SuiteError(f"{where} method {spec.name!r} cannot build from ancestry {spec.ancestry!r} of method "
                              f"{suite.ancestries[spec.ancestry].method!r} (accepts: "
                              f"{list(cls.ancestry_methods) or 'no ancestry'})")
+        _check_options(cls, spec.options, f"{where} method {spec.name!r} variant {spec.variant!r}")
         if spec.ancestry is None and cls.ancestry_methods:
             raise SuiteError(f"{where} method {spec.name!r} needs an ancestry (one of methods "
                              f"{list(cls.ancestry_methods)})")
@@ -233,9 +248,19 @@ def validate_suite(suite: Suite) -> None:
             _check_config(resolve_config(suite, {"model": {"arch": arch}}, task.overrides), where)
 
 
+def _check_options(cls: type, options: dict[str, Any], where: str) -> None:
+    """A method's options are checked by building its ``Config`` at load, not when its job starts hours later."""
+    from methods import MethodError
+
+    try:
+        cls.Config.from_dict(options)
+    except (MethodError, ValueError, TypeError) as err:
+        raise SuiteError(f"{where}: {err}") from None
+
+
 def resolve_config(suite: Suite, *layers: dict[str, Any]) -> dict[str, Any]:
-    """Suite defaults and the suite's sampling protocol, then each override layer in order."""
-    data = deep_merge(suite.defaults, {"sample": suite.sample})
+    """Suite defaults, then each override layer in order (a training config: no sampling or metric settings)."""
+    data = copy.deepcopy(suite.defaults)
     for layer in layers:
         data = deep_merge(data, layer)
     return data

@@ -3,6 +3,8 @@
 One table per evaluation protocol: rows scored with different extractors, sample counts, guidance or references
 are not comparable, so they never share a table. Cells show ``mean ± std`` over seeds, the best value of each
 metric within a protocol is bold, and headers carry the metric's direction (↓ lower is better, ↑ higher).
+Stale rows (a non-empty ``stale``: made by other code than the checkout's) are never in a ranked table: Markdown
+lists them in a table of their own after the ranked ones, LaTeX leaves them out and names them in a comment.
 The output holds no timestamps or absolute paths, so the same records always give the same bytes.
 """
 
@@ -15,6 +17,9 @@ from typing import Any
 METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall",
                  "fdd": "FDD"}
 STATUSES = ("success", "failed", "cancelled")
+STALE_TITLE = "Stale rows (made by other code; not ranked)"
+REFRESH_HINT = ("`kindbench run` re-runs stale jobs (`kindbench plan` lists them); then rebuild the leaderboard "
+                "with `kindbench leaderboard`.")
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                   "–": "--"}
@@ -105,6 +110,11 @@ def _used_metrics(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> lis
     return [m for m in metrics if any(r.get(f"{m}_mean") is not None for r in rows)]
 
 
+def split_stale(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(current rows, stale rows), each in the leaderboard's order."""
+    return [r for r in rows if not r.get("stale")], [r for r in rows if r.get("stale")]
+
+
 # ---- Markdown ------------------------------------------------------------------------------------------------------
 
 
@@ -116,17 +126,21 @@ def _md_table(header: list[str], body: list[list[str]], right_from: int = 0) -> 
 
 
 def leaderboard_markdown(benchmark: str, rows: Sequence[dict[str, Any]], metrics: Sequence[str],
-                         counts: Counter, failed: Sequence[dict[str, Any]]) -> str:
+                         counts: Counter, failed: Sequence[dict[str, Any]], n_stale: int | None = None) -> str:
     task, arch = (rows[0]["task"], rows[0]["arch"]) if rows else ("?", "?")
+    current, stale = split_stale(rows)
     lines = [f"# Leaderboard: {benchmark}", ""]
-    if rows:
+    if current:
         lines += [f"{arch} on task {task}. Mean ± std over seeds (sample std); **bold** is the best value within a "
                   "protocol; ↓ lower is better, ↑ higher is better. Rows evaluated under different protocols are "
                   "never ranked together: each protocol has its own table. Pareto: on the front of the primary "
                   "metric vs trainable parameters (params) and vs training compute (compute).", ""]
+    elif stale:
+        lines += [(f"{arch} on task {task}. No evaluation made by this checkout's code yet: every row is stale "
+                   f"(see below). {REFRESH_HINT}"), ""]
     else:
         lines += ["No successful evaluation yet.", ""]
-    for group in split_protocols(rows):
+    for group in split_protocols(current):
         used = _used_metrics(group, metrics)
         primary = primary_metric(group, used)
         header = HEADERS + [f"{metric_label(m)} {'↑' if group[0][f'{m}_higher_is_better'] else '↓'}" for m in used]
@@ -138,14 +152,38 @@ def leaderboard_markdown(benchmark: str, rows: Sequence[dict[str, Any]], metrics
             body.append(_cells(row) + cells + [pareto_text(row, primary)])
         lines += [f"## Protocol {group[0]['protocol_id']}", "", protocol_summary(group[0]) + ".", ""]
         lines += _md_table(header, body, right_from=4) + [""]
-    lines += ["## Status", ""] + status_lines(counts, failed)
+    if stale:
+        lines += stale_markdown(stale, metrics)
+    lines += ["## Status", ""] + status_lines(counts, failed, n_stale)
     return "\n".join(lines) + "\n"
 
 
-def status_lines(counts: Counter, failed: Sequence[dict[str, Any]]) -> list[str]:
+def stale_markdown(stale: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[str]:
+    """The table of stale rows: what they scored (for reference only; never ranked) and why they are stale."""
+    used = _used_metrics(stale, metrics)
+    header = ["Protocol", "Method", "Family", "Variant", "Seeds"] + [
+        f"{metric_label(m)} {'↑' if stale[0][f'{m}_higher_is_better'] else '↓'}" for m in used] + ["Stale because"]
+    body = [[row["protocol_id"], row["method"], row["family"], row["variant"], str(row["n_seeds"])]
+            + [fmt_metric(row[f"{m}_mean"], row[f"{m}_std"], " ± ") for m in used] + [row["stale"]]
+            for row in stale]
+    lines = [f"## {STALE_TITLE}", "",
+             ("These rows were made by other code than this checkout's (or from inputs re-run since), so they are "
+              "not results of this code: they have no rank, best marker or Pareto flag and are not compared with "
+              f"the rows above. {REFRESH_HINT}"), ""]
+    table = _md_table(header, body, right_from=4)
+    table[1] = table[1].rsplit("---:", 1)[0] + "--- |"  # the reason reads left to right
+    return lines + table + [""]
+
+
+def status_lines(counts: Counter, failed: Sequence[dict[str, Any]], n_stale: int | None = None) -> list[str]:
+    """The status table; ``n_stale`` (None: not counted) adds how many successful evaluations are stale."""
     stages = sorted({stage for stage, _ in counts})
     body = [[stage] + [str(counts.get((stage, status), 0)) for status in STATUSES] for stage in stages]
     lines = _md_table(["Stage", *STATUSES], body, right_from=1) + [""]
+    if n_stale is not None:
+        lines += [f"Stale evaluations (made by other code; not ranked): {n_stale} of "
+                  f"{counts.get(('evaluate', 'success'), 0)} successful."
+                  + (f" {REFRESH_HINT}" if n_stale else ""), ""]
     if failed:
         lines += ["Not ranked (failed or cancelled):", ""]
         lines += [f"- `{r['run_info']['job_id']}` ({r['status']}): {r['error']}" for r in failed] + [""]
@@ -153,11 +191,14 @@ def status_lines(counts: Counter, failed: Sequence[dict[str, Any]]) -> list[str]
 
 
 def status_markdown(counts: dict[str, Counter], failed: Sequence[dict[str, Any]],
-                    malformed: Sequence[tuple[Any, str]]) -> str:
+                    malformed: Sequence[tuple[Any, str]], stale: dict[str, int] | None = None) -> str:
+    """``stale``: benchmark -> number of stale successful evaluations (benchmarks with evaluations only)."""
     lines = ["# Record status", ""]
+    stale = stale or {}
     for benchmark, counter in sorted(counts.items()):
         lines += [f"## {benchmark or '(suite-level jobs)'}", ""]
-        lines += status_lines(counter, [r for r in failed if r["run_info"]["benchmark"] == benchmark])
+        lines += status_lines(counter, [r for r in failed if r["run_info"]["benchmark"] == benchmark],
+                              stale.get(benchmark))
     if malformed:
         lines += ["## Malformed record files (skipped)", ""]
         lines += [f"- {message}" for _, message in malformed] + [""]
@@ -171,10 +212,21 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_ESCAPES.get(char, char) for char in str(text))
 
 
+def _comment(text: Any) -> str:
+    """Text safe inside a ``%`` comment line: one line (a newline would end the comment)."""
+    return " ".join(str(text).split())
+
+
 def leaderboard_latex(benchmark: str, rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
     """One booktabs ``table`` per protocol (needs ``\\usepackage{booktabs}``)."""
     lines = [f"% kindbench leaderboard for {latex_escape(benchmark)}, generated from run records; "
              "needs \\usepackage{booktabs}"]
+    rows, stale = split_stale(rows)
+    if stale:  # not results of this code: named in a comment, never typeset
+        lines.append(f"% {len(stale)} stale row(s) left out (made by other code; not ranked; `kindbench run` "
+                     "re-runs stale jobs): " + "; ".join(
+                         f"{_comment(r['method'])}/{_comment(r['variant'])} (protocol {r['protocol_id']}, "
+                         f"seeds {_comment(r['seeds'])}): {_comment(r['stale'])}" for r in stale))
     for group in split_protocols(rows):
         used = _used_metrics(group, metrics)
         primary = primary_metric(group, used)

@@ -204,6 +204,7 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict[str, Any]:
 def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: PreemptionWatch) -> dict[str, Any]:
     if ctx.is_main:
         save_resolved(cfg, run_dir / "config.json")
+    memory = PeakMemory(ctx)
     dataset = build_dataset(cfg.data, cfg.model)
     method, model, ancestry = build_model(cfg, dataset.num_classes)
     groups = method.mark_trainable(model)
@@ -264,7 +265,8 @@ def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: 
     summary = {"run_id": run_id, "status": "success", "method": cfg.method.name, "stage": cfg.method.stage,
                "steps": steps, "resumed_from_step": start_step, "wall_s": time.perf_counter() - t_start,
                "images_seen": steps * cfg.schedule.global_batch, "micro_batch": micro, "grad_accum": accum,
-               "final": last_record, "accounting": accounting, "peak_mem_gb": peak_memory_gb(ctx),
+               "final": last_record, "accounting": accounting, "peak_mem_gb": memory.peak_gb(),
+               "peak_mem_kind": memory.kind,
                "ancestry": {"path": ancestry.path, "sha256": ancestry.sha256} if ancestry else None,
                "deepspeed_config": getattr(engine, "ds_config", None), "environment": environment(ctx.world_size)}
     if ctx.is_main:
@@ -280,10 +282,45 @@ def mark_preempted(run_dir: Path, step: int, reason: str) -> None:
     (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "reason": reason, "time": time.time()}))
 
 
-def peak_memory_gb(ctx: DistContext) -> float:
-    if ctx.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(ctx.device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class PeakMemory:
+    """The run's own peak memory, not the process's lifetime peak (a worker process runs many jobs).
+
+    On CUDA: peak allocated bytes since the run started (``reset_peak_memory_stats``). On CPU: growth of the
+    resident set over the run: Linux's high-water mark ``VmHWM`` is reset at the start (``/proc/self/clear_refs``)
+    and read at the end, minus the resident set at the start. Where the reset is not allowed, the process's
+    lifetime peak minus the start is reported instead and ``kind`` says so."""
+
+    def __init__(self, ctx: DistContext):
+        self.device = ctx.device
+        self.kind = "cuda_max_allocated"
+        self.base_kib = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS
+            self.kind = "cpu_rss_growth"
+        except OSError:
+            self.kind = "cpu_rss_growth_upper_bound"
+        self.base_kib = _proc_status_kib("VmRSS") or 0
+
+    def peak_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        peak = _proc_status_kib("VmHWM") if self.kind == "cpu_rss_growth" else None
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
+        return max(peak - self.base_kib, 0) / 2**20
 
 
 def export(run_dir: Path, cfg: RunConfig, method: Method, num_classes: int, state: dict[str, torch.Tensor],
@@ -305,8 +342,29 @@ def export(run_dir: Path, cfg: RunConfig, method: Method, num_classes: int, stat
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(prog="kindbench train", description=__doc__.split("\n\n")[0],
-                                     epilog="Any other --section.key=value overrides the config (type-checked).")
+    import dataclasses
+    import textwrap
+
+    def literal(value: Any) -> str:  # as typed on the command line (a TOML literal; bare words are strings)
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, (tuple, list)):
+            return "[" + ",".join(literal(v) for v in value) + "]"
+        if isinstance(value, dict):
+            return "{" + ",".join(f"{k}={literal(v)}" for k, v in value.items()) + "}"
+        return '""' if value == "" else str(value)
+
+    # Read from RunConfig at run time, so the help never drifts from the config tree.
+    defaults, lines = RunConfig(), []
+    for section in dataclasses.fields(RunConfig):
+        keys = [f"--{section.name}.{f.name}={literal(getattr(getattr(defaults, section.name), f.name))}"
+                for f in dataclasses.fields(getattr(defaults, section.name))]
+        lines += [f"  [{section.name}]"] + textwrap.wrap("  ".join(keys), width=116, initial_indent="    ",
+                                                         subsequent_indent="    ", break_on_hyphens=False)
+    epilog = ("Any other --section.key=value overrides the config (type-checked). Sections, keys and defaults\n"
+              "(every field is documented in bench/config.py):\n" + "\n".join(lines))
+    parser = argparse.ArgumentParser(prog="kindbench train", description=__doc__.split("\n\n")[0], epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML config file (overrides the defaults)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher adds it
     args, overrides = parser.parse_known_args(argv)

@@ -63,6 +63,8 @@ class _GateBoundMerge:
 class KindMethod(Method):
     """KIND: learngenes (class-agnostic components) and class-gated tailors in every decomposed DiT matrix."""
 
+    family = "learngene"
+
     name = "kind"
     Config = KindConfig
     stages = frozenset(STAGES)

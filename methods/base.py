@@ -156,6 +156,12 @@ class Method(abc.ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     stages: ClassVar[frozenset[str]] = frozenset()
     """Stages the method supports, a subset of ``STAGES``."""
+    family: ClassVar[str] = ""
+    """Leaderboard family of the method's rows: ``pretrain``, ``full_ft``, ``peft``, ``learngene`` or ``init`` (a
+    new family name is allowed). Every method declares one; the harness never guesses it from the name."""
+    rank_option: ClassVar[str | None] = None
+    """The option ``methods.budget.matched_rank`` varies to meet a parameter budget (None: the method has none);
+    such a method also implements ``rank_values`` and ``budget_options``."""
     ancestry_methods: ClassVar[tuple[str, ...]] = ()
     """Methods whose ancestry exports ``build`` accepts (``("scratch", "full")`` for a dense DiT, ``("kind",)``
     for KIND's own); empty means ``build`` starts from random weights and takes no ancestry. The contract test

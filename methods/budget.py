@@ -124,7 +124,11 @@ def _memoised(function: Callable[[int], int]) -> Callable[[int], int]:
 #                                                    CLI
 # --------------------------------------------------------------------------------------------------------------
 
-RANKED_METHODS = ("lora", "dora", "pissa", "vera", "oft", "boft", "loha", "lokr")
+def ranked_methods() -> list[str]:
+    """Registered methods that declare a ``rank_option`` (the ones a parameter budget can be matched for)."""
+    from methods.registry import get_method_class, list_methods
+
+    return [name for name in list_methods() if get_method_class(name).rank_option]
 
 
 def _report(arch: ArchSpec, num_classes: int, adaln: bool) -> list[str]:
@@ -133,7 +137,7 @@ def _report(arch: ArchSpec, num_classes: int, adaln: bool) -> list[str]:
     lines = [f"{arch.name}, {num_classes} classes, adaLN {'adapted' if adaln else 'frozen'}: KIND trains "
              f"{target:,} parameters", "", "| method | option | standard | count | KIND-matched | count |",
              "|---|---|---|---|---|---|"]
-    for name in RANKED_METHODS:
+    for name in ranked_methods():
         options = {"targets": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")} if adaln else {}
         method = get_method(name, options)
         option = type(method).rank_option

@@ -88,3 +88,14 @@ def get_method_class(name: str) -> type[Method]:
 def get_method(name: str, options: dict | None = None) -> Method:
     """An instance of method ``name`` with its Config built from ``options`` (unknown options are errors)."""
     return get_method_class(name)(options)
+
+
+def method_module(name: str) -> str:
+    """The module that defines method ``name`` (its code fingerprint starts there), without importing it."""
+    with _lock:
+        target = _entries.get(name)
+    if target is None:
+        get_method_class(name)  # raises the did-you-mean error
+    if isinstance(target, str):
+        return target.partition(":")[0]
+    return target.__module__

@@ -10,14 +10,20 @@ method     family     seeds  trainable  train GMACs     FID        note
 kind       learngene  0, 1   120 000    960             20, 22     ancestry run upstream
 lora r4    peft       0, 1   30 000     1152            25, 27     seed 2 transfer FAILED
 bitfit     peft       0      60 000     768             30         seed 1 sample CANCELLED
-full_ft    full_ft    0      800 000    1536            19
+full       full_ft    0      800 000    1536            19
 =========  =========  =====  =========  ==============  =========  ======================
 
-Pareto (FID vs trainable params): lora, kind, full_ft (bitfit is dominated by lora).
-Pareto (FID vs training GMACs): bitfit, kind, full_ft (lora is dominated by kind).
+Pareto (FID vs trainable params): lora, kind, full (bitfit is dominated by lora).
+Pareto (FID vs training GMACs): bitfit, kind, full (lora is dominated by kind).
 
 Protocol P2 (Inception extractor, another reference) scores kind s0 and lora s0 again: a separate ranking.
 Benchmark ``novel-b--DiT-T-2`` holds one kind run, to check one leaderboard per benchmark.
+
+Every record is *current*, as ``bench.jobs`` writes it from this checkout: ``run_info.code`` is this checkout's code
+fingerprint of its stage and method (``bench.status.code_fingerprint``, looked up when written, so a test that
+monkeypatches it there gets records that agree) and ``run_info.inputs`` the digests of the records it depends on.
+Methods are registered names (``full`` is the registry's full fine-tuning, family ``full_ft``), so
+``bench.status.stale_reason`` finds every fixture record current and a test makes one stale by editing it.
 
 The end of the file has ``simple_record`` and the worker functions of the store's concurrency tests: spawned
 processes import this module, so it imports only ``bench.store`` at the top (numpy and PIL lazily).
@@ -54,9 +60,9 @@ RUNS = {
                                     gpu_h=0.09, fid=27.0, sfid=36.0, is_=4.3, prec=0.57, rec=0.36, fdd=175.0),
     ("bitfit", "peft", "default", 0): dict(trainable=60_000, total=800_000, gmacs=0.04, images=6400, wall=200.0,
                                            gpu_h=0.05, fid=30.0, sfid=40.0, is_=4.0, prec=0.50, rec=0.30, fdd=190.0),
-    ("full_ft", "full_ft", "default", 0): dict(trainable=800_000, total=800_000, gmacs=0.04, images=12800,
-                                               wall=900.0, gpu_h=0.25, fid=19.0, sfid=29.0, is_=5.8, prec=0.58,
-                                               rec=0.47, fdd=140.0),
+    ("full", "full_ft", "default", 0): dict(trainable=800_000, total=800_000, gmacs=0.04, images=12800,
+                                            wall=900.0, gpu_h=0.25, fid=19.0, sfid=29.0, is_=5.8, prec=0.58,
+                                            rec=0.47, fdd=140.0),
 }
 P2_FID = {("kind", 0): 40.0, ("lora", 0): 35.0}  # under P2 lora wins: rankings must not mix protocols
 
@@ -81,6 +87,29 @@ def _finish(info: dict, **blocks) -> dict:
     error = blocks.pop("error", None)
     return new_record(info, status=status, error=error, meta_info=META,
                       finished_at="2025-03-01T10:30:00.000+00:00", **blocks)
+
+
+def current_code(stage: str, method: str) -> dict:
+    """``run_info.code`` of a ``stage`` job of ``method`` made by this checkout (as ``bench.jobs`` records it)."""
+    from bench import status  # lazy: the store tests' worker processes import this module
+
+    return status.code_fingerprint(stage, method or None)
+
+
+def stamp_current(store: RecordStore, record: dict) -> dict:
+    """``record`` with the ``code`` and ``inputs`` blocks ``bench.jobs`` writes into run_info: this checkout's
+    fingerprint and the digest of every dependency record now in ``store`` (so the record is current)."""
+    from bench.status import record_digest
+
+    info = record["run_info"]
+    info["code"] = current_code(info["stage"], info["method"])
+    deps = {dep: store.read(dep) for dep in info["depends_on"]}
+    info["inputs"] = {dep: record_digest(dep_record) for dep, dep_record in deps.items() if dep_record is not None}
+    return record
+
+
+def write_current(store: RecordStore, record: dict) -> None:
+    store.write(stamp_current(store, record))
 
 
 def train_info(numbers: dict, loss_curve: str | None) -> dict:
@@ -123,16 +152,16 @@ def write_run(store: RecordStore, benchmark: str, key: tuple, numbers: dict, anc
     loss_curve, grid = _artefacts(store.root, run_id, seed)
     transfer = _info("transfer", run_id, benchmark, method, family, variant, seed,
                      [ancestry_job] if ancestry_job else [])
-    store.write(_finish(transfer, train_info=train_info(numbers, loss_curve)))
+    write_current(store, _finish(transfer, train_info=train_info(numbers, loss_curve)))
     sample = _info("sample", run_id, benchmark, method, family, variant, seed, [transfer["job_id"]])
-    store.write(_finish(sample, sample_info={
+    write_current(store, _finish(sample, sample_info={
         "npz": f"runs/{run_id}/samples.npz", "npz_sha256": "s" * 64, "num_samples": 1000, "scheduler": "ddpm",
         "num_steps": 50, "cfg_scale": 1.5, "label_mode": "uniform", "seed": seed, "grid_png": grid,
         "clip_denoised": False}))
     # KIND's evaluation lists its ancestry too (first): the join must still pick the run's own transfer
     upstream = ([ancestry_job] if ancestry_job else []) + [sample["job_id"]]
     evaluate = _info("evaluate", run_id, benchmark, method, family, variant, seed, upstream)
-    store.write(_finish(evaluate, eval_info=eval_info(numbers, P1)))
+    write_current(store, _finish(evaluate, eval_info=eval_info(numbers, P1)))
     return {"run_id": run_id, "sample": sample["job_id"], "evaluate": evaluate["job_id"]}
 
 
@@ -141,25 +170,25 @@ def write_fixture_store(root: Path) -> RecordStore:
     bench_a = "novel-a--DiT-T-2"
     # A suite-level job (no benchmark): counted in the status summary, no leaderboard of its own.
     prepare = _info("prepare", "prepare--novel-a--0000abcd", "", "", "", "", 0, [])
-    store.write(_finish(prepare, extra={"reference": {"path": "refs/novel-a.npz", "sha256": "f" * 64}}))
+    write_current(store, _finish(prepare, extra={"reference": {"path": "refs/novel-a.npz", "sha256": "f" * 64}}))
     # The KIND ancestry: a separate run whose training cost must not be mistaken for the transfer's.
     ancestry = _info("ancestry", "kind--ancestry--DiT-T-2--s0--aaaa0000", bench_a, "kind", "learngene", "default",
                      0, [])
     anc_numbers = dict(RUNS[("kind", "learngene", "default", 0)], trainable=900_000, images=64_000, gpu_h=2.0)
-    store.write(_finish(ancestry, train_info=train_info(anc_numbers, None)))
+    write_current(store, _finish(ancestry, train_info=train_info(anc_numbers, None)))
     jobs = {}
     for key, numbers in RUNS.items():
         jobs[key] = write_run(store, bench_a, key, numbers, ancestry["job_id"] if key[0] == "kind" else None)
     for (method, seed), fid in P2_FID.items():
         key = next(k for k in RUNS if k[0] == method and k[3] == seed)
         info = _info("evaluate", jobs[key]["run_id"], bench_a, *key, [jobs[key]["sample"]], job_suffix="--p2")
-        store.write(_finish(info, eval_info=eval_info(RUNS[key], P2, fid=fid)))
+        write_current(store, _finish(info, eval_info=eval_info(RUNS[key], P2, fid=fid)))
     # lora seed 2: the transfer ran out of memory; bitfit seed 1: sampling was cancelled (preempted).
     failed = _info("transfer", run_id_of("lora", "r4", bench_a, 2), bench_a, "lora", "peft", "r4", 2, [])
     store.write(_finish(failed, status="failed", error=RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")))
     bitfit1 = run_id_of("bitfit", "default", bench_a, 1)
-    store.write(_finish(_info("transfer", bitfit1, bench_a, "bitfit", "peft", "default", 1, []),
-                        train_info=train_info(RUNS[("bitfit", "peft", "default", 0)], None)))
+    write_current(store, _finish(_info("transfer", bitfit1, bench_a, "bitfit", "peft", "default", 1, []),
+                                 train_info=train_info(RUNS[("bitfit", "peft", "default", 0)], None)))
     store.write(_finish(_info("sample", bitfit1, bench_a, "bitfit", "peft", "default", 1, []), status="cancelled",
                         error="cancelled: SLURM preemption (SIGTERM)"))
     write_run(store, "novel-b--DiT-T-2", ("kind", "learngene", "default", 0), RUNS[("kind", "learngene", "default",

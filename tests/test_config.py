@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from bench.config import (ConfigError, RunConfig, from_dict, load_config, parse_override, save_resolved)
+from bench.config import (ConfigError, EvalConfig, RunConfig, SampleConfig, from_dict, load_config, parse_override,
+                          save_resolved, section_from_overrides)
 
 
 def write_toml(tmp_path, text: str, name: str = "run.toml"):
@@ -141,8 +142,28 @@ def test_wrong_type_names_key_and_types(override, key, expected, got):
 
 def test_cli_text_for_string_fields_stays_text():
     """A string field takes the override as typed, even when it reads as a number, bool or date."""
-    cfg = load_config(None, ["--run.name=123", "--data.root=true", "--run.name=2024-05-01", "--sample.vae_dir=3"])
-    assert cfg.run.name == "2024-05-01" and cfg.data.root == "true" and cfg.sample.vae_dir == "3"
+    cfg = load_config(None, ["--run.name=123", "--data.root=true", "--run.name=2024-05-01"])
+    assert cfg.run.name == "2024-05-01" and cfg.data.root == "true"
+    assert section_from_overrides(SampleConfig, "sample", ["--sample.vae_dir=3"]).vae_dir == "3"
+
+
+def test_training_configs_hold_no_sampling_or_metric_settings():
+    """Sampling and scoring are the sample and evaluate jobs' own settings, never a training config's."""
+    with pytest.raises(ConfigError, match="unknown config key 'sample'"):
+        load_config(None, ["--sample.num_steps=10"])
+    assert "sample" not in RunConfig().to_dict() and "eval" not in RunConfig().to_dict()
+
+
+@pytest.mark.parametrize("section,cls,override,message", [
+    ("sample", SampleConfig, "--sample.num_step=10", "did you mean 'sample.num_steps'"),
+    ("sample", SampleConfig, "--sample.num_steps=ten", "expects int"),
+    ("eval", EvalConfig, "--eval.extractr=inception", "did you mean 'eval.extractor'"),
+    ("eval", EvalConfig, "--eval.ref_per_class=1.5", "expects int"),
+    ("eval", EvalConfig, "--eval.extractor=clip", "eval.extractor must be"),
+])
+def test_protocol_sections_are_typed_with_did_you_mean(section, cls, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        section_from_overrides(cls, section, [override])
 
 
 def test_unknown_arch_is_a_config_error():
@@ -254,11 +275,10 @@ def test_config_hash_changes_with_any_hashed_field(override):
 
 @pytest.mark.parametrize("override", [
     "--schedule.log_every=7", "--schedule.ckpt_every=7", "--schedule.keep_checkpoints=5", "--data.num_workers=3",
-    "--data.root=/other/mount/imagenet", "--data.latent_dir=/other/latents", "--sample.cfg_scale=4.0",
-    "--sample.num_samples=10", "--run.out_dir=elsewhere", "--run.resume=false", "--run.stop_after_steps=3",
+    "--data.root=/other/mount/imagenet", "--data.latent_dir=/other/latents", "--run.out_dir=elsewhere", "--run.resume=false", "--run.stop_after_steps=3",
 ])
-def test_bookkeeping_paths_and_sampling_do_not_change_the_hash(override):
-    """Cadence, workers, machine paths and the sample section do not change the trained model, so not its id."""
+def test_bookkeeping_and_paths_do_not_change_the_hash(override):
+    """Cadence, workers and machine paths do not change the trained model, so not its id."""
     assert load_config(None, [override]).config_hash() == RunConfig().config_hash()
 
 

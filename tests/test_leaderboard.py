@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import leaderboard
+from bench.fingerprint import code_fingerprint
 from bench.leaderboard import LeaderboardWarning, build_leaderboards, pareto_flags, protocol_id
 from bench.store import MalformedRecordError, RecordStore
 from recordfixtures import P1, P2, P2_FID, RUNS, eval_info, run_id_of, write_fixture_store
@@ -61,7 +62,7 @@ def test_files_written(built):
 
 def test_means_and_stds_over_seeds(built):
     rows = board(built[0])
-    assert set(rows) == {("kind", "default"), ("lora", "r4"), ("bitfit", "default"), ("full_ft", "default")}
+    assert set(rows) == {("kind", "default"), ("lora", "r4"), ("bitfit", "default"), ("full", "default")}
     for (method, variant), row in rows.items():
         runs = seeds_of(method)
         assert int(row["n_seeds"]) == len(runs)
@@ -90,10 +91,10 @@ def test_failed_and_cancelled_runs_are_excluded(built):
 def test_ranks_best_markers_and_directions(built):
     rows = board(built[0])
     ranked = sorted(rows.values(), key=lambda r: int(r["rank"]))
-    assert [r["method"] for r in ranked] == ["full_ft", "kind", "lora", "bitfit"]  # by FID, lower first
-    assert [k for k, r in rows.items() if r["best_fid"] == "True"] == [("full_ft", "default")]
+    assert [r["method"] for r in ranked] == ["full", "kind", "lora", "bitfit"]  # by FID, lower first
+    assert [k for k, r in rows.items() if r["best_fid"] == "True"] == [("full", "default")]
     assert [k for k, r in rows.items() if r["best_precision"] == "True"] == [("kind", "default")]  # higher wins
-    assert [k for k, r in rows.items() if r["best_is"] == "True"] == [("full_ft", "default")]
+    assert [k for k, r in rows.items() if r["best_is"] == "True"] == [("full", "default")]
     assert {r["fid_higher_is_better"] for r in rows.values()} == {"False"}
     assert {r["is_higher_is_better"] for r in rows.values()} == {"True"}
 
@@ -102,10 +103,10 @@ def test_pareto_flags(built):
     rows = board(built[0])
     on_params = {k[0] for k, r in rows.items() if r["pareto_fid_vs_params"] == "True"}
     on_compute = {k[0] for k, r in rows.items() if r["pareto_fid_vs_compute"] == "True"}
-    assert on_params == {"lora", "kind", "full_ft"}  # bitfit: more params than lora and a worse FID
-    assert on_compute == {"bitfit", "kind", "full_ft"}  # lora: more compute than kind and a worse FID
+    assert on_params == {"lora", "kind", "full"}  # bitfit: more params than lora and a worse FID
+    assert on_compute == {"bitfit", "kind", "full"}  # lora: more compute than kind and a worse FID
     on_precision = {k[0] for k, r in rows.items() if r["pareto_precision_vs_params"] == "True"}
-    assert on_precision == {"lora", "kind"}  # higher is better: full_ft has more params and lower precision
+    assert on_precision == {"lora", "kind"}  # higher is better: full has more params and lower precision
 
 
 def test_protocols_are_ranked_separately(built):
@@ -117,7 +118,7 @@ def test_protocols_are_ranked_separately(built):
     # lora wins FID under P2 although kind beats it under P1; the two rankings never see each other's rows
     assert p2[("lora", "r4")]["rank"] == "1" and p2[("lora", "r4")]["best_fid"] == "True"
     assert float(p2[("kind", "default")]["fid_mean"]) == P2_FID[("kind", 0)]
-    assert p1[("full_ft", "default")]["best_fid"] == "True" and p1[("lora", "r4")]["best_fid"] == "False"
+    assert p1[("full", "default")]["best_fid"] == "True" and p1[("lora", "r4")]["best_fid"] == "False"
     assert sorted(int(r["rank"]) for r in p2.values()) == [1, 2]
 
 
@@ -143,7 +144,7 @@ def test_runs_csv_one_row_per_seed_run_joined_to_its_training(built):
     for row in runs:
         assert (base / "out" / row["loss_curve"]).is_file() and (base / "out" / row["grid_png"]).is_file()
         assert row["sample_job_id"].endswith("--sample")
-    assert float(next(r for r in runs if r["method"] == "full_ft")["fid"]) == 19.0
+    assert float(next(r for r in runs if r["method"] == "full")["fid"]) == 19.0
 
 
 def test_status_summary_counts_failures(built):
@@ -180,10 +181,10 @@ def test_markdown_tables(built):
     md = (built[0] / "out" / BENCH_A / "leaderboard.md").read_text()
     assert md.count("## Protocol ") == 2
     p1 = _table_rows(md, PID1)
-    assert p1["full_ft"]["FID ↓"] == "**19.00**" and p1["kind"]["FID ↓"] == "21.00 ± 1.41"
+    assert p1["full"]["FID ↓"] == "**19.00**" and p1["kind"]["FID ↓"] == "21.00 ± 1.41"
     assert p1["kind"]["Precision ↑"] == "**0.610 ± 0.014**" and p1["kind"]["Seeds"] == "2"
     assert p1["kind"]["Trainable"] == "120K" and p1["lora"]["Pareto (FID)"] == "params"
-    assert p1["bitfit"]["Pareto (FID)"] == "compute" and p1["full_ft"]["Rank"] == "1"
+    assert p1["bitfit"]["Pareto (FID)"] == "compute" and p1["full"]["Rank"] == "1"
     p2 = _table_rows(md, PID2)
     assert set(p2) == {"kind", "lora"} and p2["lora"]["FID ↓"] == "**35.00**"
     assert "extractor inception-v3-tf, reference novel-a-val" in md
@@ -277,6 +278,202 @@ def test_cli(built, tmp_path, capsys):
     assert "records folder not found" in capsys.readouterr().err
     assert leaderboard.main(["--records", str(tmp_path / "o")]) == 2  # a folder that is not a results tree
     assert "not a kindbench results tree" in capsys.readouterr().err
+
+
+# ---- stale records: made by other code, never ranked with current ones -------------------------------------------
+
+
+def edit_record(root: Path, job_id: str, change) -> None:
+    """Rewrite the success record ``job_id`` under ``root`` with ``change(record)`` applied (as another kindbench
+    version, or an older one, would have left it)."""
+    path = root / "records" / f"{job_id}.json"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def other_code(record: dict) -> None:
+    record["run_info"]["code"]["fingerprint"] = "0" * 16
+
+
+def evaluate_job(method: str, variant: str, seed: int, benchmark: str = BENCH_A) -> str:
+    return run_id_of(method, variant, benchmark, seed) + "--evaluate"
+
+
+def all_rows(base: Path, benchmark: str = BENCH_A) -> list[dict[str, str]]:
+    return read_csv(base / "out" / benchmark / "leaderboard.csv")
+
+
+def build_quietly(root: Path, out: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LeaderboardWarning)
+        build_leaderboards(root, out)
+
+
+def stale_section(md: str) -> str:
+    assert md.count("## Stale rows (made by other code; not ranked)") == 1
+    return md.split("## Stale rows (made by other code; not ranked)")[1].split("\n## ")[0]
+
+
+def test_fixture_records_are_current(built):
+    """The fixtures carry this checkout's fingerprints and consistent input digests: nothing is stale."""
+    base = built[0]
+    runs = read_csv(base / "out" / "leaderboard_runs.csv")
+    assert runs and {r["stale"] for r in runs} == {""}
+    assert {r["stale"] for r in all_rows(base)} == {""}
+    status = {(r["benchmark"], r["stage"], r["status"]): r["count"] for r in read_csv(base / "out" / "status.csv")}
+    assert status[(BENCH_A, "evaluate", "stale")] == "0" and status[(BENCH_B, "evaluate", "stale")] == "0"
+    assert "Stale rows" not in (base / "out" / BENCH_A / "leaderboard.md").read_text()
+    assert "stale" not in (base / "out" / BENCH_A / "leaderboard.tex").read_text()
+
+
+def test_other_code_is_stale_listed_apart_and_never_ranked(results_copy, tmp_path, monkeypatch):
+    """full (FID 19, best of P1) re-scored by other code at FID 5: stale, so kind (21) is still ranked first."""
+    job = evaluate_job("full", "default", 0)
+
+    def better_but_other_code(record):
+        other_code(record)
+        record["eval_info"]["metrics"]["fid"]["value"] = 5.0
+
+    edit_record(results_copy, job, better_but_other_code)
+    build_quietly(results_copy, tmp_path / "out")
+
+    rows = [r for r in all_rows(tmp_path) if r["protocol_id"] == PID1]
+    full = [r for r in rows if r["method"] == "full"]
+    checkout = code_fingerprint("evaluate")["fingerprint"]
+    assert len(full) == 1
+    assert full[0]["stale"] == f"{job} was made by other code (fingerprint {'0' * 16}, checkout {checkout})"
+    assert full[0]["rank"] == "" and float(full[0]["fid_mean"]) == 5.0
+    assert not [k for k, v in full[0].items() if k.startswith(("best_", "pareto_")) and v != "False"]
+    current = {r["method"]: r for r in rows if not r["stale"]}
+    assert {m: r["rank"] for m, r in current.items()} == {"kind": "1", "lora": "2", "bitfit": "3"}
+    assert current["kind"]["best_fid"] == "True" and current["kind"]["best_is"] == "True"  # full had the best IS
+    assert {m for m, r in current.items() if r["pareto_fid_vs_params"] == "True"} == {"lora", "kind"}
+    assert rows[-1]["method"] == "full"  # after the ranked rows of its protocol
+    runs = read_csv(tmp_path / "out" / "leaderboard_runs.csv")
+    assert [r["eval_job_id"] for r in runs if r["stale"]] == [job]
+
+    md = (tmp_path / "out" / BENCH_A / "leaderboard.md").read_text()
+    p1 = _table_rows(md.split("## Stale rows")[0], PID1)
+    assert set(p1) == {"kind", "lora", "bitfit"} and p1["kind"]["Rank"] == "1" and p1["kind"]["FID ↓"] == (
+        "**21.00 ± 1.41**")
+    section = stale_section(md)
+    assert md.index("## Stale rows") > md.index(f"## Protocol {PID2}")  # after every ranked table
+    assert "`kindbench run` re-runs stale jobs" in section and "`kindbench plan`" in section
+    line = next(line for line in section.splitlines() if line.startswith(f"| {PID1} | full |"))
+    assert "| 5.000 |" in line and "**" not in line and f"{job} was made by other code" in line
+
+    tex = (tmp_path / "out" / BENCH_A / "leaderboard.tex").read_text()
+    body = [line for line in tex.splitlines() if not line.startswith("%")]
+    assert not [line for line in body if "& full &" in line] and "\\textbf{21.00 $\\pm$ 1.41}" in tex
+    (comment,) = [line for line in tex.splitlines() if line.startswith("% 1 stale row(s) left out")]
+    assert f"full/default (protocol {PID1}, seeds 0): {job} was made by other code" in comment
+
+    status = {(r["benchmark"], r["stage"], r["status"]): r["count"] for r in read_csv(tmp_path / "out" / "status.csv")}
+    assert status[(BENCH_A, "evaluate", "stale")] == "1" and status[(BENCH_B, "evaluate", "stale")] == "0"
+    assert status[(BENCH_A, "evaluate", "success")] == str(len(RUNS) + len(P2_FID))  # stale ones still succeeded
+    assert "Stale evaluations (made by other code; not ranked): 1 of 8 successful" in (
+        tmp_path / "out" / "status.md").read_text()
+
+    # the plots never draw the stale row or run as a result of this code
+    from bench import plots
+
+    seen: dict[str, list] = {"board": [], "runs": []}
+    monkeypatch.setattr(plots, "pareto_figure", lambda rows, axis, styles: seen["board"].extend(rows))
+    monkeypatch.setattr(plots, "loss_figure", lambda runs, base, styles: seen["runs"].extend(runs))
+    monkeypatch.setattr(plots, "samples_figure", lambda runs, base: seen["runs"].extend(runs))
+    plots.make_plots(tmp_path / "out", tmp_path / "figs")
+    assert {r["method"] for r in seen["board"]} == {"kind", "lora", "bitfit"}
+    assert {r["method"] for r in seen["runs"]} == {"kind", "lora", "bitfit"}
+
+
+def test_upstream_transfer_of_other_code_makes_the_evaluation_stale(results_copy, tmp_path):
+    """lora s0's transfer ran other code: both its evaluations are stale; seed 1 stays a current row of its own."""
+    transfer = run_id_of("lora", "r4", BENCH_A, 0) + "--transfer"
+    edit_record(results_copy, transfer, other_code)
+    build_quietly(results_copy, tmp_path / "out")
+    rows = all_rows(tmp_path)
+    lora = {(r["protocol_id"], r["stale"] != ""): r for r in rows if r["method"] == "lora"}
+    assert set(lora) == {(PID1, False), (PID1, True), (PID2, True)}  # never merged across staleness
+    assert lora[(PID1, False)]["seeds"] == "1" and float(lora[(PID1, False)]["fid_mean"]) == 27.0
+    assert lora[(PID1, False)]["rank"] == "3" and lora[(PID1, False)]["stale"] == ""
+    for key in ((PID1, True), (PID2, True)):
+        assert lora[key]["seeds"] == "0" and lora[key]["rank"] == ""
+        assert lora[key]["stale"].startswith(f"{transfer} was made by other code (fingerprint {'0' * 16}")
+    p2 = [r for r in rows if r["protocol_id"] == PID2 and not r["stale"]]
+    assert [(r["method"], r["rank"], r["best_fid"]) for r in p2] == [("kind", "1", "True")]  # lora won P2 before
+    runs = read_csv(tmp_path / "out" / "leaderboard_runs.csv")
+    stale_runs = {r["eval_job_id"] for r in runs if r["stale"]}
+    assert stale_runs == {run_id_of("lora", "r4", BENCH_A, 0) + s for s in ("--evaluate", "--evaluate--p2")}
+    status = {(r["benchmark"], r["status"]): r["count"] for r in read_csv(tmp_path / "out" / "status.csv")
+              if r["stage"] == "evaluate"}
+    assert status[(BENCH_A, "stale")] == "2"
+
+
+def test_record_without_code_fingerprint_is_stale_and_not_merged(results_copy, tmp_path):
+    """kind s1 made before fingerprints existed: its own stale row; kind's current row keeps seed 0 only."""
+    job = evaluate_job("kind", "default", 1)
+    edit_record(results_copy, job, lambda record: record["run_info"].pop("code"))
+    build_quietly(results_copy, tmp_path / "out")
+    kind = {r["stale"] != "": r for r in all_rows(tmp_path) if r["method"] == "kind" and r["protocol_id"] == PID1}
+    assert kind[True]["stale"] == f"{job} was made by a kindbench without code fingerprints"
+    assert kind[True]["seeds"] == "1" and float(kind[True]["fid_mean"]) == 22.0 and kind[True]["rank"] == ""
+    assert kind[False]["seeds"] == "0" and float(kind[False]["fid_mean"]) == 20.0 and kind[False]["rank"] == "2"
+    assert kind[False]["fid_std"] == "" and kind[False]["best_precision"] == "True"  # 0.60, not 0.61 with seed 1
+    assert kind[True]["best_precision"] == "False"  # 0.62 beats every current row, but it is stale
+    md = (tmp_path / "out" / BENCH_A / "leaderboard.md").read_text()
+    assert "without code fingerprints" in stale_section(md)
+
+
+def test_input_rerun_after_consumption_is_stale(results_copy, tmp_path):
+    """kind s0's sample was re-run after its evaluations consumed it: both evaluations are stale."""
+    sample = run_id_of("kind", "default", BENCH_A, 0) + "--sample"
+    edit_record(results_copy, sample, lambda r: r["run_info"].update(finished_at="2025-03-05T10:00:00.000+00:00"))
+    build_quietly(results_copy, tmp_path / "out")
+    runs = read_csv(tmp_path / "out" / "leaderboard_runs.csv")
+    stale = {r["eval_job_id"]: r["stale"] for r in runs if r["stale"]}
+    job = evaluate_job("kind", "default", 0)
+    assert stale == {job: f"{sample} was re-run after {job} consumed it",
+                     f"{job}--p2": f"{sample} was re-run after {job}--p2 consumed it"}
+
+
+def test_every_row_stale_after_a_code_change(built, tmp_path, monkeypatch):
+    """The checkout's evaluation code changed since every record was made: nothing is ranked, nothing typeset."""
+    import bench.status
+
+    real = bench.status.code_fingerprint
+
+    def changed(stage, method=None):
+        found = dict(real(stage, method))
+        if stage == "evaluate":
+            found["fingerprint"] = "f" * 16
+        return found
+
+    monkeypatch.setattr(bench.status, "code_fingerprint", changed)
+    build_quietly(built[0] / "results", tmp_path / "out")
+    rows = all_rows(tmp_path)
+    assert rows and all(r["stale"] and r["rank"] == "" for r in rows)
+    assert all("checkout ffffffffffffffff" in r["stale"] for r in rows)
+    md = (tmp_path / "out" / BENCH_A / "leaderboard.md").read_text()
+    assert "## Protocol" not in md and "No evaluation made by this checkout's code yet" in md
+    assert len([line for line in stale_section(md).splitlines() if line.startswith("| ")]) == 2 + len(rows)
+    tex = (tmp_path / "out" / BENCH_A / "leaderboard.tex").read_text()
+    assert "\\begin{table}" not in tex and f"% {len(rows)} stale row(s) left out" in tex
+
+
+def test_current_evaluation_beats_a_later_stale_duplicate(results_copy, tmp_path):
+    store = RecordStore(results_copy)
+    original = store.read(evaluate_job("kind", "default", 0))
+    redo = json.loads(json.dumps(original))
+    redo["run_info"]["job_id"] += "--redo"
+    redo["run_info"]["finished_at"] = "2025-03-02T10:00:00.000+00:00"
+    redo["run_info"].pop("code")
+    redo["eval_info"] = eval_info(RUNS[("kind", "learngene", "default", 0)], P1, fid=18.0)
+    store.write(redo)
+    with pytest.warns(LeaderboardWarning, match="two evaluations"):
+        build_leaderboards(results_copy, tmp_path / "out")
+    kind = [r for r in all_rows(tmp_path) if r["method"] == "kind" and r["protocol_id"] == PID1]
+    assert len(kind) == 1 and kind[0]["stale"] == "" and float(kind[0]["fid_mean"]) == pytest.approx(21.0)
 
 
 # ---- Pareto front unit ---------------------------------------------------------------------------------------------

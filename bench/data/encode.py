@@ -1,6 +1,6 @@
 """``kindbench latents``: encode an ImageFolder dataset once into a VAE latent cache (the ImageNet suites' data).
 
-    kindbench latents --root $KINDBENCH_IMAGENET --class-list lists/kind_pretrain150.txt \\
+    kindbench latents --root /path/to/imagenet/train --class-list lists/kind_pretrain150.txt \\
         --vae $KINDBENCH_VAE_DIR --out $KINDBENCH_LATENTS/pretrain150 --image-size 256
     torchrun --nproc_per_node 8 -m bench.data.encode ...        # shards split over ranks; resumable
 

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from bench.metrics import distributed as D
+from bench.metrics.features import rank0_bar, source_name
 from bench.metrics.numerics import strict_fp32
 from bench.metrics.sample_io import SampleSource
+from bench.progress import progress_bar
 
 
 def load_cleanfid_inception(inception_dir, device) -> torch.nn.Module:
@@ -39,11 +41,13 @@ def clean_features(model: torch.nn.Module, source: SampleSource, *, batch_size: 
     rank, world = D.rank_and_world()
     start, stop = D.shard_range(n, rank, world, align=batch_size)
     parts = []
-    with strict_fp32():
+    total, description = rank0_bar(f"clean-fid features: {source_name(source)}", stop - start, rank, world)
+    with strict_fp32(), progress_bar(total, description) as advance:
         for _, images in source.batches(batch_size, start, stop):
             batch = np.stack([resize(img) for img in images])  # float32 HWC in [0, 255] at 299
             x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(device)
             parts.append(model(x).float().cpu())
+            advance(len(images))
     local = torch.cat(parts) if parts else torch.empty(0, 2048)
     return D.all_gather_rows(local, n, align=batch_size).numpy()
 

@@ -36,6 +36,7 @@ from bench.metrics.references import load_reference, save_reference
 from bench.metrics.sample_io import open_samples, validate_images
 from bench.metrics.stats import moments_of
 from bench.metrics.weights import sha256_file
+from bench.progress import progress_bar
 
 SPACE = "domain"
 SCHEMA = "kindbench.eval-domain/1"
@@ -77,7 +78,13 @@ def build_domain_reference(images_uint8: np.ndarray, out_path: str | os.PathLike
     if max_pr_features < MIN_PR_FEATURES:
         raise ValueError(f"max_pr_features must be at least {MIN_PR_FEATURES}, got {max_pr_features}")
     meta = dict(meta or {})
-    feats, _ = extractor.features(images_uint8, batch_size=batch_size)
+    parts = []  # in batch_size chunks, which are the extractor's own batches: the same features as one call
+    shown = len(images_uint8) if D.rank_and_world()[0] == 0 else 0  # every rank runs it: rank 0 shows the bar
+    with progress_bar(shown, f"features: reference {Path(out_path).name}") as advance:
+        for start in range(0, len(images_uint8), max(batch_size, 1)):  # batch_size < 1: the extractor says so
+            parts.append(extractor.features(images_uint8[start:start + batch_size], batch_size=batch_size)[0])
+            advance(len(parts[-1]))
+    feats = np.concatenate(parts)
     if len(feats) <= extractor.feature_dim:
         warnings.warn(f"reference of {len(feats)} images in a {extractor.feature_dim}-d space: the covariance is "
                       "rank-deficient and FID is unstable (pitfall P6)")
@@ -135,9 +142,12 @@ def _extract(samples: Path, extractor: DomainExtractor, image_size: int, batch_s
                              f"{image_size}x{image_size}; score samples against a reference of their own resolution")
         stop = len(source) if limit is None else min(limit, len(source))
         parts, digests = [], set()
-        for _, batch in source.batches(batch_size, 0, stop):
-            parts.append(extractor.features(batch, batch_size=batch_size))
-            digests.update(hashlib.sha256(image.tobytes()).digest() for image in batch)
+        shown = stop if D.rank_and_world()[0] == 0 else 0  # every rank extracts all samples: rank 0 shows the bar
+        with progress_bar(shown, f"features: {samples.name}") as advance:
+            for _, batch in source.batches(batch_size, 0, stop):
+                parts.append(extractor.features(batch, batch_size=batch_size))
+                digests.update(hashlib.sha256(image.tobytes()).digest() for image in batch)
+                advance(len(batch))
         shape = list(source.shape)
     finally:
         source.close()

@@ -21,6 +21,7 @@ from bench.metrics.inception import InceptionV3TF
 from bench.metrics.numerics import strict_fp32
 from bench.metrics.sample_io import SampleSource, open_samples
 from bench.metrics.stats import MomentAccumulator, Moments
+from bench.progress import progress_bar
 
 
 @dataclasses.dataclass
@@ -63,6 +64,17 @@ def image_digests(images: np.ndarray) -> np.ndarray:
                      for im in images], dtype=np.int64)
 
 
+def source_name(source) -> str:
+    """What a progress bar calls a sample source: its file or folder name, else its type."""
+    path = getattr(source, "path", None)
+    return os.path.basename(os.fspath(path)) if path is not None else type(source).__name__
+
+
+def rank0_bar(description: str, count: int, rank: int, world: int) -> tuple[int, str]:
+    """(total, description) of a sharded pass's bar: rank 0 shows its own shard, the other ranks none."""
+    return (count if rank == 0 else 0), (description if world == 1 else f"{description} (rank 0 of {world})")
+
+
 def _batch_ranges(start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
     return [(a, min(a + batch_size, stop)) for a in range(start, stop, batch_size)]
 
@@ -98,7 +110,8 @@ def extract_features(
     dataset = _Batches(source, _batch_ranges(start, stop, batch_size), fdd_resize if dinov2 is not None else None,
                        fdd_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers)
-    with strict_fp32(), torch.no_grad():
+    total, description = rank0_bar(f"features: {source_name(source)}", stop - start, rank, world)
+    with strict_fp32(), torch.no_grad(), progress_bar(total, description) as advance:
         for _, images, dino_in, digest in loader:
             digests.append(digest)
             if inception is not None:
@@ -110,6 +123,7 @@ def extract_features(
                     logits.append(out.logits_unbiased.cpu())
             if dinov2 is not None:
                 acc["dinov2"].update(dinov2(dino_in.to(device)).float())
+            advance(len(images))
     moments = {name: a.all_reduce_().moments() for name, a in acc.items()}
     result = FeatureSet(n=n, moments=moments)
     result.digests = _gather(digests, (), n, batch_size, torch.int64).numpy()

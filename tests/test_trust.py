@@ -185,3 +185,55 @@ def test_fresh_clone_runs_the_readme_command_without_touching_shipped_results(tm
     header = rows[0].split(",")
     lora = [dict(zip(header, r.split(","))) for r in rows[1:] if ",lora," in r]
     assert lora and all(row["stale"] and not row["rank"] for row in lora)
+
+
+def test_every_method_declares_its_family_and_the_plan_takes_it_from_there():
+    from methods import get_method_class, list_methods
+
+    families = {name: get_method_class(name).family for name in list_methods()}
+    assert all(families.values()), [n for n, f in families.items() if not f]
+    assert families["kind"] == "learngene" and families["lora"] == "peft" and families["scratch"] == "pretrain"
+    suite, plan = build_plan(MINI, [])
+    for job in plan.by_stage("transfer"):
+        assert job.info["family"] == families[job.info["method"]]
+
+
+def test_make_plan_is_pure_and_budgets_are_resolved_before_it(tmp_path, monkeypatch):
+    """make_plan builds no model and writes no file; budget-matched ranks come from their own step."""
+    import torch
+
+    from bench.plan import make_plan, resolve_budgets
+    from bench.suite import SuiteError, load_suite
+
+    suite_file = tmp_path / "budget.toml"
+    suite_file.write_text(Path(MINI).read_text() + '\n[ancestries.kind]\nmethod = "kind"\n'
+                          'overrides = { data = { split = "pretrain" } }\n\n[[methods]]\nname = "kind"\n'
+                          'ancestry = "kind"\ntasks = ["novel-a"]\n\n[[methods]]\nname = "lora"\nvariant = "kind-budget"\n'
+                          'ancestry = "dense"\nbudget = "kind"\ntasks = ["novel-a"]\n')
+    monkeypatch.setenv("KINDBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    suite = load_suite(str(suite_file))
+    with pytest.raises(SuiteError, match="not resolved"):
+        make_plan(suite)
+    budgets = resolve_budgets(suite)  # the impure step: meta-device builds, the rank cache
+    assert (tmp_path / "cache" / "budget_ranks.json").is_file()
+    (tmp_path / "cache" / "budget_ranks.json").unlink()
+    built = []
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *a, **k: built.append(type(self)))
+    plan = make_plan(suite, None, budgets)
+    assert not built and not (tmp_path / "cache" / "budget_ranks.json").exists()
+    lora = [j for j in plan.by_stage("transfer") if j.info["variant"] == "kind-budget"]
+    assert lora and lora[0].config["method"]["options"]["rank"] != 16  # matched, not the standard rank
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["eval.extractr=inception"], "did you mean 'eval.extractor'"),
+    (["sample.num_steps=many"], "sample.num_steps"),
+    (["sample.num_step=3"], "did you mean 'sample.num_steps'"),
+    (["schedule.step=3"], "did you mean 'schedule.steps'"),
+])
+def test_protocol_and_config_mistakes_in_set_are_one_line_errors(sets, message):
+    from bench.suite import SuiteError
+
+    with pytest.raises(SuiteError, match=message.replace(".", r"\.")) as err:
+        build_plan(MINI, sets)
+    assert "\n" not in str(err.value)

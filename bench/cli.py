@@ -39,7 +39,8 @@ def list_methods_main(argv: list[str]) -> int:
 
     for name in list_methods():
         cls = get_method_class(name)
-        print(f"{name:12s} stages: {', '.join(sorted(cls.stages))}")
+        rank = f"   rank option: {cls.rank_option}" if cls.rank_option else ""
+        print(f"{name:18s} {cls.family:10s} stages: {', '.join(sorted(cls.stages))}{rank}")
     return 0
 
 

@@ -4,9 +4,10 @@
 #SBATCH --cpus-per-task=1
 #SBATCH --time=00:15:00
 #SBATCH --output=kindbench-submit-%j.out
-# What users type: `sbatch slurm/run_all.sh [--suite NAME] [--set KEY=VALUE ...] [--force] [--dry-run]`
+# What users type: `sbatch slurm/run_all.sh [--suite NAME] [--set KEY=VALUE ...] [--force] [--keep-stale] [--dry-run]`
 # (or `bash slurm/run_all.sh ...` where compute nodes may not submit jobs). It plans the suite, submits every
-# missing job as a job graph (one array per stage, afterok dependencies, requeue on preemption) and exits.
+# unfinished job as a job graph (each job afterok on its own dependencies, the aggregation afterany on every
+# evaluation; requeue on preemption) and exits. Submitting again submits only what is not done and not queued.
 # Cluster settings: slurm/clusters/$KB_CLUSTER.env (default: example.env, copy and edit it for your cluster).
 set -euo pipefail
 REPO=${KINDBENCH_HOME:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}

@@ -1,5 +1,5 @@
-"""Suites and plans: content-addressed ids, dependency-exact invalidation, validation before anything runs,
-and the SLURM job graph (dry run: the commands that would be submitted)."""
+"""Suites and plans: content-addressed ids, dependency-exact invalidation, validation before anything runs.
+(The SLURM job graph built from a plan is tested in ``test_slurm.py``.)"""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import textwrap
 import pytest
 
 from bench.executor import build_plan
-from bench.jobs import Roots
 from bench.plan import STAGES, dependents, make_plan
-from bench.slurm import Cluster, submit
 from bench.suite import SuiteError, load_suite
 
 SUITE = textwrap.dedent("""
@@ -182,30 +180,6 @@ def test_kind_peft_suite_matches_every_ranked_peft_to_kind(tmp_path, monkeypatch
         assert job.run_id != standard[(job.info["method"], job.info["arch"])].run_id
 
 
-def test_slurm_dry_run_job_graph(tmp_path):
-    suite, plan = build_plan(write_suite(tmp_path), [])
-    roots = Roots(tmp_path / "runs", tmp_path / "results")
-    cluster = Cluster.from_env({"KB_PARTITION": "debug", "KB_GPUS_PER_NODE": "8", "KB_NODES_TRAIN": "2",
-                                "KB_SIGNAL_LEAD": "300"})
-    commands = submit(plan, roots, cluster, dry_run=True)
-    assert list(commands) == list(STAGES)
-    for stage, cmd in commands.items():
-        n = len(plan.by_stage(stage))
-        assert f"--array=0-{n - 1}" in cmd and "--partition=debug" in cmd
-        job_list = (roots.runs / "slurm" / plan.plan_id() / f"{stage}.txt").read_text().split()
-        assert job_list == [j.job_id for j in plan.by_stage(stage)]
-    assert "--dependency" not in commands["prepare"] and "--dependency" not in commands["ancestry"]
-    assert "--dependency=afterok:DRYRUN-ancestry" in commands["transfer"]
-    assert "--dependency=afterok:DRYRUN-transfer" in commands["sample"]
-    assert "afterok:DRYRUN-prepare:DRYRUN-sample" in commands["evaluate"]
-    assert "--dependency=afterany:DRYRUN-evaluate" in commands["aggregate"]
-    for stage in ("ancestry", "transfer"):
-        cmd = commands[stage]
-        assert "--requeue" in cmd and "--signal=B:USR1@300" in cmd and "--nodes=2" in cmd
-        assert "--gpus-per-node=8" in cmd
-    assert "--requeue" not in commands["evaluate"]
-
-
 # ---- distilled ancestries (a teacher ancestry) and KIND-matched budgets ------------------------------------------
 
 class _DistilledProbe:
@@ -276,18 +250,6 @@ def test_teacher_cycles_are_suite_errors(tmp_path):
     text = text.replace('teacher = "dense"', 'teacher = "other"')
     with pytest.raises(SuiteError, match="cycle"):
         build_plan(write_suite(tmp_path, text, "cycle.toml"), [])
-
-
-def test_slurm_submits_a_distilled_ancestry_in_a_second_wave(tmp_path):
-    _DistilledProbe.register()
-    plan = build_plan(write_suite(tmp_path, teacher_suite()), [])[1]
-    commands = submit(plan, Roots(tmp_path / "runs", tmp_path / "results"), Cluster.from_env({}), dry_run=True)
-    assert "ancestry" in commands and "ancestry.1" in commands
-    assert "--dependency" not in commands["ancestry"]
-    assert "--dependency=afterok:DRYRUN-ancestry " in commands["ancestry.1"] + " "
-    wave = (tmp_path / "runs" / "slurm" / plan.plan_id() / "ancestry.1.txt").read_text().split()
-    assert wave == [j.job_id for j in plan.by_stage("ancestry") if j.info["ancestry"] == "student"]
-    assert "DRYRUN-ancestry.1" in commands["transfer"]
 
 
 def test_budget_kind_sets_the_matched_rank_and_caches_it(tmp_path, monkeypatch):

@@ -4,7 +4,10 @@ A job's fingerprint hashes the source of every first-party module its stage can 
 (``bench.stages.<stage>``), the method's module for stages that build the model, and everything those import,
 transitively, including imports inside functions (the harness imports lazily). Editing ``baselines/boft.py`` thus
 changes the fingerprint of BOFT's training and sampling jobs and of nothing else; editing a metric changes the
-evaluation jobs only. Comments count as source: a conservative fingerprint re-runs too much, never too little.
+evaluation jobs only. What is hashed is each file's syntax tree without docstrings: comments, docstrings and layout
+do not change what runs, so editing them leaves results current; any other edit, even one that could not change
+a number, makes them stale (conservative: it re-runs too much, never too little). A module's name is part of the
+hash, so moving a file changes it.
 
 Job ids stay config-addressed; a record whose fingerprint differs from the checkout's is *stale* (``bench.status``).
 """
@@ -103,11 +106,29 @@ def module_closure(roots: tuple[str, ...], packages: tuple[str, ...] = FIRST_PAR
     return seen
 
 
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """Drop the docstring of the module and of every class and function: prose, not behaviour."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+                    first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+@functools.lru_cache(maxsize=None)
+def _source_digest(path: Path, mtime_ns: int) -> str:
+    """Hash of what the file does: its syntax tree without docstrings (comments and layout are not in it)."""
+    tree = _strip_docstrings(ast.parse(path.read_bytes(), str(path)))
+    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
+
+
 @functools.lru_cache(maxsize=None)
 def _fingerprint(roots: tuple[str, ...], packages: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     for name, path in sorted(module_closure(roots, packages).items()):
-        digest.update(f"{name}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+        digest.update(f"{name}\0{_source_digest(path, path.stat().st_mtime_ns)}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -133,3 +154,4 @@ def clear_cache() -> None:
     _fingerprint.cache_clear()
     _package_dir.cache_clear()
     _imports_cached.cache_clear()
+    _source_digest.cache_clear()

@@ -166,8 +166,15 @@ def load_suite(name_or_path: str) -> Suite:
         methods.append(MethodSpec(spec["name"], spec.get("variant", "default"), spec.get("family", ""),
                                   spec.get("ancestry"), tuple(spec.get("tasks", list(tasks))),
                                   spec.get("options", {}), spec.get("overrides", {}), spec.get("budget")))
+    seeds, archs = data.get("seeds", [0]), data.get("archs", [RunConfig().model.arch])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                           for x in seeds):
+        raise SuiteError(f"{where}: seeds must be a non-empty list of integers, e.g. seeds = [0, 1, 2]; got {seeds!r}")
+    if not isinstance(archs, list) or not archs or not all(isinstance(x, str) for x in archs):
+        raise SuiteError(f"{where}: archs must be a non-empty list of DiT names, e.g. archs = [\"DiT-B/2\"]; "
+                         f"got {archs!r}")
     suite = Suite(name=data.get("name", path.stem), description=data.get("description", ""),
-                  seeds=tuple(data.get("seeds", [0])), archs=tuple(data.get("archs", [RunConfig().model.arch])),
+                  seeds=tuple(seeds), archs=tuple(archs),
                   defaults=_table(data, "defaults", where),
                   sample=protocol_section(SampleConfig, _table(protocol, "sample", where), "sample", where),
                   eval=protocol_section(EvalConfig, _table(protocol, "eval", where), "eval", where),

@@ -19,7 +19,7 @@ import peft  # noqa: E402
 from peft.tuners.boft import BOFTLayer  # noqa: E402
 
 from baselines.boft import ButterflyOrthogonalLinear, butterfly_permutation  # noqa: E402
-from methods import ArchSpec, Task, get_method  # noqa: E402
+from methods import ArchSpec, get_method  # noqa: E402
 from methods.budget import build_for_count  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # peft warns that its CUDA extension is missing

@@ -10,7 +10,6 @@ import concurrent.futures
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 

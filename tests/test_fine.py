@@ -19,7 +19,7 @@ from bench.diffusion import GaussianDiffusion
 from bench.models.dit import DiT
 from methods import ArchSpec, MethodError, Task, get_method
 from methods.transfer import load_ancestry, save_ancestry
-from trainrun import REPO, train_command
+from trainrun import REPO
 
 ANCESTOR = ArchSpec(name="DiT-T/2-d4", input_size=8, in_channels=4)
 CLASSES = 10

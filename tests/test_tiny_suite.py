@@ -41,4 +41,5 @@ def test_tiny_suite_end_to_end_and_rerun_is_a_no_op(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     rerun = json.loads((tmp_path / "results/last_run.json").read_text())
-    assert rerun["outcomes"]["ran"] == 1  # only the aggregation is redone; every other job is found done
+    # nothing runs again, not even the aggregation: its inputs are the evaluations it already read
+    assert rerun["outcomes"]["ran"] == 0 and rerun["outcomes"]["done"] == len(plan.jobs)

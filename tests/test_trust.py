@@ -163,9 +163,14 @@ def test_fresh_clone_runs_the_readme_command_without_touching_shipped_results(tm
     assert second.returncode == 0, second.stderr[-3000:]
     assert json.loads((results / "last_run.json").read_text())["outcomes"]["ran"] == 0
 
-    # an edit to LoRA's source (a comment is source too) makes LoRA's jobs stale and nothing else
+    # a comment is not behaviour: nothing becomes stale
     adapter = clone / "baselines" / "peft_adapter.py"
-    adapter.write_text(adapter.read_text() + "\n# edited\n")
+    source = adapter.read_text()
+    adapter.write_text(source + "\n# a comment\n")
+    again = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads((results / "last_run.json").read_text())["outcomes"]["ran"] == 0
+    # an edit to LoRA's code makes LoRA's jobs stale and nothing else
+    adapter.write_text(source + "\n_EDITED = True\n")
     plan = subprocess.run([sys.executable, "-m", "bench.cli", "plan", "--suite", "tests/suites/mini.toml", "--json"],
                           cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert plan.returncode == 0, plan.stderr[-2000:]
@@ -237,3 +242,16 @@ def test_protocol_and_config_mistakes_in_set_are_one_line_errors(sets, message):
     with pytest.raises(SuiteError, match=message.replace(".", r"\.")) as err:
         build_plan(MINI, sets)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("line,message", [('seeds = "012"', "seeds must be a non-empty list of integers"),
+                                          ('archs = "DiT-T/2"', "archs must be a non-empty list")])
+def test_suite_lists_are_lists(tmp_path, line, message):
+    from bench.suite import SuiteError, load_suite
+
+    text = Path(MINI).read_text().replace('seeds = [0]', line if line.startswith("seeds") else "seeds = [0]")
+    if line.startswith("archs"):
+        text = text.replace('archs = ["DiT-T/2"]', line)
+    (tmp_path / "s.toml").write_text(text)
+    with pytest.raises(SuiteError, match=message):
+        load_suite(str(tmp_path / "s.toml"))

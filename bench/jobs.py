@@ -80,12 +80,9 @@ def run_job(plan: Plan, job: Job, roots: Roots, ctx: DistContext, *, force: bool
     Without ``force`` a job whose record is trustworthy (``bench.status``) is not run again. A job that is run over
     an untrusted record (stale code, changed or missing outputs or inputs) first moves its old outputs aside."""
     store = RecordStore(roots.results)
-    if not force:
-        state = job_state(plan, job.job_id, roots)
-        if state.state == "done":
-            return store.read(job.job_id)
-    else:
-        state = job_state(plan, job.job_id, roots)
+    state = job_state(plan, job.job_id, roots)
+    if state.state == "done" and not force:
+        return store.read(job.job_id)
     if ctx.is_main and state.state in RESTART_STATES:
         retire_outputs(job, roots)
     barrier(ctx)

@@ -277,7 +277,7 @@ class VeraMethod(PeftAdapterMethod):
 
     def attach(self, model: nn.Module, targets: list[str]) -> None:
         super().attach(model, targets)
-        # peft hands every layer the same BufferDict *module*. torch.func.functional_call (bench.accounting's meta
+        # peft hands every layer the same BufferDict *module*. torch.func.functional_call (bench.models.accounting's meta
         # FLOP count) cannot restore a submodule reachable under several paths and would leave the projections on
         # the meta device; one BufferDict per layer holding the same two tensors behaves identically and does not.
         for layer in tuner_layers(model, VeraLayer).values():

@@ -21,13 +21,13 @@ from pathlib import Path
 
 #: verb -> (module with a ``main(argv) -> int``, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "run": ("bench.executor:run_main", "run a suite on this machine (default: tiny)"),
-    "plan": ("bench.executor:plan_main", "print a suite's job graph and what is done"),
-    "train": ("bench.train", "train a DiT with a method (torchrun/srun compatible)"),
-    "sample": ("bench.sample", "sample a trained run into an ADM-style .npz"),
+    "run": ("bench.pipeline.executor:run_main", "run a suite on this machine (default: tiny)"),
+    "plan": ("bench.pipeline.executor:plan_main", "print a suite's job graph and what is done"),
+    "train": ("bench.run.train", "train a DiT with a method (torchrun/srun compatible)"),
+    "sample": ("bench.run.sample", "sample a trained run into an ADM-style .npz"),
     "latents": ("bench.data.encode", "encode an ImageFolder dataset into a VAE latent cache"),
-    "leaderboard": ("bench.leaderboard", "records -> leaderboard CSV, Markdown, LaTeX"),
-    "plot": ("bench.plots", "leaderboard CSVs -> plots (PNG + PDF)"),
+    "leaderboard": ("bench.report.leaderboard", "records -> leaderboard CSV, Markdown, LaTeX"),
+    "plot": ("bench.report.plots", "leaderboard CSVs -> plots (PNG + PDF)"),
     "evaluate": ("bench.metrics.cli", "score an ADM-style .npz of samples against a reference"),
     "metrics": ("bench.metrics.cli", "metric utilities: reference building, acceptance procedures"),
     "methods": ("bench.cli", "list the registered methods"),

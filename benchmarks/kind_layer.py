@@ -9,7 +9,7 @@ What is compared (one flavour at a time):
   evaluates each gate group's active tailors only; both are exact). One KIND model serves every compute: its
   mode is switched between steps (``kind.layers.set_tailor_compute``), so the modes share weights and optimizer.
   One step = forward with labels dropped at p = 0.1 through ``force_drop_ids`` (as the trainer does), MSE to a
-  fixed target, backward, AdamW (lr 1e-4, ``foreach=False`` as ``bench.engine`` builds it);
+  fixed target, backward, AdamW (lr 1e-4, ``foreach=False`` as ``bench.run.engine`` builds it);
 * sampling: one classifier-free-guided step (``forward_with_cfg`` on [cond; uncond], cfg 1.5, inference mode) of a
   stock DiT vs the merged KIND DiT (``KindMethod.merge``, loaded into a stock DiT).
 
@@ -341,10 +341,10 @@ def summarise(pairs: list[dict], memory: list[dict]) -> list[dict]:
 
 
 def gmacs(arch_name: str, args: argparse.Namespace) -> dict[str, float]:
-    """Forward GMACs per image (meta device, bench.accounting): the dense DiT; the factorised KIND DiT evaluating
+    """Forward GMACs per image (meta device, bench.models.accounting): the dense DiT; the factorised KIND DiT evaluating
     every tailor (masked); and what grouped evaluation computes for a class sample (N_G + K_act components: an
     ungated KIND DiT with N_T = K_act has exactly that shape) and for a null sample (learngenes only)."""
-    from bench.accounting import forward_gmacs
+    from bench.models.accounting import forward_gmacs
     from bench.models.dit import build_dit, parse_flavour
     from methods import ArchSpec, get_method
 
@@ -423,7 +423,7 @@ def render_markdown(rows: list[dict], args: argparse.Namespace, device: str, com
                      f"{row['params_ref'] / 1e6:.1f}M / {row['params_kind'] / 1e6:.1f}M |")
     lines += ["", f"Load average (1 min) sampled after each measuring process: "
                   f"{', '.join(f'{load:.1f}' for load in loads)}.", "",
-              "Forward GMACs per image (DiT convention, `bench.accounting`) and KIND build time:", ""]
+              "Forward GMACs per image (DiT convention, `bench.models.accounting`) and KIND build time:", ""]
     for arch, m in macs.items():
         dense = m["dense"]
         mixed = (1 - LABEL_DROP) * m["class"] + LABEL_DROP * m["null"]

@@ -340,7 +340,7 @@ def render(rows: list[dict], args: argparse.Namespace, device: str, command: str
              f"Denormal floats: {'kept' if args.keep_denormals else 'flushed to zero on CPU'} for every "
              f"method. Memory: {memory}.",
              "Stored MB: bytes of `state_to_save` (what a run stores on top of its ancestry). GMACs: forward, one "
-             "image, DiT convention (`bench.accounting`); 'as trained' counts every matmul of the trained model's "
+             "image, DiT convention (`bench.models.accounting`); 'as trained' counts every matmul of the trained model's "
              "forward at batch 1, including batch-independent work such as re-forming a weight.", ""]
     if device == "cpu":
         lines += ["**Noise warning:** this CPU is shared (2 cores, other jobs running, see the load average); "

@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.metrics import fixtures  # noqa: E402
-from bench.metrics.frechet import frechet_distance  # noqa: E402
-from bench.metrics.inception import load_inception, random_inception_state_dict  # noqa: E402
-from bench.metrics.precision_recall import precision_recall, precision_recall_bruteforce  # noqa: E402
+from bench.metrics.acceptance import fixtures  # noqa: E402
+from bench.metrics.scores.frechet import frechet_distance  # noqa: E402
+from bench.metrics.networks.inception import load_inception, random_inception_state_dict  # noqa: E402
+from bench.metrics.scores.precision_recall import precision_recall, precision_recall_bruteforce  # noqa: E402
 
 
 def timed(fn, repeats: int = 1):
@@ -75,7 +75,7 @@ def bench_extraction(n_images: int, batch: int, workdir: Path) -> list[tuple]:
     from cleanfid.resize import build_resizer
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from bench.metrics import cleanfid_extras as cx
+    from bench.metrics.scores import cleanfid_extras as cx
 
     weights = workdir / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(random_inception_state_dict(0), weights)

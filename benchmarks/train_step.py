@@ -5,7 +5,7 @@ recipe). Every configuration runs in a fresh subprocess, so peak memory is that 
 peak RSS (``resource.getrusage`` maxrss) on CPU, ``torch.cuda.max_memory_allocated`` on GPU. On CPU the runs are
 fp32 (bf16 without AMX is not representative); on CUDA bf16 autocast is measured too, with model FLOPs
 utilisation MFU = images/s x (3 x forward MACs x 2 FLOPs) / peak dense bf16 FLOP/s, forward MACs from
-``bench.accounting`` (DiT's convention; 3x for forward + backward of a fully trained model).
+``bench.models.accounting`` (DiT's convention; 3x for forward + backward of a fully trained model).
 
 Usage (from the repository root):
     python benchmarks/train_step.py                      # CPU: DiT-S/2 and DiT-B/2, 32x32x4 latents
@@ -13,7 +13,7 @@ Usage (from the repository root):
 
 The table goes to stdout and to results/benchmarks/train_step_<device>.md with the machine and the command.
 ``--engine`` selects how a training step is executed: ``plain`` (eager forward/backward/AdamW step) or
-``deepspeed`` (ZeRO-2 through ``bench.engine``, the trainer's own seam; on a GPU: ``--engine deepspeed`` gives the
+``deepspeed`` (ZeRO-2 through ``bench.run.engine``, the trainer's own seam; on a GPU: ``--engine deepspeed`` gives the
 issue's bf16 images/s and MFU for DiT-B/2 and DiT-L/2 at batch 32).
 """
 
@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.accounting import forward_gmacs_for_arch  # noqa: E402
+from bench.models.accounting import forward_gmacs_for_arch  # noqa: E402
 from bench.models.dit import DIT_FLAVOURS  # noqa: E402
 
 # Peak dense bf16 tensor-core FLOP/s (vendor datasheets, no sparsity). Matched against torch.cuda.get_device_name.
@@ -100,10 +100,10 @@ def plain_train_step(impl: str, model: torch.nn.Module, optimizer: torch.optim.O
 
 def deepspeed_train_step(impl: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                          autocast_dtype: torch.dtype | None) -> Callable:
-    """A step through the trainer's own seam (bench.engine): DeepSpeed ZeRO-2, bf16 weights with fp32 masters
+    """A step through the trainer's own seam (bench.run.engine): DeepSpeed ZeRO-2, bf16 weights with fp32 masters
     when bf16, the config generated from the config tree. ``optimizer`` is unused: the engine builds its AdamW."""
-    from bench.config import from_dict
-    from bench.engine import build_engine, init_distributed
+    from bench.config.schema import from_dict
+    from bench.run.engine import build_engine, init_distributed
 
     precision = "bf16" if autocast_dtype is torch.bfloat16 else "fp32"
     cfg = from_dict({"engine": {"backend": "deepspeed", "zero_stage": 2, "precision": precision},
@@ -281,7 +281,7 @@ def render_markdown(rows: list[dict], results: list[dict], args: argparse.Namesp
         f"{first['num_classes']} classes, learned sigma, AdamW (lr 1e-4), MSE loss, engine `{args.engine}`; "
         f"{args.warmup} warm-up + {args.steps} timed steps per run, each run in a fresh process, best of "
         f"{args.repeats} run(s) per implementation (implementations alternated). Memory: {memory_note}.",
-        "Model TFLOP/s = images/s x 3 x 2 x forward GMACs (`bench.accounting`, DiT convention).",
+        "Model TFLOP/s = images/s x 3 x 2 x forward GMACs (`bench.models.accounting`, DiT convention).",
         "",
     ]
     mfu = any("mfu" in row for row in rows)
@@ -332,7 +332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--repeats", type=int, default=1, help="runs per implementation; the best is reported")
     parser.add_argument("--engine", choices=list(ENGINES), default="plain",
-                        help="how a step is executed: plain (eager) or deepspeed (ZeRO-2 through bench.engine)")
+                        help="how a step is executed: plain (eager) or deepspeed (ZeRO-2 through bench.run.engine)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--output", type=Path, default=None,
                         help="markdown file (default: results/benchmarks/train_step_<device>.md)")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.accounting import forward_gmacs
+from bench.models.accounting import forward_gmacs
 from bench.models.dit import DiT, parse_flavour
 from kind.config import KindConfig, KindFullTransferConfig, KindNoGateConfig
 from kind.gate import build_gate_table

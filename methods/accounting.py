@@ -1,9 +1,9 @@
-"""One place where a method's ``count`` is assembled from ``bench.accounting`` (style.md §3.8 item 7).
+"""One place where a method's ``count`` is assembled from ``bench.models.accounting`` (style.md §3.8 item 7).
 
 Every method answers ``count(model)`` the same way: parameters as built (total, trainable), split into those whose
 values came from the ancestry and those the method initialised fresh, the bytes of ``state_to_save``, and forward
 GMACs of the model as trained and after ``merge``. Methods only say which parameters are new; the convention
-(DiT's GMACs: one image, forward only, no CFG doubling) lives in ``bench.accounting``.
+(DiT's GMACs: one image, forward only, no CFG doubling) lives in ``bench.models.accounting``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from bench.accounting import count_params, forward_gmacs
+from bench.models.accounting import count_params, forward_gmacs
 from methods.base import Accounting, Method, MethodError
 
 

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bench.hashing import file_sha256
+from bench.records.hashing import file_sha256
 from bench.models.dit import DIT_FLAVOURS
 from methods.base import Ancestry, ArchSpec, Method, MethodError
 

@@ -19,4 +19,4 @@ if [ ! -f "$ENV_FILE" ]; then
 fi
 set -a; source "$ENV_FILE"; set +a
 export KB_ENV_FILE=$ENV_FILE
-exec "${KB_PYTHON:-python3}" -m bench.slurm submit "$@"
+exec "${KB_PYTHON:-python3}" -m bench.pipeline.slurm submit "$@"

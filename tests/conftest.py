@@ -16,7 +16,7 @@ from trainrun import REPO, TINY_RUN, TrainResult, train_command  # noqa: E402  (
 
 @pytest.fixture
 def run_train(tmp_path):
-    """``run_train(*overrides, nproc=1, out="runs")`` runs ``bench.train`` for real and returns a TrainResult."""
+    """``run_train(*overrides, nproc=1, out="runs")`` runs ``bench.run.train`` for real and returns a TrainResult."""
 
     def run(*overrides: str, nproc: int = 1, out: str = "runs", timeout: int = 600) -> TrainResult:
         out_dir = tmp_path / out

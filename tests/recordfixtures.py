@@ -19,14 +19,14 @@ Pareto (FID vs training GMACs): bitfit, kind, full (lora is dominated by kind).
 Protocol P2 (Inception extractor, another reference) scores kind s0 and lora s0 again: a separate ranking.
 Benchmark ``novel-b--DiT-T-2`` holds one kind run, to check one leaderboard per benchmark.
 
-Every record is *current*, as ``bench.jobs`` writes it from this checkout: ``run_info.code`` is this checkout's code
-fingerprint of its stage and method (``bench.status.code_fingerprint``, looked up when written, so a test that
+Every record is *current*, as ``bench.pipeline.jobs`` writes it from this checkout: ``run_info.code`` is this checkout's code
+fingerprint of its stage and method (``bench.pipeline.status.code_fingerprint``, looked up when written, so a test that
 monkeypatches it there gets records that agree) and ``run_info.inputs`` the digests of the records it depends on.
 Methods are registered names (``full`` is the registry's full fine-tuning, family ``full_ft``), so
-``bench.status.stale_reason`` finds every fixture record current and a test makes one stale by editing it.
+``bench.pipeline.status.stale_reason`` finds every fixture record current and a test makes one stale by editing it.
 
 The end of the file has ``simple_record`` and the worker functions of the store's concurrency tests: spawned
-processes import this module, so it imports only ``bench.store`` at the top (numpy and PIL lazily).
+processes import this module, so it imports only ``bench.records.store`` at the top (numpy and PIL lazily).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import json
 import os
 from pathlib import Path
 
-from bench.store import RecordStore, metric, new_record, new_run_info
+from bench.records.store import RecordStore, metric, new_record, new_run_info
 
 GIT = {"git_sha": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False}
 META = {"hostname": "node001", "python": "3.11.7", "world_size": 1, "packages": {"torch": "2.14.1"}}
@@ -90,16 +90,16 @@ def _finish(info: dict, **blocks) -> dict:
 
 
 def current_code(stage: str, method: str) -> dict:
-    """``run_info.code`` of a ``stage`` job of ``method`` made by this checkout (as ``bench.jobs`` records it)."""
-    from bench import status  # lazy: the store tests' worker processes import this module
+    """``run_info.code`` of a ``stage`` job of ``method`` made by this checkout (as ``bench.pipeline.jobs`` records it)."""
+    from bench.pipeline import status  # lazy: the store tests' worker processes import this module
 
     return status.code_fingerprint(stage, method or None)
 
 
 def stamp_current(store: RecordStore, record: dict) -> dict:
-    """``record`` with the ``code`` and ``inputs`` blocks ``bench.jobs`` writes into run_info: this checkout's
+    """``record`` with the ``code`` and ``inputs`` blocks ``bench.pipeline.jobs`` writes into run_info: this checkout's
     fingerprint and the digest of every dependency record now in ``store`` (so the record is current)."""
-    from bench.status import record_digest
+    from bench.pipeline.status import record_digest
 
     info = record["run_info"]
     info["code"] = current_code(info["stage"], info["method"])

@@ -1,11 +1,11 @@
-"""Tests for bench/accounting.py: DiT's published compute and parameter counts, and the generic meta-device counter."""
+"""Tests for bench/models/accounting.py: DiT's published compute and parameter counts, and the generic meta-device counter."""
 
 import psutil
 import pytest
 import torch
 from torch import nn
 
-from bench.accounting import count_params, flop_counter, forward_gmacs, forward_gmacs_for_arch
+from bench.models.accounting import count_params, flop_counter, forward_gmacs, forward_gmacs_for_arch
 from bench.models.dit import DiT, build_dit
 
 

@@ -1,12 +1,12 @@
 """Data order and random draws are pure functions of (seed, step, position): independent of world size,
-accumulation split, query order and restarts (bench/batching.py)."""
+accumulation split, query order and restarts (bench/run/batching.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bench.batching import GlobalBatchPlan, derive_seed, flip_flags, sample_draws
+from bench.run.batching import GlobalBatchPlan, derive_seed, flip_flags, sample_draws
 
 NUM_SAMPLES, GLOBAL_BATCH, SEED = 20, 8, 3  # 8 does not divide 20: global batches straddle epoch boundaries
 

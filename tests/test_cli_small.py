@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 import bench.progress
-from bench.tomlcompat import tomllib
+from bench.config.toml import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = REPO / "bench" / "suites"
@@ -71,7 +71,7 @@ def test_no_stale_variable_names_in_docs_and_code():
 
 def test_tomlcompat_falls_back_to_tomli(monkeypatch):
     pytest.importorskip("tomli")
-    import bench.tomlcompat as compat
+    import bench.config.toml as compat
 
     monkeypatch.setitem(sys.modules, "tomllib", None)  # what Python 3.10 looks like: no stdlib tomllib
     try:
@@ -91,9 +91,9 @@ def test_no_bare_tomllib_import():
     offenders = []
     for package in (*SOURCE_PACKAGES, "tests"):
         for path in (REPO / package).rglob("*.py"):
-            if path != REPO / "bench" / "tomlcompat.py" and bare.search(path.read_text()):
+            if path != REPO / "bench" / "config" / "toml.py" and bare.search(path.read_text()):
                 offenders.append(str(path.relative_to(REPO)))
-    assert offenders == [], "use `from bench.tomlcompat import tomllib` (Python 3.10 has no tomllib)"
+    assert offenders == [], "use `from bench.config.toml import tomllib` (Python 3.10 has no tomllib)"
 
 
 # ---------------------------------------------------------------------------------------------------- --version
@@ -125,14 +125,14 @@ def test_version_falls_back_to_pyproject(monkeypatch, capsys):
 # ------------------------------------------------------------------------------------------------- train --help
 
 def test_train_help_lists_every_config_key(capsys):
-    from bench.config import RunConfig
-    from bench.train import parse_args
+    from bench.config.schema import RunConfig
+    from bench.run.train import parse_args
 
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "bench/config.py" in out
+    assert "bench/config/schema.py" in out
     assert f"--optim.lr={RunConfig().optim.lr}" in out
     defaults = RunConfig()
     for section in dataclasses.fields(RunConfig):  # from the dataclass, so a removed or added section is followed
@@ -142,7 +142,7 @@ def test_train_help_lists_every_config_key(capsys):
 
 
 def test_train_parse_args_unchanged():
-    from bench.train import parse_args
+    from bench.run.train import parse_args
 
     assert parse_args(["--config", "run.toml", "--optim.lr=2e-4"]) == ("run.toml", ["--optim.lr=2e-4"])
 
@@ -195,7 +195,7 @@ class _FakeInception(torch.nn.Module):
 
 
 def test_extract_features_shows_a_bar(tmp_path, monkeypatch):
-    from bench.metrics.features import extract_features
+    from bench.metrics.networks.features import extract_features
 
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=images)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from bench.config import (ConfigError, EvalConfig, RunConfig, SampleConfig, from_dict, load_config, parse_override,
+from bench.config.schema import (ConfigError, EvalConfig, RunConfig, SampleConfig, from_dict, load_config, parse_override,
                           save_resolved, section_from_overrides)
 
 
@@ -285,7 +285,7 @@ def test_bookkeeping_and_paths_do_not_change_the_hash(override):
 def test_every_field_that_changes_the_model_is_hashed():
     """Walk the whole tree: changing any leaf outside ``run``, ``sample`` and the listed bookkeeping/path fields
     must change the hash."""
-    from bench.config import UNHASHED
+    from bench.config.schema import UNHASHED
 
     base = RunConfig()
     base_hash = base.config_hash()

@@ -266,7 +266,7 @@ def test_shipped_example_class_list_parses():
 
 
 def test_class_balanced_subset_keeps_every_class_evenly_and_deterministically():
-    from bench.config import DataConfig, ModelConfig
+    from bench.config.schema import DataConfig, ModelConfig
     from bench.data.factory import build_dataset
     from bench.data.subset import balanced_subset_indices
 

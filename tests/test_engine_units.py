@@ -13,13 +13,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bench.checkpoint import CheckpointError, Checkpoints
-from bench.config import EngineConfig, OptimConfig, ScheduleConfig, load_config
-from bench.ema import EMA
-from bench.engine import (DDPEngine, DistContext, EngineError, _export_launch_env, batch_geometry, build_engine,
+from bench.run.checkpoint import CheckpointError, Checkpoints
+from bench.config.schema import EngineConfig, OptimConfig, ScheduleConfig, load_config
+from bench.run.ema import EMA
+from bench.run.engine import (DDPEngine, DistContext, EngineError, _export_launch_env, batch_geometry, build_engine,
                           build_optimizer, deepspeed_config, expand_hostlist, init_distributed)
 from bench.models.dit import build_dit
-from bench.preemption import EXIT_REQUEUE, PreemptionWatch
+from bench.run.preemption import EXIT_REQUEUE, PreemptionWatch
 
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
                "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_JOB_NODELIST",

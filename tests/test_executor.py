@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from bench import executor
-from bench.jobs import Roots
-from bench.plan import Job, Plan
+from bench.pipeline import executor
+from bench.pipeline.jobs import Roots
+from bench.pipeline.plan import Job, Plan
 
 SCRIPT = """
 import json, os, sys, time
@@ -96,7 +96,7 @@ def test_aggregation_waits_for_every_evaluation_even_after_an_early_failure(tmp_
 
 
 def test_default_parallelism_is_one_unless_every_run_pins_one_thread():
-    from bench.executor import build_plan, default_parallel_jobs
+    from bench.pipeline.executor import build_plan, default_parallel_jobs
 
     _, tiny = build_plan("tiny", [])
     assert default_parallel_jobs(tiny) >= 1

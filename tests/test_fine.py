@@ -423,7 +423,7 @@ def test_shared_factors_under_zero3_stay_one_tensor_and_train(tmp_path):
 
 @pytest.mark.slow
 def test_two_phase_recipe_through_the_trainer(run_train, tmp_path):
-    """bench.train end to end: ZeRO-3 ancestry on 2 ranks, phase 1 at another depth, phase 2 from phase 1."""
+    """bench.run.train end to end: ZeRO-3 ancestry on 2 ranks, phase 1 at another depth, phase 2 from phase 1."""
     common = ["--method.name=fine", "--schedule.steps=3"]
     ancestry = run_train(*common, "--engine.backend=deepspeed", "--engine.zero_stage=3", nproc=2, out="anc")
     assert ancestry.returncode == 0, ancestry.stderr[-3000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.tomlcompat import tomllib
+from bench.config.toml import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
@@ -41,7 +41,7 @@ def test_import_linter_sees_real_imports(tmp_path):
     config = tmp_path / "broken.toml"
     config.write_text('[tool.importlinter]\nroot_packages = ["bench", "methods", "kind", "baselines"]\n\n'
                       '[[tool.importlinter.contracts]]\nname = "train must not use config (deliberately false)"\n'
-                      'type = "forbidden"\nsource_modules = ["bench.train"]\nforbidden_modules = ["bench.config"]\n')
+                      'type = "forbidden"\nsource_modules = ["bench.run.train"]\nforbidden_modules = ["bench.config.schema"]\n')
     proc = run_lint_imports("--config", str(config))
     assert proc.returncode != 0
     assert "BROKEN" in proc.stdout + proc.stderr
@@ -107,12 +107,12 @@ def test_scan_detects_every_import_form():
         "def late():",
         "    import kind",
         "import torch",
-        "from bench.config import RunConfig",
+        "from bench.config.schema import RunConfig",
         "from .sibling import y",
     ])
     found = imported_modules(source, "bench.sub.mod")
     assert {"kind.gates", "baselines", "baselines.peft_adapter", "kind.recombine", "kind", "torch",
-            "bench.config", "bench.sub.sibling"} <= found
+            "bench.config.schema", "bench.sub.sibling"} <= found
     assert {m for m in found if m.split(".")[0] in METHOD_PACKAGES} >= {"kind.gates", "baselines.lora",
                                                                         "kind.recombine", "kind"}
 

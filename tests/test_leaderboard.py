@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import leaderboard
-from bench.fingerprint import code_fingerprint
-from bench.leaderboard import LeaderboardWarning, build_leaderboards, pareto_flags, protocol_id
-from bench.store import MalformedRecordError, RecordStore
+from bench.report import leaderboard
+from bench.records.fingerprint import code_fingerprint
+from bench.report.leaderboard import LeaderboardWarning, build_leaderboards, pareto_flags, protocol_id
+from bench.records.store import MalformedRecordError, RecordStore
 from recordfixtures import P1, P2, P2_FID, RUNS, eval_info, run_id_of, write_fixture_store
 
 BENCH_A, BENCH_B = "novel-a--DiT-T-2", "novel-b--DiT-T-2"
@@ -376,7 +376,7 @@ def test_other_code_is_stale_listed_apart_and_never_ranked(results_copy, tmp_pat
         tmp_path / "out" / "status.md").read_text()
 
     # the plots never draw the stale row or run as a result of this code
-    from bench import plots
+    from bench.report import plots
 
     seen: dict[str, list] = {"board": [], "runs": []}
     monkeypatch.setattr(plots, "pareto_figure", lambda rows, axis, styles: seen["board"].extend(rows))
@@ -439,9 +439,9 @@ def test_input_rerun_after_consumption_is_stale(results_copy, tmp_path):
 
 def test_every_row_stale_after_a_code_change(built, tmp_path, monkeypatch):
     """The checkout's evaluation code changed since every record was made: nothing is ranked, nothing typeset."""
-    import bench.status
+    import bench.pipeline.status
 
-    real = bench.status.code_fingerprint
+    real = bench.pipeline.status.code_fingerprint
 
     def changed(stage, method=None):
         found = dict(real(stage, method))
@@ -449,7 +449,7 @@ def test_every_row_stale_after_a_code_change(built, tmp_path, monkeypatch):
             found["fingerprint"] = "f" * 16
         return found
 
-    monkeypatch.setattr(bench.status, "code_fingerprint", changed)
+    monkeypatch.setattr(bench.pipeline.status, "code_fingerprint", changed)
     build_quietly(built[0] / "results", tmp_path / "out")
     rows = all_rows(tmp_path)
     assert rows and all(r["stale"] and r["rank"] == "" for r in rows)

@@ -7,7 +7,7 @@ adding rows here (``test_every_registered_method_has_rows`` fails until then). E
 
 The expected numbers are computed independently of the code under test: parameter counts by enumerating
 ``model.parameters()``, GMACs with a plain ``FlopCounterMode`` on a real one-image forward (math attention, so
-the attention matmuls are visible as ``bmm``), not through ``bench.accounting``.
+the attention matmuls are visible as ``bmm``), not through ``bench.models.accounting``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The synthetic suite's domain feature extractor and the metrics computed in its space (bench.metrics.domain*).
+"""The synthetic suite's domain feature extractor and the metrics computed in its space (bench.metrics.networks.domain*).
 
 The module fixture trains the real extractor once (default recipe) into a temporary cache; the cache, corruption
 and determinism tests use a reduced recipe that trains in a few seconds.
@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from bench.data.synthetic import SyntheticImages
-from bench.metrics import domain as dm
+from bench.metrics.networks import domain as dm
 from bench.metrics.domain_eval import build_domain_reference, evaluate_domain
 from bench.metrics.sample_io import write_samples_npz
-from bench.metrics.weights import sha256_file
+from bench.metrics.networks.weights import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dm.DomainRecipe(train_per_class=((16, 2),), holdout_per_class=((16, 1),), epochs=1, batch_size=32)
@@ -182,7 +182,7 @@ def test_pr_reference_is_capped_with_a_seeded_subset(extractor, tmp_path):
 
 
 def test_record_shape_matches_the_run_record(scored, extractor):
-    from bench.store import REQUIRED
+    from bench.records.store import REQUIRED
 
     rec = scored["records"]["heldout"]
     assert set(rec["metrics"]) == {"fid", "is", "precision", "recall"}
@@ -201,7 +201,7 @@ def test_record_shape_matches_the_run_record(scored, extractor):
 
 
 def test_eval_info_passes_the_store_validation(scored):
-    from bench.store import metric, new_record, new_run_info
+    from bench.records.store import metric, new_record, new_run_info
 
     rec = scored["records"]["heldout"]
     info = new_run_info(job_id="kind--novel-a--DiT-T-2--s0--3f9a1c2e--evaluate", run_id="kind--novel-a--DiT-T-2--s0",
@@ -319,10 +319,10 @@ def test_corrupt_cache_is_retrained(tiny_cache, tmp_path):
 
 
 def test_concurrent_processes_share_one_intact_cache_file(tmp_path):
-    code = ("import sys; from bench.metrics import domain as dm; from tests_recipe import TINY; "
+    code = ("import sys; from bench.metrics.networks import domain as dm; from tests_recipe import TINY; "
             "print(dm.load_domain_extractor(sys.argv[1], recipe=TINY).sha256)")
     (tmp_path / "tests_recipe.py").write_text(
-        "from bench.metrics.domain import DomainRecipe\n"
+        "from bench.metrics.networks.domain import DomainRecipe\n"
         "TINY = DomainRecipe(train_per_class=((16, 2),), holdout_per_class=((16, 1),), epochs=1, batch_size=32)\n")
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1"}

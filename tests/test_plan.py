@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 
-from bench.executor import build_plan
-from bench.plan import STAGES, dependents, make_plan
-from bench.suite import SuiteError, load_suite
+from bench.pipeline.executor import build_plan
+from bench.pipeline.plan import STAGES, dependents, make_plan
+from bench.config.suite import SuiteError, load_suite
 
 SUITE = textwrap.dedent("""
     name = "mini"
@@ -253,7 +253,7 @@ def test_teacher_cycles_are_suite_errors(tmp_path):
 
 
 def test_budget_kind_sets_the_matched_rank_and_caches_it(tmp_path, monkeypatch):
-    import bench.plan as plan_module
+    import bench.pipeline.plan as plan_module
     from bench.models.dit import DiT  # noqa: F401 - imported before timing-free checks below
     from methods.base import ArchSpec
     from methods.budget import kind_matched_rank

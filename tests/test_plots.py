@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench.leaderboard import build_leaderboards, protocol_id
-from bench.plots import (
+from bench.report.leaderboard import build_leaderboards, protocol_id
+from bench.report.plots import (
     BOARD_COLUMNS,
     DPI,
     RUN_COLUMNS,
@@ -85,7 +85,7 @@ def test_same_csv_gives_identical_files(plotted, tmp_path):
     shutil.copy(base / "out" / "leaderboard_runs.csv", subset / "leaderboard_runs.csv")
     first = make_plots(subset, tmp_path / "one")
     env = {**os.environ, "PYTHONHASHSEED": "123", "MPLBACKEND": "pdf"}  # a different hash seed and backend env
-    proc = subprocess.run([sys.executable, "-m", "bench.plots", "--leaderboard", str(subset), "--out",
+    proc = subprocess.run([sys.executable, "-m", "bench.report.plots", "--leaderboard", str(subset), "--out",
                            str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(first) == 8

@@ -19,10 +19,10 @@ SAMPLE = ["--sample.num_samples=10", "--sample.per_proc_batch=4", "--sample.num_
 
 def _sample(run_dir, *extra, nproc=1):
     if nproc == 1:
-        cmd = [sys.executable, "-m", "bench.sample"]
+        cmd = [sys.executable, "-m", "bench.run.sample"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-               "bench.sample"]
+               "bench.run.sample"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd + ["--run-dir", str(run_dir), *SAMPLE, *extra], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -104,6 +104,6 @@ def test_balanced_labels_and_other_batch_size(trained_run, tmp_path):
 
 
 def test_missing_export_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.sample", "--run-dir", str(tmp_path)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "bench.run.sample", "--run-dir", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "config.json is missing" in proc.stderr.strip().splitlines()[-1]

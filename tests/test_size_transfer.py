@@ -18,8 +18,8 @@ from baselines.sws import even_split, spaced_stages, stage_of_layers
 from baselines.tleg import expansion_coefficient
 from bench.diffusion import GaussianDiffusion
 from bench.models.dit import DiT
-from bench.plan import make_plan
-from bench.suite import load_suite
+from bench.pipeline.plan import make_plan
+from bench.config.suite import load_suite
 from methods import ArchSpec, MethodError, Task, get_method
 from methods.transfer import load_ancestry, save_ancestry
 
@@ -56,7 +56,7 @@ def inputs(batch: int = 4):
 
 
 def diffusion_batch(model, method, diffusion, x, t, y):
-    """One loss evaluation as ``bench.train.micro_step_loss`` does it (diffusion loss + the method's term)."""
+    """One loss evaluation as ``bench.run.train.micro_step_loss`` does it (diffusion loss + the method's term)."""
     kwargs = {"y": y, "force_drop_ids": torch.tensor([0, 1, 0, 0][:len(y)])}
     terms = diffusion.training_losses(model, x, t, kwargs, noise=torch.randn_like(x))
     batch = {"x": x, "y": y, "x_t": terms["x_t"], "t": t, "model_kwargs": kwargs,

@@ -1,4 +1,4 @@
-"""The SLURM executor: the job graph ``bench.slurm.submit`` builds (fast: dry runs and a fake ``sbatch``), and
+"""The SLURM executor: the job graph ``bench.pipeline.slurm.submit`` builds (fast: dry runs and a fake ``sbatch``), and
 ``sbatch slurm/run_all.sh`` on a real SLURM cluster (``slurm/testing/local_cluster.sh``; .ci/run starts one).
 
 The tests marked ``slurm`` need slurmctld/slurmd running on this machine and take minutes.
@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from trainrun import REPO
 
-from bench import slurm
-from bench.executor import build_plan
-from bench.jobs import Roots
-from bench.status import JobState
+from bench.pipeline import slurm
+from bench.pipeline.executor import build_plan
+from bench.pipeline.jobs import Roots
+from bench.pipeline.status import JobState
 
 # ---- the job graph (fast: dry runs and a fake sbatch, no cluster) -------------------------------------------------
 
@@ -449,8 +449,8 @@ def test_a_failed_transfer_cancels_only_its_dependants_and_resubmitting_complete
     an edited run leaves one): SLURM cancels its sample and evaluation only, the other transfer of the same array is
     sampled and scored. Once the checkpoint is removed, submitting again runs that transfer, its sample and
     evaluation, and re-aggregates; then there is nothing left to submit."""
-    from bench.plan import dependents
-    from bench.store import RecordStore
+    from bench.pipeline.plan import dependents
+    from bench.records.store import RecordStore
 
     suite = tmp_path / "slurm-fail.toml"
     suite.write_text(FAIL_SUITE)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bench.store import (
+from bench.records.store import (
     SCHEMA_VERSION,
     MalformedRecordError,
     RecordStore,

@@ -25,7 +25,7 @@ def test_tiny_suite_end_to_end_and_rerun_is_a_no_op(tmp_path):
     assert summary["outcomes"]["failed"] == 0 and summary["outcomes"]["blocked"] == 0
     assert set(summary["stage_seconds"]) == {"prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate"}
 
-    from bench.executor import build_plan
+    from bench.pipeline.executor import build_plan
 
     plan = build_plan("tiny", [s for s in SMOKE if s != "--set"])[1]
     records = {p.stem for p in (tmp_path / "results/records").glob("*.json")}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench.preemption import EXIT_REQUEUE
+from bench.run.preemption import EXIT_REQUEUE
 from methods.transfer import load_ancestry
 from trainrun import REPO, TINY_RUN, train_command
 

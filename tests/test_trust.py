@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from bench.executor import build_plan, default_results, run_local
-from bench.jobs import Roots
-from bench.status import plan_states
+from bench.pipeline.executor import build_plan, default_results, run_local
+from bench.pipeline.jobs import Roots
+from bench.pipeline.status import plan_states
 from trainrun import REPO
 
 MINI = str(REPO / "tests" / "suites" / "mini.toml")
@@ -174,8 +174,8 @@ def test_fresh_clone_runs_the_readme_command_without_touching_shipped_results(tm
     plan = subprocess.run([sys.executable, "-m", "bench.cli", "plan", "--suite", "tests/suites/mini.toml", "--json"],
                           cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert plan.returncode == 0, plan.stderr[-2000:]
-    probe = ("import json, sys; from bench.executor import build_plan; from bench.jobs import Roots; "
-             "from bench.status import plan_states; p = build_plan('tests/suites/mini.toml', [])[1]; "
+    probe = ("import json, sys; from bench.pipeline.executor import build_plan; from bench.pipeline.jobs import Roots; "
+             "from bench.pipeline.status import plan_states; p = build_plan('tests/suites/mini.toml', [])[1]; "
              "s = plan_states(p, Roots('runs', 'runs/results/mini')); "
              "print(json.dumps({k: [v.state, p.jobs[k].info.get('method', '')] for k, v in s.items()}))")
     states = json.loads(subprocess.run([sys.executable, "-c", probe], cwd=clone, env=env, capture_output=True,
@@ -207,8 +207,8 @@ def test_make_plan_is_pure_and_budgets_are_resolved_before_it(tmp_path, monkeypa
     """make_plan builds no model and writes no file; budget-matched ranks come from their own step."""
     import torch
 
-    from bench.plan import make_plan, resolve_budgets
-    from bench.suite import SuiteError, load_suite
+    from bench.pipeline.plan import make_plan, resolve_budgets
+    from bench.config.suite import SuiteError, load_suite
 
     suite_file = tmp_path / "budget.toml"
     suite_file.write_text(Path(MINI).read_text() + '\n[ancestries.kind]\nmethod = "kind"\n'
@@ -237,7 +237,7 @@ def test_make_plan_is_pure_and_budgets_are_resolved_before_it(tmp_path, monkeypa
     (["schedule.step=3"], "did you mean 'schedule.steps'"),
 ])
 def test_protocol_and_config_mistakes_in_set_are_one_line_errors(sets, message):
-    from bench.suite import SuiteError
+    from bench.config.suite import SuiteError
 
     with pytest.raises(SuiteError, match=message.replace(".", r"\.")) as err:
         build_plan(MINI, sets)
@@ -247,7 +247,7 @@ def test_protocol_and_config_mistakes_in_set_are_one_line_errors(sets, message):
 @pytest.mark.parametrize("line,message", [('seeds = "012"', "seeds must be a non-empty list of integers"),
                                           ('archs = "DiT-T/2"', "archs must be a non-empty list")])
 def test_suite_lists_are_lists(tmp_path, line, message):
-    from bench.suite import SuiteError, load_suite
+    from bench.config.suite import SuiteError, load_suite
 
     text = Path(MINI).read_text().replace('seeds = [0]', line if line.startswith("seeds") else "seeds = [0]")
     if line.startswith("archs"):

@@ -19,10 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from baselines.wave import (WaveLinear, compose_weight, fit_templates, template_name,  # noqa: E402
                             template_params, wave_layers)
-from bench.batching import derive_seed  # noqa: E402
+from bench.run.batching import derive_seed  # noqa: E402
 from bench.diffusion import GaussianDiffusion  # noqa: E402
 from bench.models.dit import DiT  # noqa: E402
-from bench.train import INIT_STREAM  # noqa: E402
+from bench.run.train import INIT_STREAM  # noqa: E402
 from methods import Ancestry, ArchSpec, MethodError, Task, get_method  # noqa: E402
 from methods.transfer import load_ancestry  # noqa: E402
 
@@ -380,8 +380,8 @@ options = { train = "scalers" }
 
 
 def test_suite_chains_consolidation_scaler_phase_and_normal_training(tmp_path):
-    from bench.plan import make_plan
-    from bench.suite import load_suite
+    from bench.pipeline.plan import make_plan
+    from bench.config.suite import load_suite
 
     path = tmp_path / "wave.toml"
     path.write_text(WAVE_SUITE)

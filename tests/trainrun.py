@@ -31,6 +31,6 @@ class TrainResult:
 
 def train_command(nproc: int) -> list[str]:
     if nproc == 1:
-        return [sys.executable, "-m", "bench.train"]
+        return [sys.executable, "-m", "bench.run.train"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "bench.train"]
+            "-m", "bench.run.train"]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bench.config import EngineConfig
-from bench.engine import init_distributed, shutdown
+from bench.config.schema import EngineConfig
+from bench.run.engine import init_distributed, shutdown
 
 
 def main(argv: list[str] | None = None) -> int:

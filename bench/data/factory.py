@@ -1,7 +1,7 @@
 """Build the training dataset a run config asks for (synthetic, ImageFolder or a VAE latent cache).
 
 Datasets here return unaugmented items: the trainer applies horizontal flips itself from per-sample draws
-(``bench.batching``), so augmentation is reproducible across world sizes and restarts.
+(``bench.run.batching``), so augmentation is reproducible across world sizes and restarts.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from bench.config import DataConfig, ModelConfig
+from bench.config.schema import DataConfig, ModelConfig
 
 
 def _path(text: str, key: str) -> Path:

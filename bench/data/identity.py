@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.config import DataConfig
+from bench.config.schema import DataConfig
 
 
 def _file_sha256(text: str) -> str:

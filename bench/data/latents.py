@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from bench.hashing import file_sha256  # also re-exported: callers use bench.data.latents.file_sha256
+from bench.records.hashing import file_sha256  # also re-exported: callers use bench.data.latents.file_sha256
 from bench.models.vae import (
     encode_moments,
     load_vae,

@@ -153,7 +153,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_weights(args) -> int:
-    from bench.metrics.weights import expected_files_text, resolve_weights_dir
+    from bench.metrics.networks.weights import expected_files_text, resolve_weights_dir
 
     wd = resolve_weights_dir(args.weights_dir)
     if args.action == "list":
@@ -177,9 +177,9 @@ def _device(value):
 
 
 def _cmd_prepare_ref(args) -> int:
-    from bench.metrics.inception import load_inception
-    from bench.metrics.reference_builder import prepare_adm_reference
-    from bench.metrics.weights import LAYOUT, resolve_weights_dir
+    from bench.metrics.networks.inception import load_inception
+    from bench.metrics.reference.build import prepare_adm_reference
+    from bench.metrics.networks.weights import LAYOUT, resolve_weights_dir
 
     wd = resolve_weights_dir(args.weights_dir)
     weights = wd.verified("inception")
@@ -192,12 +192,12 @@ def _cmd_prepare_ref(args) -> int:
 
 
 def _cmd_build_ref(args) -> int:
-    from bench.metrics import dinov2 as dino
-    from bench.metrics.inception import load_inception
-    from bench.metrics.reference_builder import build_fdd_reference, build_inception_reference
-    from bench.metrics.references import ImageFolderSource
+    from bench.metrics.networks import dinov2 as dino
+    from bench.metrics.networks.inception import load_inception
+    from bench.metrics.reference.build import build_fdd_reference, build_inception_reference
+    from bench.metrics.reference.statistics import ImageFolderSource
     from bench.metrics.sample_io import open_samples
-    from bench.metrics.weights import resolve_weights_dir
+    from bench.metrics.networks.weights import resolve_weights_dir
 
     wd = resolve_weights_dir(args.weights_dir)
     device = _device(args.device)
@@ -233,7 +233,7 @@ def _report_written(wd, out: Path, digest: str | None) -> None:
 
 
 def _cmd_acceptance(args) -> int:
-    from bench.metrics import acceptance as acc
+    from bench.metrics.acceptance import procedures as acc
     from bench.metrics.evaluate import EvalOptions
 
     if args.procedure == "a3":
@@ -250,8 +250,8 @@ def _cmd_acceptance(args) -> int:
 
 
 def _cmd_make_fixtures(args) -> int:
-    from bench.metrics import fixtures
-    from bench.metrics.weights import DINOV2_FILES
+    from bench.metrics.acceptance import fixtures
+    from bench.metrics.networks.weights import DINOV2_FILES
 
     root = args.dir
     fixtures.write_random_weights(root, seed=args.seed, dinov2_arch=args.dinov2_arch, clean_fid=args.clean_fid)
@@ -281,7 +281,7 @@ COMMANDS = {"evaluate": _cmd_evaluate, "weights": _cmd_weights, "prepare-ref": _
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status. Errors in the inputs print one line and return 2."""
-    from bench.metrics.weights import MissingWeightsError, WeightsMismatchError
+    from bench.metrics.networks.weights import MissingWeightsError, WeightsMismatchError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["metrics"]:  # `kindbench metrics <cmd> ...` arrives with its verb; `kindbench evaluate` too

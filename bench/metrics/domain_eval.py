@@ -1,7 +1,7 @@
 """FID / IS / precision / recall in the domain extractor's feature space, for the embedded synthetic suite.
 
 The metric code is the ADM protocol's (``frechet``, ``inception_score``, ``precision_recall``, ``stats``); only the
-network differs (``bench.metrics.domain``). Every reference and every record names the extractor and its weights
+network differs (``bench.metrics.networks.domain``). Every reference and every record names the extractor and its weights
 sha256 (``protocol.extractor = kindbench-synthetic-cnn-v1``), a reference refuses features of other weights, and the
 leaderboard groups rows by protocol, so these numbers are never ranked with Inception FIDs.
 
@@ -27,15 +27,15 @@ import numpy as np
 
 from bench.metrics import METRICS
 from bench.metrics import distributed as D
-from bench.metrics.domain import DomainExtractor
-from bench.metrics.frechet import frechet_distance
-from bench.metrics.inception_score import ADM_SPLIT_SIZE, inception_score
-from bench.metrics.precision_recall import precision_recall
+from bench.metrics.networks.domain import DomainExtractor
+from bench.metrics.scores.frechet import frechet_distance
+from bench.metrics.scores.inception_score import ADM_SPLIT_SIZE, inception_score
+from bench.metrics.scores.precision_recall import precision_recall
 from bench.metrics.record import env_info, metric_label, now_iso, write_json_atomic
-from bench.metrics.references import load_reference, save_reference
+from bench.metrics.reference.statistics import load_reference, save_reference
 from bench.metrics.sample_io import open_samples, validate_images
-from bench.metrics.stats import moments_of
-from bench.metrics.weights import sha256_file
+from bench.metrics.scores.stats import moments_of
+from bench.metrics.networks.weights import sha256_file
 from bench.progress import progress_bar
 
 SPACE = "domain"

@@ -16,18 +16,18 @@ import numpy as np
 import torch
 
 from bench.metrics import METRICS
-from bench.metrics import dinov2 as dino
-from bench.metrics.atomic import atomic_path
+from bench.metrics.networks import dinov2 as dino
+from bench.records.atomic import atomic_path
 from bench.metrics import distributed as D
-from bench.metrics.features import FeatureSet, extract_features
-from bench.metrics.frechet import frechet_distance
-from bench.metrics.inception import load_inception
-from bench.metrics.inception_score import ADM_SPLIT_SIZE, check_label_order, inception_score, split_bounds
-from bench.metrics.precision_recall import PrecisionRecall, precision_recall
+from bench.metrics.networks.features import FeatureSet, extract_features
+from bench.metrics.scores.frechet import frechet_distance
+from bench.metrics.networks.inception import load_inception
+from bench.metrics.scores.inception_score import ADM_SPLIT_SIZE, check_label_order, inception_score, split_bounds
+from bench.metrics.scores.precision_recall import PrecisionRecall, precision_recall
 from bench.metrics.record import env_info, metric_label, now_iso, validate_record, write_json_atomic, SCHEMA
-from bench.metrics.references import Reference, load_reference
+from bench.metrics.reference.statistics import Reference, load_reference
 from bench.metrics.sample_io import open_samples
-from bench.metrics.weights import VerifiedFile, WeightsDir, resolve_weights_dir, sha256_file
+from bench.metrics.networks.weights import VerifiedFile, WeightsDir, resolve_weights_dir, sha256_file
 
 ADM_N_REF_PR = 10_000
 
@@ -147,7 +147,7 @@ def _sample_labels(samples_path: Path, n: int) -> np.ndarray | None:
     """Labels of the samples for the class-order check (P10), if known.
 
     Looked up as ``labels``/``y``/``arr_1`` inside the npz, else a ``labels.npy`` beside it with exactly one label per
-    sample (what ``bench.sample`` writes).
+    sample (what ``bench.run.sample`` writes).
     """
     if samples_path.is_dir():
         return None
@@ -164,7 +164,7 @@ def _sample_labels(samples_path: Path, n: int) -> np.ndarray | None:
 
 
 def _clean_extras(opts, wd, source, ref: Reference, n: int) -> dict:
-    from bench.metrics import cleanfid_extras as cx
+    from bench.metrics.scores import cleanfid_extras as cx
 
     weights = wd.verified("cleanfid_inception")
     images = ref.images()

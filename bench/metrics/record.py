@@ -25,7 +25,7 @@ import os
 import platform
 from pathlib import Path
 
-from bench.metrics.atomic import atomic_path
+from bench.records.atomic import atomic_path
 
 SCHEMA = "kindbench.eval/1"
 

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from numpy.lib import format as npy_format
 
-from bench.metrics.atomic import atomic_path
+from bench.records.atomic import atomic_path
 
 _PNG_NAME = re.compile(r"^(\d+)\.png$")
 

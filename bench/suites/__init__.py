@@ -1,1 +1,1 @@
-"""Shipped suites (TOML data files); see bench.suite for the format."""
+"""Shipped suites (TOML data files); see bench.config.suite for the format."""

@@ -17,7 +17,7 @@ DINO_ARCH = "vit_small_patch14_dinov2"  # ViT-L is the real one; S keeps CPU tes
 
 @pytest.fixture(scope="session")
 def inception_state():
-    from bench.metrics.inception import random_inception_state_dict
+    from bench.metrics.networks.inception import random_inception_state_dict
 
     return random_inception_state_dict(seed=0)
 
@@ -25,8 +25,8 @@ def inception_state():
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory, inception_state):
     """Random Inception + DINOv2-S weights under the §8.8 file names (no manifest yet)."""
-    from bench.metrics import dinov2 as dino
-    from bench.metrics.weights import DINOV2_FILES, LAYOUT
+    from bench.metrics.networks import dinov2 as dino
+    from bench.metrics.networks.weights import DINOV2_FILES, LAYOUT
 
     root = tmp_path_factory.mktemp("weights")
     path = root / LAYOUT["inception"].paths[0]
@@ -40,6 +40,6 @@ def weights_dir(tmp_path_factory, inception_state):
 
 @pytest.fixture(scope="session")
 def inception_model(weights_dir):
-    from bench.metrics.inception import load_inception
+    from bench.metrics.networks.inception import load_inception
 
     return load_inception(weights_dir / "inception/pt_inception-2015-12-05-6726825d.pth")

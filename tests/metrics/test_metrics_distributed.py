@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.metrics import distributed as D
-from bench.metrics.inception_score import inception_score
-from bench.metrics.precision_recall import precision_recall
-from bench.metrics.stats import MomentAccumulator, moments_of
+from bench.metrics.scores.inception_score import inception_score
+from bench.metrics.scores.precision_recall import precision_recall
+from bench.metrics.scores.stats import MomentAccumulator, moments_of
 
 
 def _run_ranks(fn, world: int, *args, timeout: float = 120.0) -> None:
@@ -105,7 +105,7 @@ def _evaluate_worker(rank, world, store_dir, opts_kwargs, out_dir):
 def test_full_evaluate_world_size_independent(tmp_path, weights_dir):
     import json
 
-    from bench.metrics import fixtures
+    from bench.metrics.acceptance import fixtures
 
     ref = fixtures.write_synthetic_adm_reference(tmp_path / "ref.npz", weights_dir /
                                                  "inception/pt_inception-2015-12-05-6726825d.pth", n=14, size=32)

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from bench.metrics import fixtures
+from bench.metrics.acceptance import fixtures
 from bench.metrics.cli import main
-from bench.metrics.frechet import frechet_from_features
-from bench.metrics.inception import load_inception
-from bench.metrics.inception_score import inception_score
-from bench.metrics.precision_recall import precision_recall
+from bench.metrics.scores.frechet import frechet_from_features
+from bench.metrics.networks.inception import load_inception
+from bench.metrics.scores.inception_score import inception_score
+from bench.metrics.scores.precision_recall import precision_recall
 from bench.metrics.record import REQUIRED_KEYS
 from bench.metrics.sample_io import open_samples
-from bench.metrics.stats import moments_of
+from bench.metrics.scores.stats import moments_of
 
 from conftest import DINO_ARCH
 
@@ -102,7 +102,7 @@ def test_metrics_match_independent_recomputation(setup, record, direct_features)
 
 def test_cleanfid_plumbing(setup, tmp_path):
     """clean-fid's own model wrapper, resizer, FID and KID on a TorchScript stand-in with our random weights."""
-    from bench.metrics import cleanfid_extras as cx
+    from bench.metrics.scores import cleanfid_extras as cx
 
     standin = fixtures.write_cleanfid_standin(setup["wd"] / INCEPTION, tmp_path / "inception-2015-12-05.pt")
     model = cx.load_cleanfid_inception(standin.parent, "cpu")
@@ -129,7 +129,7 @@ def test_cleanfid_plumbing(setup, tmp_path):
 def test_clean_fid_columns_end_to_end(setup, tmp_path):
     from cleanfid import fid as cfid
 
-    from bench.metrics import cleanfid_extras as cx
+    from bench.metrics.scores import cleanfid_extras as cx
 
     wd = setup["wd"]
     if not (wd / "inception/inception-2015-12-05.pt").exists():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.metrics import dinov2 as dino
+from bench.metrics.networks import dinov2 as dino
 
 from conftest import DINO_ARCH
 

@@ -7,9 +7,9 @@ import pytest
 import scipy
 from scipy.stats import ortho_group
 
-from bench.metrics.frechet import frechet_distance, frechet_from_features
-from bench.metrics.frechet_oracles import frechet_eigvals, frechet_sqrtm
-from bench.metrics.stats import MomentAccumulator, moments_of
+from bench.metrics.scores.frechet import frechet_distance, frechet_from_features
+from bench.metrics.acceptance.oracles import frechet_eigvals, frechet_sqrtm
+from bench.metrics.scores.stats import MomentAccumulator, moments_of
 
 RNG = np.random.default_rng(1234)
 

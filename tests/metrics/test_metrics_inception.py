@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.metrics.inception import SPATIAL_DIM, InceptionV3TF, load_inception, spatial_features
+from bench.metrics.networks.inception import SPATIAL_DIM, InceptionV3TF, load_inception, spatial_features
 from bench.metrics.sample_io import to_uint8_dit
-from bench.metrics.tf_resize import tf1_bilinear_resize
+from bench.metrics.networks.tf_resize import tf1_bilinear_resize
 
 
 def ramp(dtype=torch.float64):
@@ -106,7 +106,7 @@ def test_load_errors(tmp_path):
 
 
 def test_strict_fp32_disables_and_restores_tf32():
-    from bench.metrics.numerics import strict_fp32, tf32_enabled
+    from bench.metrics.networks.numerics import strict_fp32, tf32_enabled
 
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     before = (matmul.fp32_precision, conv.fp32_precision)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.metrics.inception_score import inception_score, split_bounds
+from bench.metrics.scores.inception_score import inception_score, split_bounds
 
 
 def one_hot_logits(labels, classes, scale=60.0):

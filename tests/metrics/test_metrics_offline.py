@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bench.metrics import weights as W
+from bench.metrics.networks import weights as W
 from bench.metrics.cli import main
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import ortho_group
 
-from bench.metrics.precision_recall import knn_radii, precision_recall, precision_recall_bruteforce
+from bench.metrics.scores.precision_recall import knn_radii, precision_recall, precision_recall_bruteforce
 
 
 def embed_line(values, dim=16, rotation=None):

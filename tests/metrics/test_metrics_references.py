@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from bench.metrics.cli import main
-from bench.metrics.references import ImageFolderSource, center_crop_arr, load_reference, save_reference
-from bench.metrics.stats import moments_of
+from bench.metrics.reference.statistics import ImageFolderSource, center_crop_arr, load_reference, save_reference
+from bench.metrics.scores.stats import moments_of
 
 from conftest import DINO_ARCH
 
@@ -103,7 +103,7 @@ def test_to_npz_cli(tmp_path):
 
 @pytest.mark.slow
 def test_inception_reference_with_cached_pool_is_used_by_evaluate(image_folder, weights_dir, tmp_path):
-    from bench.metrics import fixtures
+    from bench.metrics.acceptance import fixtures
 
     wd = tmp_path / "weights"
     (wd / "inception").mkdir(parents=True)

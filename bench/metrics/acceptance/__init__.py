@@ -1,0 +1,1 @@
+"""Acceptance procedures with real weights, the offline stand-ins CI uses instead, and test oracles."""

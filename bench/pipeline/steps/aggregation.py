@@ -1,0 +1,23 @@
+"""The ``aggregate`` stage: leaderboards and plots, derived only from the records of the results tree."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bench.pipeline.steps import Roots, StageResult
+
+if TYPE_CHECKING:  # types only: the record plumbing and the plan are not part of what a stage computes
+    from bench.run.engine import DistContext
+    from bench.pipeline.plan import Job
+    from bench.records.store import RecordStore
+
+
+def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StageResult:
+    from bench.report.leaderboard import build_leaderboards
+    from bench.report.plots import make_plots
+
+    tables = build_leaderboards(roots.results, roots.results / "leaderboard")
+    plots = make_plots(roots.results / "leaderboard", roots.results / "plots")
+    rel = [str(p.resolve().relative_to(roots.results)) if p.resolve().is_relative_to(roots.results) else str(p)
+           for p in [*tables, *plots]]
+    return StageResult({"extra": {"aggregate": {"tables": rel[: len(tables)], "plots": rel[len(tables):]}}})

@@ -1,0 +1,39 @@
+"""The ``ancestry`` and ``transfer`` stages: train one run (``bench.run.train``) and describe what it produced."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bench.config.schema import from_dict
+from bench.data.identity import data_identity
+from bench.pipeline.steps import Roots, StageResult
+from bench.run.train import train
+from methods import get_method
+
+if TYPE_CHECKING:  # types only: the record plumbing and the plan are not part of what a stage computes
+    from bench.run.engine import DistContext
+    from bench.pipeline.plan import Job
+    from bench.records.store import RecordStore
+
+
+def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StageResult:
+    cfg = from_dict(job.config)
+    cfg.run.out_dir = str(roots.runs)
+    summary = train(cfg, ctx)
+    final = summary.get("final") or {}
+    accounting = summary["accounting"] or {}
+    info: dict[str, Any] = {
+        "steps": summary["steps"], "images_seen": summary["images_seen"], "global_batch": cfg.schedule.global_batch,
+        "world_size": ctx.world_size, "wall_s": summary["wall_s"],
+        "gpu_hours": summary["wall_s"] * ctx.world_size / 3600 if ctx.device.type == "cuda" else 0.0,
+        "peak_mem_gb": summary["peak_mem_gb"], "peak_mem_kind": summary["peak_mem_kind"],
+        "final_loss": final.get("loss"), "loss_curve": str(roots.runs / summary["run_id"] / "train.jsonl"),
+        "accounting": accounting,
+        "train_gmacs_total": accounting.get("gmacs_fwd_trained", 0.0) * 3 * summary["images_seen"],
+        "resumed_from_step": summary["resumed_from_step"],
+        # every field of the method's Config, defaults included: the record says what ran, not what was typed
+        "method_options": get_method(cfg.method.name, cfg.method.options).config.to_dict(),
+        "data": data_identity(cfg.data)}
+    ancestry = summary.get("ancestry") or {}
+    return StageResult({"train_info": info}, {"export": f"{summary['run_id']}/export.safetensors"},
+                       ancestry_sha256=ancestry.get("sha256", ""))

@@ -1,0 +1,1 @@
+"""Reporting: leaderboards from records (``leaderboard``), their Markdown/LaTeX renderings (``tables``), plots."""

@@ -1,0 +1,469 @@
+"""``kindbench leaderboard``: run records -> one leaderboard per benchmark (CSV, Markdown, LaTeX).
+
+    kindbench leaderboard --records results --out results/leaderboard [--strict]
+
+Everything here is derived from records only (DESIGN.md §4; harness.md §6.4):
+
+* **Join.** Each successful ``evaluate`` record is one seed-run row: its metrics and protocol come from the record;
+  accounting and cost come from the run's training record, found by walking ``depends_on`` upstream (evaluate ->
+  sample -> transfer) and, failing that, by the same ``run_id`` (``transfer``, else ``ancestry``). The sample grid
+  comes from the ``sample`` record found the same way. A missing training record leaves the cost columns empty.
+* **Aggregate.** Rows with the same (benchmark, protocol, method, variant) are one leaderboard row: metrics as mean
+  and sample std (ddof=1, empty for one seed), costs as the mean over seeds.
+* **Stale rows are never ranked.** Every evaluation gets ``bench.pipeline.status.stale_reason``: "" when it and everything
+  upstream of it (over ``depends_on``) was made by this checkout's code from the inputs there now; otherwise why not
+  (other code, no code fingerprint, an input re-run since). The reason is the ``stale`` column. A stale and a current
+  run never share a leaderboard row; stale rows get no rank, best marker or Pareto flag, and the ranks, best markers
+  and fronts of the current rows are computed without them. Markdown lists them in a separate table, LaTeX leaves
+  them out (a comment names them), ``status.*`` counts them per benchmark. ``kindbench run`` re-runs stale jobs.
+* **Protocols are never mixed.** The protocol (n_samples, extractor + sha256, reference + sha256, cfg_scale,
+  sampler, num_steps) is hashed into ``protocol_id``; ranks, best markers and Pareto flags are computed within one
+  protocol, and Markdown/LaTeX print a separate table per protocol.
+* **Failures** (failed/cancelled records) never enter a ranking; they are counted in ``status.csv`` and listed in
+  the Markdown. **Malformed record files** are skipped with a ``LeaderboardWarning`` and reported the same way, so
+  one corrupt file on a shared filesystem does not hide every other result; ``--strict`` makes them an error.
+
+Outputs under ``--out``: ``<benchmark>/leaderboard.{csv,md,tex}``, ``leaderboard_runs.csv`` (one row per seed-run,
+all benchmarks), ``status.csv`` and ``status.md``. Paths in ``leaderboard_runs.csv`` (``loss_curve``, ``grid_png``)
+are relative to the output folder, so the folder and the results tree can move together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import warnings
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.report import tables
+from bench.pipeline.status import stale_reason
+from bench.records.store import EvalProtocol, MalformedRecordError, Record, RecordStore
+
+#: metrics in display order; unknown metrics follow alphabetically
+METRIC_ORDER = ("fid", "sfid", "is", "precision", "recall", "fdd")
+PROTOCOL_KEYS = tuple(EvalProtocol.__annotations__)
+IDENTITY_COLUMNS = ("benchmark", "task", "arch", "protocol_id") + PROTOCOL_KEYS
+COST_COLUMNS = ("params_trainable", "params_total", "params_inherited", "params_new", "stored_bytes",
+                "gmacs_fwd_trained", "gmacs_fwd_merged", "train_gmacs_total", "steps", "images_seen", "global_batch",
+                "world_size", "gpu_hours", "wall_s", "peak_mem_gb")
+RUN_COLUMNS = IDENTITY_COLUMNS + ("method", "family", "variant", "seed", "run_id", "eval_job_id", "train_job_id",
+                                  "sample_job_id", "config_hash", "git_sha", "git_dirty", "stale") + COST_COLUMNS + (
+                                  "final_loss", "loss_curve", "grid_png")
+AGG_HEAD = IDENTITY_COLUMNS + ("rank", "method", "family", "variant", "n_seeds", "seeds", "run_ids", "stale")
+AGG_COSTS = ("params_trainable", "params_total", "trainable_pct", "stored_bytes", "gmacs_fwd_trained",
+             "gmacs_fwd_merged", "train_gmacs_total", "steps", "images_seen", "gpu_hours", "wall_s", "peak_mem_gb")
+INTEGER_COSTS = ("params_trainable", "params_total", "stored_bytes", "steps", "images_seen")
+# x axes of the Pareto fronts: fewer trainable parameters / less training compute is better
+PARETO_AXES = {"params": "params_trainable", "compute": "train_gmacs_total"}
+
+
+class LeaderboardWarning(UserWarning):
+    """Something the leaderboard skipped or could not join; the message says what and where."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading and joining
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_records(store: RecordStore, strict: bool) -> tuple[list[Record], list[tuple[Path, str]]]:
+    """All success and failed records, plus (path, message) for each malformed file (skipped unless strict)."""
+    malformed: list[tuple[Path, str]] = []
+
+    def skip(path: Path, exc: Exception) -> None:
+        warnings.warn(f"skipping {exc}", LeaderboardWarning, stacklevel=2)
+        malformed.append((path, str(exc)))
+
+    records = list(store.iter("all", on_error=None if strict else skip))
+    return records, malformed
+
+
+def protocol_id(protocol: dict[str, Any]) -> str:
+    """Short stable hash of the full protocol; numbers are normalised so 1 and 1.0 give the same id."""
+    canonical = {key: protocol.get(key) for key in PROTOCOL_KEYS}
+    for key in ("n_samples", "num_steps"):
+        canonical[key] = None if canonical[key] is None else int(canonical[key])
+    canonical["cfg_scale"] = None if canonical["cfg_scale"] is None else float(canonical["cfg_scale"])
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:8]
+
+
+class RecordIndex:
+    """Successful records by job id and by (run id, stage), for walking from an evaluation to its inputs."""
+
+    def __init__(self, records: Iterable[Record]):
+        self.by_job: dict[str, Record] = {}
+        self.by_run_stage: dict[tuple[str, str], list[Record]] = defaultdict(list)
+        for record in records:
+            info = record["run_info"]
+            self.by_job[info["job_id"]] = record
+            self.by_run_stage[(info["run_id"], info["stage"])].append(record)
+
+    def upstream(self, record: Record, stages: Sequence[str]) -> Record | None:
+        """The first of ``stages`` (in that order of preference) that has a successful record upstream of
+        ``record``: the nearest one over ``depends_on``, else the record of that stage with the same run id."""
+        for stage in stages:
+            found = self._nearest(record, stage)
+            if found is not None:
+                return found
+        for stage in stages:
+            candidates = self.by_run_stage.get((record["run_info"]["run_id"], stage))
+            if candidates:
+                return candidates[0]
+        return None
+
+    def _nearest(self, record: Record, stage: str) -> Record | None:
+        """Breadth-first over depends_on: an evaluation that also lists the ancestry directly still reaches the
+        transfer through its sample, because ``upstream`` asks for the transfer first."""
+        queue, seen = deque(record["run_info"]["depends_on"]), set()
+        while queue:
+            job_id = queue.popleft()
+            if job_id in seen or job_id not in self.by_job:
+                continue
+            seen.add(job_id)
+            parent = self.by_job[job_id]
+            if parent["run_info"]["stage"] == stage:
+                return parent
+            queue.extend(parent["run_info"]["depends_on"])
+        return None
+
+
+def _relative_artefact(path: str | None, store_root: Path, out_dir: Path) -> str:
+    """A record path (relative to the store root unless absolute) re-expressed relative to ``out_dir``."""
+    if not path:
+        return ""
+    full = Path(path) if os.path.isabs(path) else store_root / path
+    return Path(os.path.relpath(full.resolve(), out_dir.resolve())).as_posix()
+
+
+def run_row(evaluation: Record, index: RecordIndex, store_root: Path, out_dir: Path,
+            stale: str = "") -> dict[str, Any]:
+    """One seed-run row: identity + protocol + costs (from the training record) + metric values; ``stale`` is
+    why the evaluation is not current ("" when it is)."""
+    info, protocol = evaluation["run_info"], evaluation["eval_info"]["protocol"]
+    train = index.upstream(evaluation, ("transfer", "ancestry"))  # a run's own transfer before any ancestry
+    sample = index.upstream(evaluation, ("sample",))
+    row: dict[str, Any] = {key: info[key] for key in ("benchmark", "task", "arch", "method", "family", "variant",
+                                                      "seed", "run_id", "config_hash", "git_sha", "git_dirty")}
+    row.update({key: protocol[key] for key in PROTOCOL_KEYS}, protocol_id=protocol_id(protocol),
+               eval_job_id=info["job_id"], train_job_id="", sample_job_id="", loss_curve="", grid_png="",
+               stale=stale)
+    row.update(dict.fromkeys(COST_COLUMNS), final_loss=None)
+    if train is None:
+        warnings.warn(f"evaluation {info['job_id']} has no successful training record upstream; its cost columns "
+                      "stay empty", LeaderboardWarning, stacklevel=2)
+    else:
+        t = train["train_info"]
+        row.update({key: t[key] for key in ("steps", "images_seen", "global_batch", "world_size", "gpu_hours",
+                                            "wall_s", "peak_mem_gb", "train_gmacs_total", "final_loss")})
+        row.update({key: t["accounting"][key] for key in COST_COLUMNS if key in t["accounting"]})
+        row.update(train_job_id=train["run_info"]["job_id"],
+                   loss_curve=_relative_artefact(t.get("loss_curve"), store_root, out_dir))
+    if sample is not None:
+        row.update(sample_job_id=sample["run_info"]["job_id"],
+                   grid_png=_relative_artefact(sample["sample_info"].get("grid_png"), store_root, out_dir))
+    for name, value in evaluation["eval_info"]["metrics"].items():
+        row[name] = value["value"]
+    return row
+
+
+def metric_directions(evaluations: Iterable[Record]) -> dict[str, bool]:
+    """metric -> higher_is_better, refusing records that disagree (a registry bug would flip every ranking)."""
+    directions: dict[str, tuple[bool, str]] = {}
+    for record in evaluations:
+        for name, value in record["eval_info"]["metrics"].items():
+            seen = directions.setdefault(name, (value["higher_is_better"], record["run_info"]["job_id"]))
+            if seen[0] != value["higher_is_better"]:
+                raise ValueError(f"metric {name!r} has higher_is_better={seen[0]} in {seen[1]} but "
+                                 f"{value['higher_is_better']} in {record['run_info']['job_id']}")
+    return {name: hib for name, (hib, _) in directions.items()}
+
+
+def ordered_metrics(names: Iterable[str]) -> list[str]:
+    names = set(names)
+    return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
+
+
+def drop_duplicate_seeds(rows: list[dict[str, Any]], finished: dict[str, str]) -> list[dict[str, Any]]:
+    """Keep one evaluation per (benchmark, protocol, method, variant, seed): a current one over a stale one, then
+    the latest finished."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: (not r.get("stale"), finished[r["eval_job_id"]], r["eval_job_id"])):
+        key = (row["benchmark"], row["protocol_id"], row["method"], row["variant"], row["seed"])
+        if key in latest:
+            warnings.warn(f"two evaluations of {key}: using {row['eval_job_id']}, ignoring "
+                          f"{latest[key]['eval_job_id']}", LeaderboardWarning, stacklevel=2)
+        latest[key] = row
+    return sorted(latest.values(), key=lambda r: (r["benchmark"], r["protocol_id"], r["method"], r["variant"],
+                                                  r["seed"]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Aggregation, ranking, best markers, Pareto fronts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pareto_flags(xs: Sequence[float | None], ys: Sequence[float | None], higher_is_better: bool) -> list[bool]:
+    """True for points no other point dominates (x no larger, y no worse, one of them strictly better).
+
+    ``x`` is a cost (lower is better); points with a missing x or y are never on the front.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    valid = [x is not None and y is not None for x, y in zip(xs, ys)]
+    flags = []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if not valid[i]:
+            flags.append(False)
+            continue
+        dominated = any(valid[j] and xs[j] <= x and sign * ys[j] >= sign * y and (xs[j] < x or sign * ys[j] > sign * y)
+                        for j in range(len(xs)) if j != i)
+        flags.append(not dominated)
+    return flags
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    present = [float(v) for v in values if v is not None and v != ""]
+    return statistics.fmean(present) if present else None
+
+
+def _std(values: Iterable[Any]) -> float | None:
+    present = [float(v) for v in values if v is not None and v != ""]
+    return statistics.stdev(present) if len(present) > 1 else None
+
+
+def aggregate_group(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
+    """One leaderboard row from the seed-runs of one (benchmark, protocol, method, variant)."""
+    first = runs[0]
+    row = {key: first[key] for key in IDENTITY_COLUMNS + ("method", "family", "variant")}
+    row.update(rank=None, n_seeds=len(runs), seeds=";".join(str(r["seed"]) for r in runs),
+               run_ids=";".join(r["run_id"] for r in runs),
+               stale=next((r["stale"] for r in runs if r.get("stale")), ""))
+    for key in ("params_trainable", "params_total", "stored_bytes"):
+        distinct = {r[key] for r in runs if r[key] is not None}
+        if len(distinct) > 1:
+            warnings.warn(f"{first['method']}/{first['variant']} on {first['benchmark']}: seeds disagree on {key} "
+                          f"({sorted(distinct)}); reporting the mean", LeaderboardWarning, stacklevel=2)
+    for key in AGG_COSTS:
+        if key != "trainable_pct":
+            row[key] = _mean(r[key] for r in runs)
+            if key in INTEGER_COSTS and row[key] is not None and row[key].is_integer():
+                row[key] = int(row[key])  # counts stay counts when the seeds agree
+    total, trainable = row["params_total"], row["params_trainable"]
+    row["trainable_pct"] = 100.0 * trainable / total if total and trainable is not None else None
+    for name in metrics:
+        row[f"{name}_mean"] = _mean(r.get(name) for r in runs)
+        row[f"{name}_std"] = _std(r.get(name) for r in runs)
+    return row
+
+
+def rank_protocol_group(rows: list[dict[str, Any]], metrics: list[str], directions: dict[str, bool]) -> list[dict]:
+    """Sort by the primary metric, number the ranks, mark the best value and the Pareto fronts per metric.
+
+    Only current rows take part; stale rows (a non-empty ``stale``) get no rank, best marker or Pareto flag and
+    follow the ranked rows, by method and variant."""
+    stale = sorted((row for row in rows if row.get("stale")), key=lambda r: (r["method"], r["variant"]))
+    for row in stale:
+        row["rank"] = None
+        for name in metrics:
+            row[f"{name}_higher_is_better"] = directions[name]
+            row[f"best_{name}"] = False
+            row.update({f"pareto_{name}_vs_{axis}": False for axis in PARETO_AXES})
+    return _rank_current([row for row in rows if not row.get("stale")], metrics, directions) + stale
+
+
+def _rank_current(rows: list[dict[str, Any]], metrics: list[str], directions: dict[str, bool]) -> list[dict]:
+    for name in metrics:
+        hib = directions[name]
+        means = [row[f"{name}_mean"] for row in rows]
+        present = [m for m in means if m is not None]
+        best = (max if hib else min)(present) if present else None
+        for row, mean in zip(rows, means):
+            row[f"{name}_higher_is_better"] = hib
+            row[f"best_{name}"] = best is not None and mean == best
+        for axis, column in PARETO_AXES.items():
+            for row, flag in zip(rows, pareto_flags([row[column] for row in rows], means, hib)):
+                row[f"pareto_{name}_vs_{axis}"] = flag
+    primary = next((m for m in metrics if any(row[f"{m}_mean"] is not None for row in rows)), None)
+    if primary is None:
+        return sorted(rows, key=lambda r: (r["method"], r["variant"]))
+    sign = -1.0 if directions[primary] else 1.0
+
+    def order(row: dict[str, Any]) -> tuple:
+        value = row[f"{primary}_mean"]
+        return (value is None, 0.0 if value is None else sign * value, row["method"], row["variant"])
+
+    ranked = sorted(rows, key=order)
+    for position, row in enumerate(ranked, start=1):
+        row["rank"] = position if row[f"{primary}_mean"] is not None else None
+    return ranked
+
+
+def aggregate(runs: list[dict[str, Any]], directions: dict[str, bool]) -> dict[str, list[dict[str, Any]]]:
+    """benchmark -> leaderboard rows, grouped by protocol (in protocol_id order) and ranked within each; stale
+    runs are aggregated apart from current runs of the same method and variant, and follow the ranked rows."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        groups[(run["benchmark"], run["protocol_id"], run["method"], run["variant"], bool(run.get("stale")))].append(
+            run)
+    by_protocol: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    metrics = ordered_metrics(directions)
+    for (benchmark, pid, _, _, _), members in sorted(groups.items()):
+        by_protocol[(benchmark, pid)].append(aggregate_group(members, metrics))
+    boards: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for (benchmark, _), rows in sorted(by_protocol.items()):
+        boards[benchmark].extend(rank_protocol_group(rows, metrics, directions))
+    return boards
+
+
+def agg_columns(metrics: list[str]) -> list[str]:
+    per_metric = []
+    for name in metrics:
+        per_metric += [f"{name}_mean", f"{name}_std", f"{name}_higher_is_better", f"best_{name}"]
+        per_metric += [f"pareto_{name}_vs_{axis}" for axis in PARETO_AXES]
+    return list(AGG_HEAD) + list(AGG_COSTS) + per_metric
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Status summary
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def status_counts(records: list[Record]) -> dict[str, Counter]:
+    """benchmark -> Counter of (stage, status)."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for record in records:
+        counts[record["run_info"]["benchmark"]][(record["run_info"]["stage"], record["status"])] += 1
+    return counts
+
+
+def failures(records: list[Record]) -> list[Record]:
+    return sorted((r for r in records if r["status"] != "success"), key=lambda r: r["run_info"]["job_id"])
+
+
+def stale_counts(evaluations: list[Record], stale: dict[str, str]) -> Counter:
+    """benchmark -> number of its successful evaluations that are stale (0 for a benchmark with only current ones)."""
+    counts: Counter = Counter()
+    for record in evaluations:
+        info = record["run_info"]
+        counts[info["benchmark"]] += bool(stale.get(info["job_id"]))
+    return counts
+
+
+def write_status(out_dir: Path, records: list[Record], malformed: list[tuple[Path, str]],
+                 stale: Counter | None = None) -> list[Path]:
+    """``status.csv`` and ``status.md``. ``stale`` (benchmark -> count) adds an ``evaluate``/``stale`` row per
+    benchmark with evaluations: how many of its successful evaluations are stale (a subset of ``success``)."""
+    stale = stale or Counter()
+    rows = []
+    for benchmark, counter in sorted(status_counts(records).items()):
+        rows += [{"benchmark": benchmark, "stage": stage, "status": status, "count": n}
+                 for (stage, status), n in sorted(counter.items())]
+        if benchmark in stale:
+            rows.append({"benchmark": benchmark, "stage": "evaluate", "status": "stale", "count": stale[benchmark]})
+    if malformed:
+        rows.append({"benchmark": "", "stage": "", "status": "malformed", "count": len(malformed)})
+    csv_path = write_csv(out_dir / "status.csv", rows, ["benchmark", "stage", "status", "count"])
+    md_path = out_dir / "status.md"
+    md_path.write_text(tables.status_markdown(status_counts(records), failures(records), malformed, stale))
+    return [csv_path, md_path]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def csv_cell(value: Any) -> Any:
+    """Empty for missing; floats to 12 significant digits, so 0.1 + 0.2 noise does not reach the CSV."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return format(value, ".12g")
+    return value
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: csv_cell(row.get(key)) for key in columns})
+    return path
+
+
+def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       strict: bool = False) -> list[Path]:
+    """Read every record under ``store_root``, write the leaderboards under ``out_dir``; return the files written.
+
+    ``strict=True`` raises ``MalformedRecordError`` on a broken record file instead of skipping it.
+    """
+    store_root, out_dir = Path(store_root), Path(out_dir)
+    if not store_root.is_dir():
+        raise FileNotFoundError(f"records folder not found: {store_root}")
+    if not (store_root / "records").is_dir() and not (store_root / "failed").is_dir():
+        raise FileNotFoundError(f"{store_root} holds no records/ or failed/ folder: not a kindbench results tree")
+    records, malformed = load_records(RecordStore(store_root), strict)
+    success = [r for r in records if r["status"] == "success"]
+    evaluations = [r for r in success if r["run_info"]["stage"] == "evaluate"]
+    directions = metric_directions(evaluations)
+    metrics = ordered_metrics(directions)
+    index = RecordIndex(success)
+    finished = {r["run_info"]["job_id"]: r["run_info"]["finished_at"] for r in evaluations}
+    checked, memo = RecordStore(store_root), {}  # one memo: upstream records shared by evaluations are judged once
+    stale = {r["run_info"]["job_id"]: stale_reason(r["run_info"]["job_id"], checked, memo) for r in evaluations}
+    runs = drop_duplicate_seeds([run_row(r, index, store_root, out_dir, stale[r["run_info"]["job_id"]])
+                                 for r in evaluations], finished)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [write_csv(out_dir / "leaderboard_runs.csv", runs, list(RUN_COLUMNS) + metrics)]
+    boards = aggregate(runs, directions)
+    counts = status_counts(records)
+    n_stale = stale_counts(evaluations, stale)
+    # suite-level jobs (prepare, aggregate) may have no benchmark: counted in status.*, no leaderboard of their own
+    for benchmark in sorted(set(boards) | {name for name in counts if name}):
+        rows = boards.get(benchmark, [])
+        folder = out_dir / _safe_folder(benchmark)
+        written.append(write_csv(folder / "leaderboard.csv", rows, agg_columns(metrics)))
+        bench_failures = [r for r in failures(records) if r["run_info"]["benchmark"] == benchmark]
+        (folder / "leaderboard.md").write_text(tables.leaderboard_markdown(
+            benchmark, rows, metrics, counts[benchmark], bench_failures, n_stale.get(benchmark)))
+        (folder / "leaderboard.tex").write_text(tables.leaderboard_latex(benchmark, rows, metrics))
+        written += [folder / "leaderboard.md", folder / "leaderboard.tex"]
+    written += write_status(out_dir, records, malformed, n_stale)
+    return written
+
+
+def _safe_folder(benchmark: str) -> str:
+    return "".join(c if c.isalnum() or c in "._=+-" else "-" for c in benchmark).lstrip(".") or "benchmark"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kindbench leaderboard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", required=True, type=Path,
+                        help="results tree holding records/ and failed/ (its records/ folder is accepted too)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <records>/leaderboard)")
+    parser.add_argument("--strict", action="store_true", help="fail on a malformed record instead of skipping it")
+    args = parser.parse_args(argv)
+    root = args.records
+    if root.name in ("records", "failed") and not (root / "records").is_dir():
+        root = root.parent  # the user pointed at the records/ folder itself
+    try:
+        written = build_leaderboards(root, args.out or root / "leaderboard", strict=args.strict)
+    except (FileNotFoundError, MalformedRecordError, ValueError) as exc:
+        print(f"kindbench leaderboard: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} files under {args.out or root / 'leaderboard'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

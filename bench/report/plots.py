@@ -1,0 +1,318 @@
+"""``kindbench plot``: figures from the leaderboard CSVs (never from records), as PNG and PDF.
+
+    kindbench plot --leaderboard results/leaderboard --out results/plots
+
+Per benchmark and evaluation protocol (protocols are never mixed in one figure, as in the tables):
+
+* ``pareto_params``: every metric vs trainable parameters (log x), mean ± std over seeds, Pareto front dashed;
+* ``pareto_compute``: every metric vs training compute (GMACs, log x), with its Pareto front;
+* ``samples``: one sample grid per (method, variant), from the lowest seed whose ``grid_png`` exists.
+
+Per benchmark: ``loss_curves`` from the runs' ``train.jsonl`` (one colour per method/variant, one line per seed).
+
+Stale rows and runs (a non-empty ``stale`` column: made by other code than the checkout's) are not results of this
+code and are never drawn; CSVs from before that column are drawn whole.
+
+The Pareto fronts are the ``pareto_<metric>_vs_<axis>`` flags of ``leaderboard.csv``: the leaderboard decides, the
+plot draws. Output is reproducible: a fixed style (matplotlib defaults + ``STYLE``, not the user's matplotlibrc),
+fixed sizes and dpi, no timestamps or version strings in PNG/PDF metadata, so the same CSVs give identical bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window (cluster nodes have no display)
+import matplotlib.style  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench.report.tables import metric_label, protocol_summary  # noqa: E402
+
+DPI = 150
+PANEL_SIZE = (3.4, 2.8)  # inches per panel
+STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
+         "ytick.labelsize": 7, "axes.grid": True, "grid.alpha": 0.3, "lines.markersize": 5,
+         "pdf.fonttype": 42, "svg.hashsalt": "kindbench"}
+PNG_METADATA = {"Software": None}  # the default names the matplotlib version; nothing else varies
+PDF_METADATA = {"CreationDate": None, "Producer": None, "Creator": "kindbench plot"}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+AXES = {"params": ("params_trainable", "trainable parameters"),
+        "compute": ("train_gmacs_total", "training compute (GMACs)")}
+
+
+class PlotWarning(UserWarning):
+    """An input a figure needed was missing (a loss curve, a sample grid, a non-positive x on a log axis)."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading the CSVs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+BOARD_COLUMNS = ("benchmark", "protocol_id", "method", "variant", "params_trainable", "train_gmacs_total")
+RUN_COLUMNS = ("benchmark", "protocol_id", "method", "variant", "seed", "run_id", "loss_curve", "grid_png")
+
+
+def read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of a leaderboard CSV; ``ValueError`` naming the file if a column the plots need is missing."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in required if column not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} lacks columns {missing}: not a kindbench leaderboard CSV")
+        return list(reader)
+
+
+def current_rows(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows that are results of this code: a non-empty ``stale`` cell leaves a row out."""
+    return [row for row in rows if not row.get("stale")]
+
+
+def number(text: str | None) -> float | None:
+    if text is None or text == "":
+        return None
+    value = float(text)
+    return None if math.isnan(value) else value
+
+
+def flag(text: str | None) -> bool:
+    return text == "True"
+
+
+def metrics_in(rows: Sequence[dict[str, str]]) -> list[str]:
+    """Metrics with at least one value, in the CSV's column order."""
+    names = [column[: -len("_mean")] for column in rows[0] if column.endswith("_mean")] if rows else []
+    return [name for name in names if any(number(row[f"{name}_mean"]) is not None for row in rows)]
+
+
+def label_of(row: dict[str, str]) -> str:
+    return row["method"] if row["variant"] in ("", "default") else f"{row['method']}/{row['variant']}"
+
+
+def styles_for(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A fixed colour and marker per method/variant label (sorted, so every figure of a benchmark agrees)."""
+    colors = matplotlib.colormaps["tab10"].colors
+    return {label: {"color": colors[i % len(colors)], "marker": MARKERS[i % len(MARKERS)]}
+            for i, label in enumerate(sorted(set(labels)))}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------------------------
+
+
+LEGEND_WIDTH = 1.6  # inches kept free on the right for the legend
+TITLE_HEIGHT = 0.6  # inches kept free on top for the two-line title
+
+
+def new_figure(n_panels: int, ncols: int = 3, panel: tuple[float, float] = PANEL_SIZE,
+               legend: bool = True) -> tuple[Figure, list]:
+    """A grid of panels with fixed margins (not constrained layout: that measures every tick label, several times
+    slower, and fixed margins keep every figure of a kind the same size)."""
+    ncols = max(1, min(ncols, n_panels))
+    nrows = math.ceil(n_panels / ncols)
+    extra = LEGEND_WIDTH if legend else 0.0
+    width, height = panel[0] * ncols + extra, panel[1] * nrows + TITLE_HEIGHT
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    figure.subplots_adjust(left=0.75 / width, right=1 - (extra + 0.15) / width, bottom=0.5 / height,
+                           top=1 - (TITLE_HEIGHT + 0.1) / height, wspace=0.45, hspace=0.55)
+    axes = figure.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for extra in axes[n_panels:]:
+        extra.set_visible(False)
+    return figure, axes[:n_panels]
+
+
+def save(figure: Figure, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
+    figure.savefig(png, dpi=DPI, metadata=PNG_METADATA)
+    figure.savefig(pdf, metadata=PDF_METADATA)
+    return [png, pdf]
+
+
+def set_log_x(ax, xs: Sequence[float]) -> None:
+    """Log x padded by a factor 2 each side (so at least one labelled decade shows), minor ticks unlabelled."""
+    ax.set_xscale("log")
+    ax.set_xlim(min(xs) / 2, max(xs) * 2)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def pareto_figure(rows: list[dict[str, str]], axis: str, styles: dict[str, dict[str, Any]]) -> Figure | None:
+    """One panel per metric: mean ± std vs the axis' cost, log x, and the flagged front as a dashed staircase."""
+    column, xlabel = AXES[axis]
+    metrics = metrics_in(rows)
+    usable = [row for row in rows if (number(row[column]) or 0) > 0]
+    if len(usable) < len(rows):
+        dropped = sorted(label_of(row) for row in rows if row not in usable)
+        warnings.warn(f"{rows[0]['benchmark']}: no positive {column} for {dropped}; left out of the {axis} plot",
+                      PlotWarning, stacklevel=2)
+    if not metrics or not usable:
+        return None
+    figure, axes = new_figure(len(metrics))
+    for ax, name in zip(axes, metrics):
+        higher = flag(usable[0][f"{name}_higher_is_better"])
+        for row in usable:
+            mean, std = number(row[f"{name}_mean"]), number(row[f"{name}_std"])
+            if mean is None:
+                continue
+            style = styles[label_of(row)]
+            ax.errorbar(number(row[column]), mean, yerr=std, linestyle="none", capsize=2, label=label_of(row),
+                        **style)
+        front = sorted((number(r[column]), number(r[f"{name}_mean"])) for r in usable
+                       if flag(r[f"pareto_{name}_vs_{axis}"]))
+        if front:
+            xs, ys = zip(*front)
+            ax.step(xs, ys, where="post", linestyle="--", color="0.35", linewidth=1, zorder=0)
+        set_log_x(ax, [number(row[column]) for row in usable])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{metric_label(name)} {'↑' if higher else '↓'}")
+    unique = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
+    figure.legend([unique[k] for k in sorted(unique)], sorted(unique), loc="center right", title="method")
+    figure.suptitle(f"{rows[0]['benchmark']}, protocol {rows[0]['protocol_id']}: {protocol_summary(rows[0])}\n"
+                    f"dashed: Pareto front vs {xlabel}")
+    return figure
+
+
+def read_loss_curve(path: Path) -> tuple[list[float], list[float]]:
+    steps, losses = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            if "loss" in entry:
+                steps.append(float(entry["step"]))
+                losses.append(float(entry["loss"]))
+    return steps, losses
+
+
+def loss_figure(runs: list[dict[str, str]], base: Path, styles: dict[str, dict[str, Any]]) -> Figure | None:
+    """Training loss vs step, one line per seed-run (each run once, however many protocols scored it)."""
+    curves = []
+    for run in sorted({r["run_id"]: r for r in runs}.values(), key=lambda r: (label_of(r), r["seed"])):
+        path = base / run["loss_curve"] if run["loss_curve"] else None
+        if path is None or not path.is_file():
+            warnings.warn(f"loss curve of {run['run_id']} not found: {path or '(none recorded)'}", PlotWarning,
+                          stacklevel=2)
+            continue
+        curves.append((run, *read_loss_curve(path)))
+    if not curves:
+        return None
+    figure, (ax,) = new_figure(1, panel=(5.0, 3.2))
+    seen = set()
+    for run, steps, losses in curves:
+        label = label_of(run)
+        ax.plot(steps, losses, color=styles[label]["color"], linewidth=1,
+                label=None if label in seen else label)
+        seen.add(label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss ↓")
+    figure.legend(loc="center right", title="method")
+    figure.suptitle(f"{runs[0]['benchmark']}: training loss (one line per seed)")
+    return figure
+
+
+def samples_figure(runs: list[dict[str, str]], base: Path) -> Figure | None:
+    """The sample grid of each method/variant's lowest seed, side by side (4 per row)."""
+    chosen: dict[str, Path] = {}
+    for run in sorted(runs, key=lambda r: (label_of(r), int(r["seed"]))):
+        label = label_of(run)
+        path = base / run["grid_png"] if run["grid_png"] else None
+        if label in chosen:
+            continue
+        if path is None or not path.is_file():
+            warnings.warn(f"sample grid of {run['run_id']} not found: {path or '(none recorded)'}", PlotWarning,
+                          stacklevel=2)
+            continue
+        chosen[label] = path
+    if not chosen:
+        return None
+    figure, axes = new_figure(len(chosen), ncols=4, panel=(2.4, 2.6), legend=False)
+    for ax, (label, path) in zip(axes, sorted(chosen.items())):
+        with Image.open(path) as image:
+            ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
+        ax.set_title(label)
+        ax.set_axis_off()
+    figure.suptitle(f"{runs[0]['benchmark']}, protocol {runs[0]['protocol_id']}: samples")
+    return figure
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _emit(figure: Figure | None, stem: Path) -> list[Path]:
+    return [] if figure is None else save(figure, stem)
+
+
+def plot_benchmark(board: list[dict[str, str]], runs: list[dict[str, str]], base: Path, out: Path) -> list[Path]:
+    styles = styles_for([label_of(r) for r in board] + [label_of(r) for r in runs])
+    written = _emit(loss_figure(runs, base, styles), out / "loss_curves") if runs else []
+    by_protocol: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in board:
+        by_protocol[row["protocol_id"]].append(row)
+    for pid, rows in sorted(by_protocol.items()):
+        for axis in AXES:
+            written += _emit(pareto_figure(rows, axis, styles), out / pid / f"pareto_{axis}")
+        protocol_runs = [r for r in runs if r["protocol_id"] == pid]
+        if protocol_runs:
+            written += _emit(samples_figure(protocol_runs, base), out / pid / "samples")
+    return written
+
+
+def make_plots(leaderboard_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+    """Draw every figure from the CSVs under ``leaderboard_dir``; return the PNG and PDF files written.
+
+    Paths in ``leaderboard_runs.csv`` are relative to ``leaderboard_dir`` (as ``kindbench leaderboard`` writes).
+    """
+    base, out = Path(leaderboard_dir), Path(out_dir)
+    boards = sorted(base.glob("*/leaderboard.csv"))
+    runs_csv = base / "leaderboard_runs.csv"
+    if not boards and not runs_csv.is_file():
+        raise FileNotFoundError(f"no <benchmark>/leaderboard.csv under {base}: run `kindbench leaderboard` first")
+    if not boards:
+        warnings.warn(f"{base}: the leaderboard has no benchmark yet; no figures", PlotWarning, stacklevel=2)
+    runs = current_rows(read_csv(runs_csv, RUN_COLUMNS)) if runs_csv.is_file() else []
+    written: list[Path] = []
+    with matplotlib.style.context("default"), matplotlib.rc_context(STYLE):
+        for board_csv in boards:
+            board = current_rows(read_csv(board_csv, BOARD_COLUMNS))
+            if not board:
+                continue  # a benchmark with failures or stale rows only: nothing to draw
+            benchmark = board[0]["benchmark"]
+            bench_runs = [r for r in runs if r["benchmark"] == benchmark]
+            written += plot_benchmark(board, bench_runs, base, out / board_csv.parent.name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kindbench plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--leaderboard", required=True, type=Path, help="output folder of `kindbench leaderboard`")
+    parser.add_argument("--out", type=Path, default=None, help="figure folder (default: <leaderboard>/plots)")
+    args = parser.parse_args(argv)
+    out = args.out or args.leaderboard / "plots"
+    try:
+        written = make_plots(args.leaderboard, out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"kindbench plot: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} files under {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Draw class-conditional samples from a trained run into an ADM-style ``.npz`` (``arr_0``, uint8 NHWC).
+
+    python -m bench.run.sample --run-dir runs/<run_id> [--sample.num_samples=50000 --sample.cfg_scale=1.5 ...]
+    torchrun --nproc_per_node 8 -m bench.run.sample --run-dir runs/<run_id>
+
+The model is rebuilt from the run's ``config.json`` and ``export.safetensors`` (fp32 EMA) and merged into a
+plain DiT by its method. The sampling settings are this command's own (``SampleConfig`` defaults, then
+``--sample.*``; a suite's sample job passes its protocol): a training run's config holds none. Sample ``i`` takes its label, initial noise and every step's noise from its own generator
+seeded by ``(sample.seed, i)``: the samples do not depend on the world size or on restarts. Work is cut into
+chunks of ``per_proc_batch`` consecutive samples (chunk k goes to rank k mod world), each written atomically to
+``parts/``; a restart skips finished chunks. Rank 0 then writes the ``.npz`` in index order, a grid PNG and
+``labels.npy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.run.batching import derive_seed
+from bench.config.schema import ConfigError, RunConfig, SampleConfig, from_dict, section_from_overrides
+from bench.data.grid import save_grid
+from bench.diffusion import GaussianDiffusion, sample
+from bench.run.engine import DistContext, barrier, init_distributed, shutdown
+from bench.metrics.sample_io import to_uint8_dit, write_samples_npz
+from bench.progress import progress_bar
+from bench.run.train import ancestry_path
+from methods import Task, get_method
+from methods.transfer import load_ancestry
+
+#: Seed streams (distinct from training's): labels and diffusion noise of sample i.
+LABEL_STREAM, NOISE_STREAM = 0x1AB, 0x5A3
+
+
+def sample_tag(cfg: SampleConfig, steps_trained: int, clip_denoised: bool = False) -> str:
+    """Every sampling knob in the name (DiT's folder names omitted steps and count)."""
+    return (f"step{steps_trained:07d}--cfg{cfg.cfg_scale:g}--{cfg.scheduler}{cfg.num_steps}--n{cfg.num_samples}"
+            f"--{cfg.label_mode}--seed{cfg.seed}" + ("--clip" if clip_denoised else ""))
+
+
+def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, RunConfig, dict[str, Any]]:
+    """The run's EMA model, rebuilt by its method and merged into a plain DiT, plus its config and export meta."""
+    config_path, export_path = run_dir / "config.json", run_dir / "export.safetensors"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: is {run_dir} a kindbench run directory?")
+    if not export_path.is_file():
+        raise FileNotFoundError(f"{export_path} is missing: the run has not finished training")
+    cfg = from_dict(json.loads(config_path.read_text()))
+    cfg.run.out_dir = str(run_dir.parent)  # the runs root may have moved since training
+    export = load_ancestry(export_path)
+    method = get_method(cfg.method.name, cfg.method.options)
+    if cfg.method.stage == "ancestry":
+        model = method.build_ancestry(export.arch, export.num_classes)
+    else:
+        parent = load_ancestry(ancestry_path(cfg)) if cfg.run.ancestry else None
+        model = method.build(export.arch, Task(cfg.run.name or cfg.data.split, export.num_classes, cfg.method.stage),
+                             parent)
+    missing, unexpected = model.load_state_dict(export.state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{export_path} does not match the model its method builds "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    merged = method.merge(model)
+    merged.eval()
+    return merged, cfg, export.meta
+
+
+def sample_labels(cfg: SampleConfig, indices: range, num_classes: int) -> torch.Tensor:
+    if cfg.label_mode == "balanced":
+        return torch.tensor([i % num_classes for i in indices])
+    return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(
+        derive_seed(cfg.seed, LABEL_STREAM, i)))) for i in indices])
+
+
+def _decoder(cfg: RunConfig, s: SampleConfig, device: torch.device):
+    """Latents -> images in [-1, 1]: the VAE for latent models, identity in pixel space."""
+    if cfg.model.in_channels == 3:
+        return lambda x: x
+    from bench.models.vae import decode, load_vae
+
+    vae = load_vae(s.vae_dir or None, device=device)
+    return lambda x: decode(vae, x)
+
+
+def clips_denoised(cfg: RunConfig, s: SampleConfig) -> bool:
+    """``sample.clip_denoised`` resolved: ``auto`` clips in pixel space (3 channels) and never for latents."""
+    return s.clip_denoised == "true" or (s.clip_denoised == "auto" and cfg.model.in_channels == 3)
+
+
+def draw_chunk(model: torch.nn.Module, cfg: RunConfig, s: SampleConfig, indices: range, device: torch.device,
+               decoder) -> tuple[np.ndarray, np.ndarray]:
+    labels = sample_labels(s, indices, model.num_classes)
+    generators = [torch.Generator(device).manual_seed(derive_seed(s.seed, NOISE_STREAM, i)) for i in indices]
+    shape = (model.in_channels, model.input_size, model.input_size)
+    diffusion = GaussianDiffusion(cfg.diffusion.num_timesteps, cfg.diffusion.beta_schedule, model.learn_sigma)
+    x = sample(model, labels.to(device), shape=shape, scheduler=s.scheduler, num_steps=s.num_steps,
+               cfg_scale=s.cfg_scale, guide_channels=s.guide_channels or None, generators=generators,
+               diffusion=diffusion, clip_denoised=clips_denoised(cfg, s))
+    with torch.no_grad():
+        images = decoder(x)
+    return to_uint8_dit(images.permute(0, 2, 3, 1)), labels.numpy()
+
+
+def sample_config(overrides: list[str]) -> SampleConfig:
+    """``SampleConfig`` defaults with ``--sample.key=value`` overrides (typed and checked like ``kindbench train``)."""
+    return section_from_overrides(SampleConfig, "sample", overrides)
+
+
+def sample_run(run_dir: Path, s: SampleConfig, ctx: DistContext) -> dict[str, Any]:
+    """Sample the run in ``run_dir`` with the settings ``s`` (every rank calls it); returns the sample record on
+    every rank. Finished chunks of an interrupted call with the same settings are reused."""
+    model, cfg, meta = load_run_model(run_dir)
+    clip = clips_denoised(cfg, s)
+    tag = sample_tag(s, int(meta.get("steps", 0)), clip)
+    out_dir = run_dir / "samples" / tag
+    parts = out_dir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    model.to(ctx.device)
+    decoder = _decoder(cfg, s, ctx.device)
+    chunks = range(0, s.num_samples, s.per_proc_batch)
+    mine = [k for k in range(len(chunks)) if k % ctx.world_size == ctx.rank]
+    with progress_bar(len(mine) if ctx.is_main else 0, f"sampling {run_dir.name}") as advance:
+        for k in mine:
+            part = parts / f"chunk_{k:06d}.npz"
+            if not part.exists():
+                start = chunks[k]
+                images, labels = draw_chunk(model, cfg, s, range(start, min(start + s.per_proc_batch, s.num_samples)),
+                                            ctx.device, decoder)
+                tmp = parts / f".chunk_{k:06d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz"  # unique per writer
+                np.savez(tmp, images=images, labels=labels)
+                tmp.replace(part)
+            advance(1)
+    barrier(ctx)
+    npz = out_dir / "samples.npz"
+    if ctx.is_main:
+        files = [parts / f"chunk_{k:06d}.npz" for k in range(len(chunks))]
+        write_samples_npz(npz, (np.load(f)["images"] for f in files), s.num_samples)
+        labels = np.concatenate([np.load(f)["labels"] for f in files])
+        np.save(out_dir / "labels.npy", labels)
+        first = np.concatenate([np.load(f)["images"] for f in files[: max(1, 64 // s.per_proc_batch + 1)]])[:64]
+        save_grid(first, out_dir / "grid.png", nrow=8)
+    barrier(ctx)
+    return {"npz": str(npz), "labels": str(out_dir / "labels.npy"), "grid_png": str(out_dir / "grid.png"),
+            "num_samples": s.num_samples, "scheduler": s.scheduler, "num_steps": s.num_steps,
+            "cfg_scale": s.cfg_scale, "guide_channels": s.guide_channels, "label_mode": s.label_mode,
+            "seed": s.seed, "tag": tag, "per_sample_seeding": True, "world_size": ctx.world_size,
+            "clip_denoised": clip, "config": dataclasses.asdict(s)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kindbench sample", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments: --sample.key=value overrides.")
+    parser.add_argument("--run-dir", required=True, type=Path, help="a trained run directory (runs/<run_id>)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        settings = sample_config(overrides)
+    except ConfigError as err:
+        print(f"kindbench sample: error: {err}", file=sys.stderr)
+        return 2
+    ctx = init_distributed(RunConfig().engine)
+    try:
+        record = sample_run(args.run_dir, settings, ctx)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"kindbench sample: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

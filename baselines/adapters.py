@@ -27,11 +27,11 @@ from torch import nn
 from baselines.common import build_from_dense_ancestry
 from bench.models.dit import DiT
 from methods.accounting import method_accounting
-from methods.base import Accounting, Ancestry, ArchSpec, Method, MethodConfig, MethodError, Task
+from methods.base import Accounting, ArchSpec, Export, Method, MethodConfig, MethodError, Task
 from methods.surgery import check_reinit_names, find_linears, freeze_all, matches_suffix, resolve_modules
 from methods.transfer import DENSE_METHODS
 
-#: The matrices KIND decomposes (methods.md §2.2/§6): fused q/k/v, attention output, MLP fc1 and fc2.
+#: The matrices KIND decomposes (docs/methods.md §2.2, §6.1): fused q/k/v, attention output, MLP fc1 and fc2.
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 #: The blocks' adaLN modulation Linear, opt-in for every method that adapts target matrices.
 ADALN = "adaLN_modulation.1"
@@ -56,8 +56,8 @@ def check_lr_scale(label: str, name: str, value: Any) -> None:
 
 @dataclass
 class AdapterConfig(MethodConfig):
-    """Options every parameter-efficient baseline shares (methods.md §6: same matrices as KIND, new class embeddings
-    and the final layer trainable in every method)."""
+    """Options every parameter-efficient baseline shares (docs/methods.md §6.1: same matrices as KIND, new class
+    embeddings and the final layer trainable in every method)."""
 
     label = "adapter"  # the method name used in error messages (class attributes, not config fields)
     needs_targets = True  # False for methods that adapt no particular matrix (BitFit, DiffFit)
@@ -100,7 +100,7 @@ class AdapterMethod(Method):
 
     # ---- building -------------------------------------------------------------------------------------------
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> nn.Module:
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> nn.Module:
         self.require_stage(task.stage)
         # Validate names on a weightless probe before any weights are loaded: an unmatched target or module fails
         # fast and in our words, never as a library warning.
@@ -109,7 +109,6 @@ class AdapterMethod(Method):
         self.check_targets(probe, targets)
         model = build_from_dense_ancestry(self, arch, task, ancestry, self.config.reinit)
         self.attach(model, targets)
-        self.mark_trainable(model)
         return model
 
     def adapted_linears(self, model: nn.Module) -> list[str]:

@@ -134,7 +134,7 @@ def butterfly_layers(model: nn.Module) -> dict[str, ButterflyOrthogonalLinear]:
 @dataclass
 class BoftConfig(AdapterConfig):
     """BOFT: OFT whose orthogonal matrix is a product of ``butterfly_factor`` block-diagonal factors interleaved with
-    butterfly permutations, plus a trained per-output scale (methods.md §6)."""
+    butterfly permutations, plus a trained per-output scale (docs/methods.md §6.3)."""
 
     label = "boft"
 

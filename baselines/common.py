@@ -8,7 +8,7 @@ from torch import nn
 
 from bench.models.dit import DiT
 from methods.accounting import method_accounting
-from methods.base import Accounting, Ancestry, ArchSpec, Method, MethodError, Task
+from methods.base import Accounting, ArchSpec, Export, Method, MethodError, Task
 from methods.surgery import freeze_all, reinit_modules
 from methods.transfer import check_ancestry, load_into
 
@@ -19,7 +19,7 @@ def fixed_dit_params(model: nn.Module) -> set[int]:
     return {id(pos_embed)} if isinstance(pos_embed, nn.Parameter) else set()
 
 
-def build_from_dense_ancestry(method: Method, arch: ArchSpec, task: Task, ancestry: Ancestry | None,
+def build_from_dense_ancestry(method: Method, arch: ArchSpec, task: Task, ancestry: Export | None,
                               reinit: tuple[str, ...]) -> DiT:
     """A stock DiT for ``task`` holding the ancestry's weights, with the ``reinit`` modules freshly initialised.
 

@@ -77,7 +77,7 @@ def norm_scales(model: nn.Module) -> dict[str, nn.Parameter]:
 
 @dataclass
 class BitFitConfig(AdapterConfig):
-    """BitFit: bias terms only, plus the new class embeddings and the final layer (methods.md §6)."""
+    """BitFit: bias terms only, plus the new class embeddings and the final layer (docs/methods.md §6.3)."""
 
     label = "bitfit"
     needs_targets = False
@@ -85,7 +85,7 @@ class BitFitConfig(AdapterConfig):
     targets: tuple[str, ...] = ()
     """Not used: BitFit trains every bias term, not particular matrices."""
     lr_scale: float = 10.0
-    """Learning-rate multiplier of the method's own tensors (biases, scales): methods.md §6 gives lr 1e-3, 10x the
+    """Learning-rate multiplier of the method's own tensors (biases, scales): docs/methods.md §6.5: lr 1e-3, 10x the
     DiT recipe's 1e-4. The class table and the final layer keep the base rate, as in every method."""
 
     def __post_init__(self) -> None:
@@ -122,7 +122,7 @@ class DiffFitConfig(BitFitConfig):
     label = "difffit"
 
     gamma_blocks: str | tuple[int, ...] = "all"
-    """Blocks that get the scale factors: ``all`` (methods.md §6: "per-block scale"), ``first_half`` (the
+    """Blocks that get the scale factors: ``all`` (docs/methods.md §6.5: "per-block scale"), ``first_half`` (the
     placement the paper's ablation reports best for DiT-XL/2, blocks 1-14 of 28, as we read it), or block indices."""
     gamma_shape: str = "channel"
     """``channel``: gamma is a vector over the hidden width (LayerScale-style); ``scalar``: one number per branch."""

@@ -3,7 +3,7 @@
 Every block matrix of type q/k/v, o, MLP-in, MLP-out and adaLN is ``U_type diag(σ^(l)_type) V_typeᵀ``: the
 factors U, V (the learngene) are shared by all blocks and size-agnostic, σ is per block (``baselines/fine_layers.py``).
 
-Stages and the two phases of a descendant (methods.md §3.2, §7 #11):
+Stages and the two phases of a descendant (docs/methods.md §3.2, §3.3):
 
 * ``ancestry``: a factorised DiT, initialised from DiT's own random init by SVD (shared bases of the stacked block
   weights, ``fine_layers.shared_bases``), every tensor pre-trained jointly ("reverse" factorisation).
@@ -30,11 +30,17 @@ from torch import nn
 
 from baselines.common import fixed_dit_params
 from baselines.fine_depth import check_depth_compatible, interpolate_layers, split_blocks
-from baselines.fine_layers import (BLOCK_TYPES, SharedFactorLinear, factor_names, factorise, install_factors,
-                                   materialise)
+from baselines.fine_layers import (
+    BLOCK_TYPES,
+    SharedFactorLinear,
+    factor_names,
+    factorise,
+    install_factors,
+    materialise,
+)
 from bench.models.dit import DiT, parse_flavour
 from methods.accounting import method_accounting
-from methods.base import Accounting, Ancestry, ArchSpec, Method, MethodConfig, MethodError, Task
+from methods.base import Accounting, ArchSpec, Export, Method, MethodConfig, MethodError, Task
 from methods.surgery import check_reinit_names, freeze_all, module_param_names, reinit_modules
 from methods.transfer import load_into
 
@@ -54,8 +60,8 @@ class FineConfig(MethodConfig):
     """Modules re-initialised for a new label space (and trained in phase 1 next to σ). Use ``[]`` for a
     descendant on the ancestry's own classes. Ignored when continuing from a phase-1 export of the same task."""
     rank: int = 0
-    """Rank r of the shared factors; 0 means r = d, the hidden size (methods.md §7 #11; the paper does not say).
-    Only the ancestry stage uses it: a descendant takes the rank of its ancestry's factors."""
+    """Rank r of the shared factors; 0 means r = d, the hidden size (ours, docs/methods.md §3.3; the paper is
+    silent). Only the ancestry stage uses it: a descendant takes the rank of its ancestry's factors."""
     train: str = "sigma"
     """``sigma``: phase 1, factorised model, only σ (and ``reinit`` modules) trained. ``all``: phase 2, the
     materialised dense DiT trained in full (see the module docstring)."""
@@ -82,7 +88,7 @@ class FineConfig(MethodConfig):
             raise MethodError(f"fine sigma_init must be one of {SIGMA_INITS}; got {self.sigma_init!r}")
 
 
-def is_phase_one_export(ancestry: Ancestry) -> bool:
+def is_phase_one_export(ancestry: Export) -> bool:
     """True for the export of a phase-1 run (``train = "sigma"``): a downstream ``fine`` run, or an ancestry-stage
     ``fine`` run built from a teacher; false for FINE's pre-trained ancestry (an ancestry run without teacher)."""
     meta = ancestry.meta
@@ -112,7 +118,7 @@ class FineMethod(Method):
 
     # ---- building -------------------------------------------------------------------------------------------
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Ancestry | None = None) -> DiT:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None) -> DiT:
         """Without ``teacher``: FINE's factorised DiT, to pre-train. With a ``fine`` ``teacher``: phase 1 of a
         descendant of ``arch`` (as ``build`` with ``train = "sigma"``), so a suite can run phase 1 as an ancestry
         job (``teacher`` = the pre-trained FINE ancestry, ``arch`` = the target size) and phase 2 as the
@@ -125,10 +131,9 @@ class FineMethod(Method):
         model = super().build_ancestry(arch, num_classes)  # DiT's init: the weights the SVD starts from
         factorise(model, self.config.targets, self.config.rank)
         _mark(model, "ancestry", {n for n, _ in model.named_parameters()}, ())
-        self.mark_trainable(model)
         return model
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> DiT:
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> DiT:
         self.require_stage(task.stage)
         ancestry = check_depth_compatible(self, ancestry, arch)
         per_block, rest, old_depth = split_blocks(ancestry.state)
@@ -166,13 +171,12 @@ class FineMethod(Method):
         if self.config.train == "all":
             materialise(model)  # the dense weights are functions of inherited U, V: they count as inherited
         _mark(model, self.config.train, new, reinit)
-        self.mark_trainable(model)
         return model
 
     def _descendant_blocks(self, per_block: dict[str, list[torch.Tensor]], targets: list[str],
                            new_depth: int, rule: str) -> dict[str, torch.Tensor]:
-        """Per-block tensors of the descendant: σ by ``rule`` (a ``sigma_init`` value), the rest (biases, and any block matrix FINE does
-        not factorise) linearly interpolated over relative depth (copied at equal depth)."""
+        """Per-block tensors of the descendant: σ by ``rule`` (a ``sigma_init`` value), the rest (biases, and any block
+        matrix FINE does not factorise) linearly interpolated over relative depth (copied at equal depth)."""
         sigma_keys = {f"{t}.sigma" for t in targets}
         out: dict[str, torch.Tensor] = {}
         for name, layers in per_block.items():

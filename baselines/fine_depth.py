@@ -14,7 +14,7 @@ from fractions import Fraction
 import torch
 
 from bench.models.dit import parse_flavour
-from methods.base import Ancestry, ArchSpec, Method, MethodError
+from methods.base import ArchSpec, Export, Method, MethodError
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -64,7 +64,7 @@ def split_blocks(state: Mapping[str, torch.Tensor]
     return {name: [layers[i] for i in range(depth)] for name, layers in per_block.items()}, rest, depth
 
 
-def check_depth_compatible(method: Method, ancestry: Ancestry | None, arch: ArchSpec) -> Ancestry:
+def check_depth_compatible(method: Method, ancestry: Export | None, arch: ArchSpec) -> Export:
     """The ancestry, checked: present, of one of ``method.ancestry_methods``, and of ``arch``'s width, heads, patch
     and input geometry. Only the depth may differ: these methods build descendants of other depths."""
     accepted = tuple(method.ancestry_methods)

@@ -1,4 +1,4 @@
-"""FINE's factorised DiT (methods.md §3.1): per matrix type one pair (U, V) shared by every block, per block a Σ.
+"""FINE's factorised DiT (docs/methods.md §3.1): per matrix type one pair (U, V) shared by every block, per block a Σ.
 
     W^(l)_type = U_type diag(σ^(l)_type) V_typeᵀ + b^(l)_type
 
@@ -32,7 +32,7 @@ from methods.base import MethodError
 from methods.decomposed import factored_is_cheaper, factored_linear, low_rank_step_macs
 from methods.surgery import find_linears, set_submodule
 
-#: Every matrix type FINE factorises: q/k/v (fused), o, MLP in, MLP out, adaLN (methods.md §3.1).
+#: Every matrix type FINE factorises: q/k/v (fused), o, MLP in, MLP out, adaLN (docs/methods.md §3.1).
 BLOCK_TYPES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
 
 

@@ -1,11 +1,11 @@
-"""FINE's "w/o factorize" ablation (FINE Table 4; methods.md §5.2): per-layer SVD instead of shared factors.
+"""FINE's "w/o factorize" ablation (FINE Table 4; docs/methods.md §3.4): per-layer SVD instead of shared factors.
 
 Each block matrix of a pre-trained dense DiT is decomposed on its own (thin SVD); the top-r singular triplets of
 the source block initialise the matching block of the target, which is then trained in full as a plain DiT.
 Nothing is shared across blocks, which is exactly what the ablation removes from FINE.
 
 A target of another depth takes, for each of its blocks, the source block nearest in relative depth
-(``fine_depth.nearest_layer``), with that block's biases. At the default r = d (methods.md §7 #11, shared with FINE)
+(``fine_depth.nearest_layer``), with that block's biases. At the default r = d (docs/methods.md §3.3, shared with FINE)
 the truncation keeps every component, so the initialisation is the depth-mapped source weights up to SVD round-off;
 a smaller ``rank`` truncates each matrix to its top-r subspace.
 """
@@ -21,7 +21,7 @@ from baselines.common import DenseMethod
 from baselines.fine_depth import check_depth_compatible, nearest_layer, split_blocks
 from baselines.fine_layers import BLOCK_TYPES
 from bench.models.dit import DiT, parse_flavour
-from methods.base import Ancestry, ArchSpec, MethodConfig, MethodError, Task
+from methods.base import ArchSpec, Export, MethodConfig, MethodError, Task
 from methods.decomposed import svd_factors
 from methods.surgery import check_reinit_names, module_param_names, reinit_modules
 from methods.transfer import DENSE_METHODS, load_into
@@ -37,7 +37,8 @@ class FineNoFactorConfig(MethodConfig):
     reinit: tuple[str, ...] = ("y_embedder",)
     """Modules re-initialised for a new label space; ``[]`` for a descendant on the ancestry's own classes."""
     rank: int = 0
-    """Singular triplets kept per matrix; 0 means r = d, the hidden size (methods.md §7 #11), i.e. all of them."""
+    """Singular triplets kept per matrix; 0 means r = d, the hidden size, i.e. all of them (ours, §3.3 of
+    docs/methods.md)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,7 +61,7 @@ class FineNoFactorMethod(DenseMethod):
     stages = frozenset({"transfer", "descend"})
     ancestry_methods = DENSE_METHODS
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> DiT:
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> DiT:
         self.require_stage(task.stage)
         ancestry = check_depth_compatible(self, ancestry, arch)
         reinit = self.config.reinit
@@ -80,7 +81,6 @@ class FineNoFactorMethod(DenseMethod):
         model = arch.build(task.num_classes)
         load_into(model, state, skip=reinit)
         reinit_modules(model, reinit)
-        self.mark_trainable(model)
         return model
 
     def _truncate(self, weight: torch.Tensor) -> torch.Tensor:

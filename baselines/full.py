@@ -1,4 +1,4 @@
-"""Full fine-tuning ("Pre-Fin", methods.md §5.2): load a dense pre-trained DiT and train every parameter.
+"""Full fine-tuning ("Pre-Fin", docs/methods.md §5.2): load a dense pre-trained DiT and train every parameter.
 
 The upper bound on trainable parameters in the PEFT comparison. The ancestry must be a dense DiT of the same
 flavour and input geometry (exported by ``scratch`` or ``full``). The modules in ``reinit`` are re-initialised
@@ -15,7 +15,7 @@ from torch import nn
 
 from baselines.common import DenseMethod, build_from_dense_ancestry
 from bench.models.dit import DiT
-from methods.base import Ancestry, ArchSpec, MethodConfig, MethodError, Task
+from methods.base import ArchSpec, Export, MethodConfig, MethodError, Task
 from methods.surgery import check_reinit_names, module_param_names
 from methods.transfer import DENSE_METHODS
 
@@ -44,9 +44,8 @@ class FullMethod(DenseMethod):
     stages = frozenset({"transfer", "domain"})
     ancestry_methods = DENSE_METHODS
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> DiT:
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> DiT:
         model = build_from_dense_ancestry(self, arch, task, ancestry, self.config.reinit)
-        self.mark_trainable(model)
         return model
 
     def new_param_names(self, model: nn.Module) -> set[str]:

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from bench.models.dit import DiTFlavour, parse_flavour
-from methods.base import Ancestry, ArchSpec, Method, MethodError, Task
+from methods.base import ArchSpec, Export, Method, MethodError, Task
 
 #: The modules around the blocks: patch, timestep and class embedders and the output head.
 OUTER_MODULES = ("x_embedder", "t_embedder", "y_embedder", "final_layer")
 
 
-def check_size_ancestry(method: Method, ancestry: Ancestry | None, arch: ArchSpec, task: Task,
-                        same_width: bool) -> tuple[Ancestry, DiTFlavour, DiTFlavour]:
+def check_size_ancestry(method: Method, ancestry: Export | None, arch: ArchSpec, task: Task,
+                        same_width: bool) -> tuple[Export, DiTFlavour, DiTFlavour]:
     """The ancestry, checked, with the (source, target) flavours.
 
     The ancestry must exist and come from one of ``method.ancestry_methods``; input geometry and learned sigma

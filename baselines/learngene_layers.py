@@ -2,7 +2,7 @@
 
 **Heur-LG** (Wang et al., AAAI 2022, arXiv 2106.06788) takes as the learngene the layers whose gradients change
 little across tasks. **Auto-LG** (Wang et al., arXiv 2305.02279) takes the integral layers most similar between the
-ancestry and a briefly fine-tuned "pseudo descendant". DiT adaptation (methods.md §5.2, §7 #14): k = L_tgt / 3
+ancestry and a briefly fine-tuned "pseudo descendant". DiT adaptation (docs/methods.md §5.3-§5.5): k = L_tgt / 3
 inherited blocks (at least 1) keep their relative order and sit on top of the descendant; the blocks below are
 DiT-initialised (adaLN-Zero, so each starts as the identity); the embedders and the final layer are copied
 (``copy_outer``). The ranking is computed in ``build`` on a synthetic probe (``baselines.layer_probes``), or given
@@ -18,10 +18,15 @@ from torch import nn
 
 from baselines.common import DenseMethod
 from baselines.inheritance import OUTER_MODULES, check_size_ancestry, copy_prefix, param_names_under
-from baselines.layer_probes import (block_cka_scores, block_gradient_scores, diffusion_for, make_probes,
-                                    pseudo_descendant)
+from baselines.layer_probes import (
+    block_cka_scores,
+    block_gradient_scores,
+    diffusion_for,
+    make_probes,
+    pseudo_descendant,
+)
 from bench.models.dit import DiT
-from methods.base import Ancestry, ArchSpec, MethodConfig, MethodError, Task
+from methods.base import ArchSpec, Export, MethodConfig, MethodError, Task
 from methods.surgery import check_reinit_names
 from methods.transfer import DENSE_METHODS, load_into
 
@@ -35,9 +40,9 @@ class LayerInheritConfig(MethodConfig):
     reinit: tuple[str, ...] = ("y_embedder",)
     """Outer modules drawn fresh instead of copied: ``y_embedder`` (new label space), optionally ``final_layer``."""
     inherit_blocks: int = 0
-    """k, the number of ancestry blocks inherited; 0 means max(1, L_tgt // 3) (methods.md §7 #14)."""
+    """k, the number of ancestry blocks inherited; 0 means max(1, L_tgt // 3) (ours, docs/methods.md §5.5)."""
     placement: str = "top"
-    """Where the learngene blocks go: ``top`` (last k blocks, random ones below; §5.2 default) or ``bottom``."""
+    """Where the learngene blocks go: ``top`` (last k blocks, random ones below; our default) or ``bottom``."""
     copy_outer: bool = True
     """Copy the patch/timestep/class embedders and the final layer from the ancestry (except ``reinit``)."""
     blocks: tuple[int, ...] = ()
@@ -122,7 +127,7 @@ class LayerInheritMethod(DenseMethod):
         """The k ancestry block ids to inherit, increasing, from the ancestry model itself."""
         raise NotImplementedError
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> DiT:
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> DiT:
         ancestry, source, target = check_size_ancestry(self, ancestry, arch, task, same_width=True)
         cfg = self.config
         k = inherit_count(cfg, target.depth)
@@ -144,7 +149,6 @@ class LayerInheritMethod(DenseMethod):
                     copy_prefix(model, ancestry.state, module, module)
             # pos_embed is DiT's fixed sin-cos table, identical for the same width and input size.
             copy_prefix(model, ancestry.state, "pos_embed", "pos_embed")
-        self.mark_trainable(model)
         return model
 
     def new_param_names(self, model: nn.Module) -> set[str]:
@@ -165,7 +169,7 @@ class HeurLGConfig(LayerInheritConfig):
 
     criterion: str = "gradient"
     """``gradient``: the k blocks with the smallest mean normalised gradient norm ||g_b|| / ||theta_b|| of the
-    diffusion loss over the probe batches (methods.md §5.2); ``last``: the last k blocks (what the original CNN
+    diffusion loss over the probe batches (docs/methods.md §5.3); ``last``: the last k blocks (what the original CNN
     study found stable), no probe."""
 
     def __post_init__(self) -> None:
@@ -206,7 +210,7 @@ class AutoLGConfig(LayerInheritConfig):
     finetune_lr: float = 1e-4
     """Learning rate of that fine-tuning (DiT's lr)."""
     contiguous: bool = True
-    """Inherit the k contiguous blocks of highest summed CKA (methods.md §5.2: "integral layers"); False: the k
+    """Inherit the k contiguous blocks of highest summed CKA (docs/methods.md §5.4: "integral layers"); False: the k
     individually most similar blocks."""
 
     def __post_init__(self) -> None:

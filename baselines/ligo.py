@@ -1,5 +1,6 @@
 """LiGO (Wang et al., "Learning to Grow Pretrained Models for Efficient Transformer Training", ICLR 2023,
-arXiv 2303.00980; methods.md §5.2): grow a small pre-trained DiT into a larger one with a learned linear operator.
+arXiv 2303.00980; docs/methods.md §5.10): grow a small pre-trained DiT into a larger one with a learned linear
+operator.
 
 The operator is factorised as in the paper into width expansion and depth expansion:
 
@@ -41,7 +42,7 @@ from torch.func import functional_call
 from baselines.common import DenseMethod
 from baselines.size_transfer import refuse_partitioned
 from bench.models.dit import DiT, parse_flavour
-from methods.base import Ancestry, ArchSpec, MethodConfig, MethodError, Task
+from methods.base import ArchSpec, Export, MethodConfig, MethodError, Task
 from methods.surgery import check_reinit_names, freeze_all, module_param_names, reinit_modules
 from methods.transfer import DENSE_METHODS, load_into
 
@@ -148,8 +149,8 @@ class GrownDiT(nn.Module):
         depth = self.ligo_source.depth
         for kind, module in KINDS.items():
             out, inp = op.expansions(kind)
-            weights = torch.stack([src[f"blocks.{l}.{module}.weight"] for l in range(depth)])
-            biases = torch.stack([src[f"blocks.{l}.{module}.bias"] for l in range(depth)])
+            weights = torch.stack([src[f"blocks.{i}.{module}.weight"] for i in range(depth)])
+            biases = torch.stack([src[f"blocks.{i}.{module}.bias"] for i in range(depth)])
             grown_w = torch.einsum("ml,loi->moi", op.depth[kind], out @ weights @ inp.T)
             grown_b = op.depth[kind] @ (biases @ out.T)
             for layer in range(grown_w.shape[0]):
@@ -204,7 +205,7 @@ class LigoMethod(DenseMethod):
     ancestry_methods = ("ligo",)
     teacher_methods = DENSE_METHODS
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Ancestry | None = None) -> GrownDiT:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None) -> GrownDiT:
         """The operator phase: a ``GrownDiT`` of ``arch`` grown from ``teacher`` (the small dense DiT)."""
         self.require_stage("ancestry")
         if teacher is None:
@@ -220,10 +221,9 @@ class LigoMethod(DenseMethod):
             source = teacher.arch.build(teacher.num_classes)
             load_into(source, teacher.state)
         model = GrownDiT(source, arch, num_classes, self.config.depth_init)
-        self.mark_trainable(model)
         return model
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> DiT:
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> DiT:
         """The grown DiT of a ``ligo`` ancestry (operator already trained), materialised and trained in full."""
         self.require_stage(task.stage)
         if ancestry is None:
@@ -246,7 +246,6 @@ class LigoMethod(DenseMethod):
         model = arch.build(task.num_classes)
         load_into(model, grown.materialise().state_dict(), skip=self.config.reinit)
         reinit_modules(model, self.config.reinit)
-        self.mark_trainable(model)
         return model
 
     def mark_trainable(self, model: nn.Module) -> list[dict]:

@@ -1,4 +1,4 @@
-"""PEFT baselines through HF ``peft`` (methods.md §6): LoRA, DoRA, PiSSA, VeRA, OFT, LoHa, LoKr.
+"""PEFT baselines through HF ``peft`` (docs/methods.md §6.2): LoRA, DoRA, PiSSA, VeRA, OFT, LoHa, LoKr.
 
 BOFT is native (``baselines.boft``): peft forms its rotation as a dense matrix every forward, which costs several
 times full fine-tuning.
@@ -142,9 +142,9 @@ class LoraConfig(AdapterConfig):
     label = "lora"
 
     rank: int = 16
-    """LoRA rank r; methods.md §6/§7 #15 reports each PEFT at r = 16 and at a KIND-matched budget."""
+    """LoRA rank r; each PEFT runs at r = 16 and at a KIND-matched budget (docs/methods.md §6.4)."""
     alpha: float | None = None
-    """LoRA alpha; the update is scaled by alpha / rank. None means alpha = rank (methods.md §6)."""
+    """LoRA alpha; the update is scaled by alpha / rank. None means alpha = rank (docs/methods.md §6.2)."""
     dropout: float = 0.0
     """Dropout on the adapter input (peft ``lora_dropout``)."""
     init: bool | str = True
@@ -193,7 +193,7 @@ class LoraMethod(PeftAdapterMethod):
 @dataclass
 class DoraConfig(LoraConfig):
     """DoRA: W = m * (W0 + s B A) / ||W0 + s B A||_row with the magnitude m (one per output, init ||W0||_row)
-    trained next to LoRA's A and B (Liu et al., arXiv 2402.09353); same rank as LoRA (methods.md §6)."""
+    trained next to LoRA's A and B (Liu et al., arXiv 2402.09353); same rank as LoRA (docs/methods.md §6.2)."""
 
     label = "dora"
 
@@ -243,7 +243,7 @@ class VeraConfig(AdapterConfig):
     label = "vera"
 
     rank: int = 256
-    """Width r of the shared random projections (methods.md §6: 256)."""
+    """Width r of the shared random projections (docs/methods.md §6.2: 256)."""
     d_initial: float = 0.1
     """Initial value of every entry of d (b starts at 0, so the adapter starts as a no-op)."""
     projection_seed: int = 0
@@ -277,8 +277,8 @@ class VeraMethod(PeftAdapterMethod):
 
     def attach(self, model: nn.Module, targets: list[str]) -> None:
         super().attach(model, targets)
-        # peft hands every layer the same BufferDict *module*. torch.func.functional_call (bench.models.accounting's meta
-        # FLOP count) cannot restore a submodule reachable under several paths and would leave the projections on
+        # peft hands every layer the same BufferDict *module*. torch.func.functional_call (bench.models.accounting's
+        # meta FLOP count) cannot restore a submodule reachable under several paths and would leave the projections on
         # the meta device; one BufferDict per layer holding the same two tensors behaves identically and does not.
         for layer in tuner_layers(model, VeraLayer).values():
             for attr in ("vera_A", "vera_B"):

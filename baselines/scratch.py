@@ -1,6 +1,6 @@
 """Direct pretraining ("scratch"): a stock DiT from DiT's random initialisation, every parameter trained.
 
-The reference point of every learngene comparison (methods.md §5.2) and the method that produces dense ancestries:
+The reference point of every learngene comparison (docs/methods.md §5.1) and the method that produces dense ancestries:
 its ``ancestry`` stage pre-trains the DiT that ``full`` and the PEFT baselines later transfer from. It supports
 every stage because training from scratch needs nothing from an ancestry; passing one is an error, since silently
 ignoring it would mislabel a run.
@@ -14,7 +14,7 @@ from torch import nn
 
 from baselines.common import DenseMethod
 from bench.models.dit import DiT
-from methods.base import STAGES, Ancestry, ArchSpec, MethodConfig, MethodError, Task
+from methods.base import STAGES, ArchSpec, Export, MethodConfig, MethodError, Task
 
 
 @dataclass
@@ -37,13 +37,12 @@ class ScratchMethod(DenseMethod):
     stages = frozenset(STAGES)
     ancestry_methods = ()
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> DiT:
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> DiT:
         self.require_stage(task.stage)
         if ancestry is not None:
             raise MethodError(f"scratch builds from random init and takes no ancestry; got one of method "
                               f"{ancestry.method!r} ({ancestry.path or 'in memory'}); use 'full' to fine-tune it")
         model = arch.build(task.num_classes)
-        self.mark_trainable(model)
         return model
 
     def new_param_names(self, model: nn.Module) -> set[str]:

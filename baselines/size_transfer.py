@@ -1,5 +1,5 @@
 """Shared machinery of the learngene size-transfer baselines that pre-train a weight-generating auxiliary DiT
-(TLEG, SWS; methods.md §5.2).
+(TLEG, SWS; docs/methods.md §5.6-§5.8).
 
 Both methods replace the auxiliary DiT's ``blocks`` by a ``GeneratedBlocks`` module: a small bank of block
 parameters plus a rule that says which block weights layer ``l`` of a depth-``L`` model gets (TLEG: a linear
@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from baselines.common import DenseMethod
 from bench.models.dit import DiT, DiTBlock, parse_flavour
-from methods.base import Ancestry, ArchSpec, MethodConfig, MethodError, Task
+from methods.base import ArchSpec, Export, MethodConfig, MethodError, Task
 from methods.surgery import check_reinit_names, module_param_names, reinit_modules
 from methods.transfer import DENSE_METHODS, load_into
 
@@ -140,7 +140,7 @@ class DistillationTeacher:
     """A frozen pre-trained dense DiT and the ε-distillation term: MSE between the student's and the teacher's
     noise predictions (the first ``in_channels`` output channels) on the same noised inputs and labels."""
 
-    def __init__(self, ancestry: Ancestry, arch: ArchSpec, num_classes: int):
+    def __init__(self, ancestry: Export, arch: ArchSpec, num_classes: int):
         for field in ("input_size", "in_channels"):
             if getattr(ancestry.arch, field) != getattr(arch, field):
                 raise MethodError(f"the teacher ({ancestry.path or 'in memory'}) has {field} "
@@ -228,7 +228,7 @@ class SizeTransferMethod(DenseMethod):
         model.blocks = self.make_blocks(model.blocks[0], model.depth, state)
         return model
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Ancestry | None = None) -> DiT:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None) -> DiT:
         self.require_stage("ancestry")
         self.teacher = None
         if teacher is not None:
@@ -244,7 +244,7 @@ class SizeTransferMethod(DenseMethod):
             return torch.zeros((), device=next(model.parameters()).device)
         return self.config.distill_weight * self.teacher.loss(batch)
 
-    def check_ancestry(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> Ancestry:
+    def check_ancestry(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> Export:
         self.require_stage(task.stage)
         if ancestry is None:
             raise MethodError(f"method {self.name!r} needs an ancestry exported by one of {self.ancestry_methods}; "
@@ -264,7 +264,7 @@ class SizeTransferMethod(DenseMethod):
                               f"{ancestry.num_classes}; add 'y_embedder' to {self.name}'s reinit")
         return ancestry
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> DiT:
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> DiT:
         """A plain DiT of ``arch`` whose blocks are the ancestry's generated weights expanded to ``arch``'s depth."""
         ancestry = self.check_ancestry(arch, task, ancestry)
         auxiliary = self.auxiliary_model(ancestry.arch, ancestry.num_classes, ancestry.state)
@@ -273,7 +273,6 @@ class SizeTransferMethod(DenseMethod):
         model = arch.build(task.num_classes)
         load_into(model, expanded.state_dict(), skip=self.config.reinit)
         reinit_modules(model, self.config.reinit)
-        self.mark_trainable(model)
         return model
 
     def merge(self, model: nn.Module) -> DiT:

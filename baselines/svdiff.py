@@ -78,12 +78,12 @@ class SpectralShiftLinear(nn.Module):
 
 @dataclass
 class SvdiffConfig(AdapterConfig):
-    """SVDiff: train the spectral shift delta of every target matrix (methods.md §6)."""
+    """SVDiff: train the spectral shift delta of every target matrix (docs/methods.md §6.3)."""
 
     label = "svdiff"
 
     delta_lr_scale: float = 10.0
-    """Learning-rate multiplier of the spectral shifts: methods.md §6 gives ~1e-3 for delta, 10x the DiT recipe's
+    """Learning-rate multiplier of the spectral shifts: docs/methods.md §6.5: ~1e-3 for delta, 10x the DiT recipe's
     1e-4. The class table and the final layer keep the base rate, as in every method."""
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""SWS, Stage-wise Weight Sharing (Xia et al., IJCAI 2024; official README; methods.md §5.2).
+"""SWS, Stage-wise Weight Sharing (Xia et al., IJCAI 2024; official README; docs/methods.md §5.7).
 
 The auxiliary DiT's layers are split into consecutive stages; all layers of a stage share one block of weights
 (``sws_stages.<s>``). The learngene is those per-stage blocks.

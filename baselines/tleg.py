@@ -1,4 +1,5 @@
-"""TLEG (Xia et al., "Transformer as Linear Expansion of Learngene", AAAI 2024, arXiv 2312.05614; methods.md §5.2).
+"""TLEG (Xia et al., "Transformer as Linear Expansion of Learngene", AAAI 2024, arXiv 2312.05614; docs/methods.md
+§5.6).
 
 The learngene is two parameter sets per block parameter, theta_A (``tleg_base``) and theta_B (``tleg_step``). Layer
 ``l`` of an ``L``-layer model uses theta_l = theta_A + c_l theta_B, a linear function of depth, for every Linear of
@@ -19,8 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from baselines.size_transfer import (GeneratedBlocks, SizeTransferConfig, SizeTransferMethod, dit_block_init,
-                                     refuse_partitioned)
+from baselines.size_transfer import (
+    GeneratedBlocks,
+    SizeTransferConfig,
+    SizeTransferMethod,
+    dit_block_init,
+    refuse_partitioned,
+)
 from bench.models.dit import DiTBlock
 from methods.base import MethodError
 
@@ -68,7 +74,7 @@ class LinearExpansionBlocks(GeneratedBlocks):
 
 @dataclass
 class TlegConfig(SizeTransferConfig):
-    """TLEG's options (methods.md §7 #13)."""
+    """TLEG's options (docs/methods.md §5.6)."""
 
     coefficient: str = "l/L"
     """Expansion coefficient of layer l (0-based) in an L-layer model: ``l/L`` as in the official code (default),

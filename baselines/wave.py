@@ -7,11 +7,12 @@ Every target Linear of type ``t`` (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``m
 from ``num_templates`` shared **weight templates** ``T_k`` (template_size x template_size, one set per target type,
 the learngene) and the layer's own **weight scalers** ``S_k`` ((out/w) x (in/w), a few dozen numbers). The operand
 order S (x) T reads the abstract's "concatenating and weighting": W is tiled by w x w blocks and block (a, b) is
-``sum_k S_k[a, b] T_k`` (methods.md §4.1 leaves the order open; the two orders differ by a fixed permutation).
+``sum_k S_k[a, b] T_k`` (the paper leaves the order open, docs/methods.md §4.1; the two orders differ by a fixed
+permutation).
 Templates are size-agnostic, so a descendant of another depth (another number of scaler sets) or width (other
 scaler shapes) is built from the same templates with fresh scalers.
 
-Stages (methods.md §4.2, §7 #12):
+Stages (docs/methods.md §4.2, our defaults §4.3):
 
 * ``ancestry``: template consolidation. With a dense ``teacher`` (``scratch``/``full``) the WAVE model is trained by
   the diffusion loss plus ``distill_weight * ||eps_student - eps_teacher||^2`` (``extra_loss``); templates and
@@ -46,9 +47,17 @@ from torch.nn import functional as F
 from baselines.common import fixed_dit_params
 from bench.models.dit import DiT
 from methods.accounting import method_accounting
-from methods.base import Accounting, Ancestry, ArchSpec, Method, MethodConfig, MethodError, Task
-from methods.surgery import (check_reinit_names, find_linears, freeze_all, matches_suffix, module_param_names,
-                             plain_linear, reinit_modules, set_submodule)
+from methods.base import Accounting, ArchSpec, Export, Method, MethodConfig, MethodError, Task
+from methods.surgery import (
+    check_reinit_names,
+    find_linears,
+    freeze_all,
+    matches_suffix,
+    module_param_names,
+    plain_linear,
+    reinit_modules,
+    set_submodule,
+)
 from methods.transfer import DENSE_METHODS, load_into
 
 TRAIN_MODES = ("scalers", "all")
@@ -124,7 +133,7 @@ def template_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 @dataclass
 class WaveConfig(MethodConfig):
-    """WAVE on DiT (methods.md §4, defaults §7 #12)."""
+    """WAVE on DiT (docs/methods.md §4; our defaults §4.3)."""
 
     targets: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
     """Linears generated from templates (one template set per target); ``adaLN_modulation.1`` is opt-in."""
@@ -132,11 +141,12 @@ class WaveConfig(MethodConfig):
     """Modules re-initialised rather than loaded in ``transfer`` (a new label space): ``y_embedder``, optionally
     ``final_layer``. In ``descend`` every non-templated tensor is fresh anyway."""
     template_size: int = 128
-    """Largest side w of the square templates (§7 #12: 128, which divides every DiT width and its 3d/4d/6d). The
-    side used is the largest power of two <= this dividing every target's widths (64 on the tiny DiT-T). Applies
-    where templates are created (the ancestry stage); downstream builds take count and side from the ancestry."""
+    """Largest side w of the square templates (ours, docs/methods.md §4.3: 128, which divides every DiT width and
+    its 3d/4d/6d). The side used is the largest power of two <= this dividing every target's widths (64 on the
+    tiny DiT-T). Applies where templates are created (the ancestry stage); downstream builds take count and side
+    from the ancestry."""
     num_templates: int = 8
-    """Templates per target type (N_star; unknown for DiT, §7 #12 default 8). Ancestry stage only, as above."""
+    """Templates per target type (N_star; unknown for DiT, our default 8). Ancestry stage only, as above."""
     train: str = "scalers"
     """``scalers``: WAVE form, templates frozen, scalers and non-templated tensors trained (WAVE's initialisation
     phase); ``all``: folded into a dense DiT at build time and trained in full (WAVE's "then train normally")."""
@@ -290,7 +300,7 @@ class WaveMethod(Method):
 
     # ---- building -------------------------------------------------------------------------------------------
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Ancestry | None = None) -> nn.Module:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None) -> nn.Module:
         """Template consolidation (dense ``teacher``, or none: random templates trained by the diffusion loss), or
         with a ``wave`` teacher WAVE's initialisation phase: that ancestry's templates at this ``arch``."""
         self.require_stage("ancestry")
@@ -306,7 +316,7 @@ class WaveMethod(Method):
         to_wave(model, self.config, fit=fit)
         return self._finish(model, train_templates=True, new=None if fit else "all", fold=False)
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> nn.Module:
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> nn.Module:
         self.require_stage(task.stage)
         if ancestry is None:
             raise MethodError(f"method 'wave' needs an ancestry exported by one of {self.ancestry_methods}; got none")
@@ -315,7 +325,7 @@ class WaveMethod(Method):
                               f"another model size is the 'descend' stage")
         return self._from_wave_ancestry(arch, task.num_classes, ancestry)
 
-    def _dense_teacher(self, arch: ArchSpec, num_classes: int, teacher: Ancestry) -> DiT:
+    def _dense_teacher(self, arch: ArchSpec, num_classes: int, teacher: Export) -> DiT:
         if teacher.method not in DENSE_METHODS:
             raise MethodError(f"wave distils a dense teacher (one of {DENSE_METHODS}), got {teacher.method!r}")
         self._check_geometry(arch, teacher)
@@ -328,7 +338,7 @@ class WaveMethod(Method):
         return model.eval()
 
     @staticmethod
-    def _check_geometry(arch: ArchSpec, ancestry: Ancestry) -> None:
+    def _check_geometry(arch: ArchSpec, ancestry: Export) -> None:
         fields = ("input_size", "in_channels", "learn_sigma")
         differ = [f"{f}: {getattr(ancestry.arch, f)!r} vs {getattr(arch, f)!r}" for f in fields
                   if getattr(ancestry.arch, f) != getattr(arch, f)]
@@ -336,7 +346,7 @@ class WaveMethod(Method):
             raise MethodError(f"wave: ancestry {ancestry.path or '(in memory)'} has another input geometry: "
                               f"{'; '.join(differ)}")
 
-    def _from_wave_ancestry(self, arch: ArchSpec, num_classes: int, ancestry: Ancestry) -> nn.Module:
+    def _from_wave_ancestry(self, arch: ArchSpec, num_classes: int, ancestry: Export) -> nn.Module:
         if ancestry.method not in self.ancestry_methods:
             raise MethodError(f"method 'wave' cannot build from an ancestry of method {ancestry.method!r}; it needs "
                               f"a 'wave' ancestry (template consolidation)")
@@ -356,7 +366,7 @@ class WaveMethod(Method):
             new = {n for n in dict(model.named_parameters()) if n not in template_params(model)}
         return self._finish(model, train_templates=False, new=new)
 
-    def _inherited_templates(self, ancestry: Ancestry) -> dict[str, torch.Tensor]:
+    def _inherited_templates(self, ancestry: Export) -> dict[str, torch.Tensor]:
         """The ancestry's templates of every target; their count and side come from the file, not the config."""
         found = sorted(k for k in ancestry.state if k.startswith(_TEMPLATE_PREFIX))
         templates = {}
@@ -379,7 +389,6 @@ class WaveMethod(Method):
             new &= set(dict(model.named_parameters()))
         model.wave_train_templates = train_templates
         model.wave_new_params = frozenset(new)
-        self.mark_trainable(model)
         return model
 
     # ---- training -------------------------------------------------------------------------------------------

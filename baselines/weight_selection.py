@@ -3,7 +3,7 @@
 A smaller DiT is initialised by selecting a subset of a larger pre-trained DiT's weights, then trained in full.
 Layer selection: the first N blocks (the paper's best; ``layer_selection = "even"`` spreads them). Element
 selection: for every tensor the same evenly spaced indices along each dimension (``element_selection``), chosen
-once per space so the residual stream stays aligned across layers (methods.md §5.2):
+once per space so the residual stream stays aligned across layers (docs/methods.md §5.9):
 
 * residual channels R (d_src -> d_tgt): every weight reading or writing the residual stream or the conditioning
   vector c (patch embedder, timestep MLP output, class table, q/k/v inputs, attention and MLP outputs, adaLN
@@ -28,7 +28,7 @@ from torch import nn
 from baselines.common import DenseMethod
 from baselines.inheritance import check_size_ancestry, copy_prefix, param_names_under
 from bench.models.dit import DiT, DiTFlavour
-from methods.base import Ancestry, ArchSpec, MethodConfig, MethodError, Task
+from methods.base import ArchSpec, Export, MethodConfig, MethodError, Task
 from methods.surgery import check_reinit_names
 from methods.transfer import DENSE_METHODS
 
@@ -155,7 +155,7 @@ class WeightSelectionMethod(DenseMethod):
     stages = frozenset({"descend"})
     ancestry_methods = DENSE_METHODS
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> DiT:
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> DiT:
         ancestry, source, target = check_size_ancestry(self, ancestry, arch, task, same_width=False)
         if target.depth > source.depth or target.hidden_size > source.hidden_size:
             raise MethodError(f"weight_selection initialises a smaller model: {arch.name} (depth {target.depth}, "
@@ -175,7 +175,6 @@ class WeightSelectionMethod(DenseMethod):
         outer += ["pos_embed"] if cfg.pos_embed == "select" else []
         for module in outer:
             copy_prefix(model, ancestry.state, module, module, selector(module))
-        self.mark_trainable(model)
         return model
 
     def new_param_names(self, model: nn.Module) -> set[str]:

@@ -341,7 +341,8 @@ def summarise(pairs: list[dict], memory: list[dict]) -> list[dict]:
 
 
 def gmacs(arch_name: str, args: argparse.Namespace) -> dict[str, float]:
-    """Forward GMACs per image (meta device, bench.models.accounting): the dense DiT; the factorised KIND DiT evaluating
+    """Forward GMACs per image (meta device, bench.models.accounting): the dense DiT;
+    the factorised KIND DiT evaluating
     every tailor (masked); and what grouped evaluation computes for a class sample (N_G + K_act components: an
     ungated KIND DiT with N_T = K_act has exactly that shape) and for a null sample (learngenes only)."""
     from bench.models.accounting import forward_gmacs

@@ -52,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from methods import ArchSpec, MethodError, Task, get_method, list_methods  # noqa: E402
+from methods import ArchSpec, Task, get_method, list_methods  # noqa: E402
 
 SLOW_FACTOR = 1.5
 #: From here up a method is reported as coming close to the limit, with its mechanism.
@@ -129,7 +129,7 @@ def _ancestry(method, arch: ArchSpec, cfg: dict):
     """The cached random ancestry this method builds from (written on first use), or None. Methods whose ancestry
     is distilled from a teacher (TLEG, SWS, WAVE, LiGO) get one built without a teacher: values do not change
     costs."""
-    from methods.transfer import load_ancestry, save_ancestry
+    from methods.transfer import load_export, save_export
 
     if not method.ancestry_methods:
         return None
@@ -139,8 +139,8 @@ def _ancestry(method, arch: ArchSpec, cfg: dict):
     if not path.exists():
         torch.manual_seed(0)
         model = get_method(source).build_ancestry(source_arch, cfg["num_classes"])
-        save_ancestry(path, model.state_dict(), method=source, arch=source_arch, num_classes=cfg["num_classes"])
-    return load_ancestry(path)
+        save_export(path, model.state_dict(), method=source, arch=source_arch, num_classes=cfg["num_classes"])
+    return load_export(path)
 
 
 def child_build(cfg: dict) -> dict:
@@ -340,8 +340,8 @@ def render(rows: list[dict], args: argparse.Namespace, device: str, command: str
              f"Denormal floats: {'kept' if args.keep_denormals else 'flushed to zero on CPU'} for every "
              f"method. Memory: {memory}.",
              "Stored MB: bytes of `state_to_save` (what a run stores on top of its ancestry). GMACs: forward, one "
-             "image, DiT convention (`bench.models.accounting`); 'as trained' counts every matmul of the trained model's "
-             "forward at batch 1, including batch-independent work such as re-forming a weight.", ""]
+             "image, DiT convention (`bench.models.accounting`); 'as trained' counts every matmul of the trained "
+             "model's forward at batch 1, including batch-independent work such as re-forming a weight.", ""]
     if device == "cpu":
         lines += ["**Noise warning:** this CPU is shared (2 cores, other jobs running, see the load average); "
                   "absolute times are slow and noisy, ratios within a run are the meaningful number, and small "

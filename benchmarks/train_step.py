@@ -28,8 +28,8 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # benchmark this checkout's code even when kindbench is not installed
@@ -136,6 +136,7 @@ def current_rss_bytes() -> int:
 
 def run_child(cfg: dict) -> dict:
     import diffusers  # noqa: F401  (both libraries imported in every child: identical memory baseline)
+
     import bench.models.dit  # noqa: F401
 
     device = torch.device(cfg["device"])

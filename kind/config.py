@@ -1,7 +1,8 @@
-"""KIND's configuration: every unknown of methods.md §2/§7 as an option, each defaulting to the §7 choice.
+"""KIND's configuration: every point the paper leaves open (docs/methods.md §2) as an option, with our default.
 
-Options read as ``method.options`` in a run config (unknown keys are errors). "[§7 #n]" marks a default taken from
-the proposed-defaults table; "[ours]" marks a choice of this implementation that the spec leaves open.
+Options read as ``method.options`` in a run config (unknown keys are errors). "[ours: ...]" marks a default we chose
+where the paper (or what was available of it) is silent; "[ours]" alone marks an implementation choice of ours.
+Section numbers (§) in these docstrings refer to docs/methods.md, which discusses each choice.
 """
 
 from __future__ import annotations
@@ -32,30 +33,34 @@ class KindConfig(MethodConfig):
 
     # ---- structure (ancestry; downstream stages must agree with the ancestry) --------------------------------
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    """Block Linears decomposed: q, k, v (fused ``attn.qkv``, split by ``split_qkv``), o, fc1, fc2 [§7 #1]."""
+    """Block Linears decomposed: q, k, v (fused ``attn.qkv``, split by ``split_qkv``), o, fc1, fc2
+    [ours: DivControl's set, §2.2]."""
     decompose_adaln: bool = False
-    """Also decompose each block's ``adaLN_modulation.1`` (FINE style) [§7 #1]."""
+    """Also decompose each block's ``adaLN_modulation.1`` (FINE style) [ours: off, §2.2]."""
     split_qkv: bool = True
-    """Decompose q, k and v as three matrices inside ``attn.qkv`` (DivControl's S); False keeps qkv fused [§2.2]."""
+    """Decompose q, k and v as three matrices inside ``attn.qkv`` (DivControl's S); False keeps qkv fused
+    [§2.2]."""
     n_learngenes: int | None = None
-    """N_G, learngene components per matrix. None: d/2 in the ancestry, the ancestry's value downstream [§7 #3]."""
+    """N_G, learngene components per matrix. None: d/2 in the ancestry, the ancestry's value downstream
+    [ours, §2.4]."""
     n_tailors: int | None = None
     """N_T, tailor components per matrix. None: d/2 in the ancestry (N_G + N_T = d, full rank for d x d),
-    the ancestry's value downstream [§7 #3]."""
+    the ancestry's value downstream [ours: KIND's Table 6 is unavailable, §2.4]."""
 
     # ---- class gate (ancestry) ------------------------------------------------------------------------------
     gate: str = "random"
     """``random``: fixed seeded subset per class; ``disjoint``: one block of tailors per class; ``none``: no gate,
-    every tailor always on (the gate-off ablation) [§7 #4]."""
+    every tailor always on (the gate-off ablation) [ours, §2.5]."""
     gate_active: int | None = None
-    """K_act, tailors on per class under ``random``. None: N_T / 2 (DivControl's 288 of 576) [§7 #4]."""
+    """K_act, tailors on per class under ``random``. None: N_T / 2 (DivControl's 288 of 576) [ours, §2.5]."""
     gate_seed: int = 0
     """Seed of the ``random`` gate (the mask of class c depends only on the seed and c) [ours]."""
     class_groups: tuple[int, ...] = ()
     """Optional class -> gate-group list (e.g. WordNet superclasses): classes of a group share one mask; empty means
-    one group per class [§2.5 alternative]."""
+    one group per class [an alternative in §2.5]."""
     null_gate: str = "learngenes"
-    """Gate of the CFG null class: ``learngenes`` (every tailor off), ``all`` or ``random`` (its own mask) [§7 #5]."""
+    """Gate of the CFG null class: ``learngenes`` (every tailor off), ``all`` or ``random`` (its own mask)
+    [ours, §2.5]."""
     tailor_compute: str = "auto"
     """How gated layers evaluate tailors; every value gives the same outputs and gradients, only speed and memory
     differ. ``masked``: every tailor for every sample, inactive ones zeroed in rank space (r(m+n) MACs per token,
@@ -64,27 +69,29 @@ class KindConfig(MethodConfig):
     CPU, where it measured faster, ``masked`` on a GPU, where per-group launches would dominate (kind/README.md,
     "Cost") [ours: an implementation choice, not a modelling one]."""
     ortho_reg: float = 0.0
-    """Weight of sum ||U^T U - I||^2 + ||V^T V - I||^2 over decomposed matrices, added as ``extra_loss`` [§7 #2]."""
+    """Weight of sum ||U^T U - I||^2 + ||V^T V - I||^2 over decomposed matrices, added as ``extra_loss``
+    [ours: 0, §2.3]."""
 
     # ---- downstream (transfer / domain / descend) -------------------------------------------------------------
     reinit: tuple[str, ...] = ("y_embedder",)
-    """Modules re-initialised and trained in full: the new label space's class embeddings [§7 #6]."""
+    """Modules re-initialised and trained in full: the new label space's class embeddings [ours, §2.8]."""
     train_modules: tuple[str, ...] = ("final_layer",)
-    """Modules inherited from the ancestry and trained in full downstream (the final layer) [§7 #6]."""
+    """Modules inherited from the ancestry and trained in full downstream (the final layer) [ours, §2.8]."""
     train_learngene_sigma: bool = False
-    """Also train the learngenes' sigma downstream (U and V stay frozen) [§2.8 (a) optional flag]."""
+    """Also train the learngenes' sigma downstream (U and V stay frozen) [an option in §2.8]."""
     train_dense: bool = False
-    """Also train every parameter outside the decomposed matrices downstream (adaLN, embedders, biases); §7 #6/#7
-    keep them frozen, §2.8 (b) reads "everything outside the decomposed matrices is trained" [§2.8 alternative]."""
+    """Also train every parameter outside the decomposed matrices downstream (adaLN, embedders, biases); our
+    default keeps them frozen; true is the reading "everything outside the decomposed matrices is trained"
+    [an alternative in §2.8]."""
     transfer_gate: str = "none"
-    """Stage ``transfer``: ``none`` runs every tailor for every new class (merge exact for all classes) [§7 #6];
+    """Stage ``transfer``: ``none`` runs every tailor for every new class (merge exact for all classes) [ours, §2.8];
     ``classes`` gates the new classes with the same policy, one mask per new class."""
     domain_tailors: str = "fresh"
-    """Stage ``domain``: ``fresh`` tailors (SVD components N_G..N_G+N_T-1 of a freshly initialised DiT) [§7 #7], or
-    ``inherit`` the pre-trained ones (whole-model transfer, the ablation KIND argues against)."""
+    """Stage ``domain``: ``fresh`` tailors (SVD components N_G..N_G+N_T-1 of a freshly initialised DiT)
+    [ours, §2.8], or ``inherit`` the pre-trained ones (whole-model transfer, the ablation KIND argues against)."""
     domain_dense: str = "inherit"
-    """Stage ``domain``: ``inherit`` the ancestry's non-decomposed parameters [§7 #7 "same trainables as #6"], or
-    ``fresh`` (DiT's init: strictly learngenes only; needs ``train_dense``) [§2.1 item 4 literal reading]."""
+    """Stage ``domain``: ``inherit`` the ancestry's non-decomposed parameters [ours: as in ``transfer``], or
+    ``fresh`` (DiT's init: strictly learngenes only; needs ``train_dense``) [the abstract read literally]."""
     descend_depth: int | None = None
     """Stage ``descend``: number of blocks of the deployed model (None: the requested flavour's depth) [ours]."""
     descend_blocks: str = "first"

@@ -2,7 +2,7 @@
 
 The gate is a fixed binary table ``(rows, N_T)``: row ``c`` says which tailors class ``c`` uses; the last row is the
 null class of classifier-free guidance when the DiT has one. Learngenes are always on. The table is shared by every
-decomposed layer and matrix type (methods.md §2.5, inferred from DivControl). Policies (§7 #4, #5):
+decomposed layer and matrix type (docs/methods.md §2.5, inferred from DivControl). Policies (our defaults, ibid.):
 
 * ``random`` (default): a fixed seeded subset of ``active`` tailors per gate group (default ``N_T / 2``, the
   288-of-576 ratio of DivControl); the subset of group ``g`` depends only on ``(seed, g)``, not on how many classes

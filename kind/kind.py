@@ -1,6 +1,6 @@
 """KIND as a kindbench method: pre-train a decomposable, class-gated DiT; transfer, descend and domain-shift from it.
 
-Stages (methods.md §2.7-§2.8; our reading, the authors' code is not public):
+Stages (docs/methods.md §2.7-§2.8; our reading, the authors' code is not public):
 
 * ``ancestry`` (integration and diversion): a stock DiT whose target Linears are SVD-decomposed into learngenes and
   tailors (``kind.layers``), gated by class (``kind.gate``), every component trained with the trainer's standard DiT
@@ -26,12 +26,28 @@ from bench.models.accounting import forward_gmacs
 from bench.models.dit import DiT, parse_flavour
 from kind.config import KindConfig, KindFullTransferConfig, KindNoGateConfig
 from kind.gate import build_gate_table
-from kind.layers import (LEARNGENE, TAILOR, decompose_dit, gate_table, install_gate, kind_layers, merge_to_dit,
-                         tailor_mask_for)
-from kind.recombine import (Layout, block_map, check_fits, component_bytes, infer_layout, map_components,
-                            model_layout, select_tailors)
+from kind.layers import (
+    LEARNGENE,
+    TAILOR,
+    decompose_dit,
+    gate_table,
+    install_gate,
+    kind_layers,
+    merge_to_dit,
+    tailor_mask_for,
+)
+from kind.recombine import (
+    Layout,
+    block_map,
+    check_fits,
+    component_bytes,
+    infer_layout,
+    map_components,
+    model_layout,
+    select_tailors,
+)
 from methods.accounting import method_accounting
-from methods.base import STAGES, Accounting, Ancestry, ArchSpec, Method, MethodError, Task
+from methods.base import STAGES, Accounting, ArchSpec, Export, Method, MethodError, Task
 from methods.surgery import freeze_all, module_param_names, reinit_modules, resolve_modules
 from methods.transfer import check_ancestry, load_into
 
@@ -72,7 +88,7 @@ class KindMethod(Method):
 
     # ---- ancestry: integration and diversion ------------------------------------------------------------------
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Ancestry | None = None) -> nn.Module:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None) -> nn.Module:
         """The decomposable, class-gated DiT that the ancestry stage pre-trains (all components trainable)."""
         self.require_stage("ancestry")
         if teacher is not None:
@@ -101,7 +117,7 @@ class KindMethod(Method):
 
     # ---- downstream -------------------------------------------------------------------------------------------
 
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> nn.Module:
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> nn.Module:
         cfg = self.config
         self.require_stage(task.stage)
         if task.stage == "ancestry":
@@ -134,10 +150,9 @@ class KindMethod(Method):
             install_gate(model, self._gate_table(cfg.gate, task.num_classes, n_tailors, (), has_null),
                          cfg.tailor_compute)
         model.kind_role = task.stage
-        self.mark_trainable(model)
         return model
 
-    def _check_ancestry(self, ancestry: Ancestry | None, arch: ArchSpec, stage: str) -> Ancestry:
+    def _check_ancestry(self, ancestry: Export | None, arch: ArchSpec, stage: str) -> Export:
         if stage != "descend" or ancestry is None or ancestry.method not in self.ancestry_methods:
             return check_ancestry(self, ancestry, arch)
         # A deployed model may have another depth; everything else that shapes a weight must agree.
@@ -179,7 +194,7 @@ class KindMethod(Method):
             raise MethodError(f"{arch.name} has {depth} blocks but the ancestry has {source.depth}")
         return list(range(depth))
 
-    def _tailor_plan(self, ancestry: Ancestry, source: Layout,
+    def _tailor_plan(self, ancestry: Export, source: Layout,
                      stage: str) -> tuple[int, dict[str, torch.Tensor] | None, bool]:
         """(N_T of the new model, per-leaf tailor selection or None for all, whether tailors are loaded)."""
         cfg = self.config

@@ -135,7 +135,8 @@ def decompose_dit(model: nn.Module, targets: Iterable[str], n_learngenes: int, n
         kw = {"device": linear.weight.device, "dtype": linear.weight.dtype}
         if split_qkv and name.endswith(QKV):
             def make_part(n_in: int, n_out: int) -> KindLinear:
-                return KindLinear(n_in, n_out, n_learngenes, n_tailors, bias=False, **kw)
+                # called by from_linear below, within this iteration: kw is this linear's
+                return KindLinear(n_in, n_out, n_learngenes, n_tailors, bias=False, **kw)  # noqa: B023
 
             layer: nn.Module = SplitDecomposedLinear.from_linear(linear, QKV_PARTS, make_part, svd_init=svd_init)
         else:

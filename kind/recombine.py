@@ -1,7 +1,7 @@
 """Learngenes and tailors as files, and recombining them into models of other depth, rank or label space.
 
 A KIND ancestry (the trainer's ``export.safetensors``) holds every component. ``extract`` splits it into two
-self-describing files, both in the ancestry format of ``methods.transfer`` (so ``load_ancestry`` reads either and
+self-describing files, both in the ancestry format of ``methods.transfer`` (so ``load_export`` reads either and
 the trainer accepts either as ``run.ancestry``):
 
 * ``learngenes.safetensors``: the learngene components of every decomposed matrix, plus every class-agnostic
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from kind.layers import CLASS_TABLE, LEARNGENE, QKV_PARTS, TAILOR, decomposed_targets, kind_layers, kind_ranks
-from methods.base import Ancestry, ArchSpec, MethodError
-from methods.transfer import load_ancestry, save_ancestry
+from methods.base import ArchSpec, Export, MethodError
+from methods.transfer import load_export, save_export
 
 GATE_KEY = f"{CLASS_TABLE}.kind_gate"
 CLASS_WEIGHT = f"{CLASS_TABLE}.weight"
@@ -240,15 +240,15 @@ def _is_tailor_key(key: str) -> bool:
     return bool(factor and factor.group(3) == TAILOR) or key in (GATE_KEY, CLASS_WEIGHT)
 
 
-def _source_of(source: nn.Module | Ancestry) -> tuple[dict[str, torch.Tensor], ArchSpec, int, dict[str, Any], str]:
-    if isinstance(source, Ancestry):
+def _source_of(source: nn.Module | Export) -> tuple[dict[str, torch.Tensor], ArchSpec, int, dict[str, Any], str]:
+    if isinstance(source, Export):
         return dict(source.state), source.arch, source.num_classes, dict(source.meta), source.method
     if isinstance(source, nn.Module):
         arch = ArchSpec(name=source.arch, input_size=source.input_size, in_channels=source.in_channels,
                         learn_sigma=source.learn_sigma, class_dropout_prob=source.y_embedder.dropout_prob)
         state = {k: v.detach() for k, v in source.state_dict().items()}
         return state, arch, source.num_classes, {}, "kind"
-    raise MethodError(f"extract needs a KIND model or Ancestry, got {type(source).__name__}")
+    raise MethodError(f"extract needs a KIND model or Export, got {type(source).__name__}")
 
 
 def pair_id(state: Mapping[str, torch.Tensor]) -> str:
@@ -266,7 +266,7 @@ class ComponentFiles:
     tailors: Path
 
 
-def extract(source: nn.Module | Ancestry, out_dir: str | os.PathLike) -> ComponentFiles:
+def extract(source: nn.Module | Export, out_dir: str | os.PathLike) -> ComponentFiles:
     """Write ``learngenes.safetensors`` and ``tailors.safetensors`` for a KIND model or ancestry into ``out_dir``."""
     state, arch, num_classes, meta, method = _source_of(source)
     layout = infer_layout(state, where="the extraction source")
@@ -281,12 +281,12 @@ def extract(source: nn.Module | Ancestry, out_dir: str | os.PathLike) -> Compone
     files = ComponentFiles(out / LEARNGENES_FILE, out / TAILORS_FILE)
     for path, part, keep in ((files.learngenes, "learngenes", False), (files.tailors, "tailors", True)):
         part_state = {k: v for k, v in state.items() if _is_tailor_key(k) == keep}
-        save_ancestry(path, part_state, method="kind", arch=arch, num_classes=num_classes,
+        save_export(path, part_state, method="kind", arch=arch, num_classes=num_classes,
                       meta={"kind": {**common, "part": part}})
     return files
 
 
-def _part(ancestry: Ancestry, expected: str) -> dict[str, Any]:
+def _part(ancestry: Export, expected: str) -> dict[str, Any]:
     info = ancestry.meta.get("kind") if isinstance(ancestry.meta, dict) else None
     if not isinstance(info, dict) or info.get("part") != expected:
         got = info.get("part") if isinstance(info, dict) else "a whole ancestry"
@@ -295,25 +295,25 @@ def _part(ancestry: Ancestry, expected: str) -> dict[str, Any]:
 
 
 def ancestry_from_components(learngenes: str | os.PathLike,
-                             tailors: str | os.PathLike | None = None) -> Ancestry:
-    """An ``Ancestry`` (method ``kind``) from a learngenes file and, optionally, the tailors file extracted with it.
+                             tailors: str | os.PathLike | None = None) -> Export:
+    """An ``Export`` (method ``kind``) from a learngenes file and, optionally, the tailors file extracted with it.
 
     Without tailors the result only serves the ``domain`` stage (learngenes + fresh tailors). Files from two
     different extractions are refused (their ``pair_id`` differ).
     """
-    genes = load_ancestry(learngenes)
+    genes = load_export(learngenes)
     info = _part(genes, "learngenes")
     state = dict(genes.state)
     meta = {"kind": {**info, "part": "learngenes" if tailors is None else "joined"}, "components": [genes.path]}
     if tailors is not None:
-        extra = load_ancestry(tailors)
+        extra = load_export(tailors)
         tailor_info = _part(extra, "tailors")
         if tailor_info.get("pair_id") != info.get("pair_id"):
             raise MethodError(f"{extra.path} was extracted from another model than {genes.path} (pair_id "
                               f"{tailor_info.get('pair_id')} vs {info.get('pair_id')})")
         state.update(extra.state)
         meta["components"].append(extra.path)
-    return Ancestry(method="kind", arch=genes.arch, num_classes=genes.num_classes, state=state,
+    return Export(method="kind", arch=genes.arch, num_classes=genes.num_classes, state=state,
                     sha256=genes.sha256, path=genes.path, meta=meta)
 
 

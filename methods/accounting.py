@@ -1,4 +1,4 @@
-"""One place where a method's ``count`` is assembled from ``bench.models.accounting`` (style.md §3.8 item 7).
+"""One place where a method's ``count`` is assembled from ``bench.models.accounting`` (docs/harness.md §9.5).
 
 Every method answers ``count(model)`` the same way: parameters as built (total, trainable), split into those whose
 values came from the ancestry and those the method initialised fresh, the bytes of ``state_to_save``, and forward

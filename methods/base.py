@@ -1,4 +1,4 @@
-"""The method contract: one shape for every method (DESIGN.md §3).
+"""The method contract: one shape for every method (docs/methods.md §1.3).
 
 A method acts once, when the model is built, by module surgery on a stock DiT (``bench.models.dit``); it never
 edits the DiT file. The harness knows methods only through this class and the registry, so adding a method never
@@ -6,9 +6,10 @@ touches ``bench/``. Every registered method runs through the same parametrised c
 (``tests/test_methods_contract.py``).
 
 Checklist for a new method: a ``Config`` dataclass (fields with docstrings and defaults, validated in
-``__post_init__``), ``name``, ``stages``, ``build`` (and ``build_ancestry`` if it pre-trains its own ancestry),
-structural ``mark_trainable``, ``state_to_save``/``load_state``, ``merge``; a registry entry; contract-test rows; a
-README section.
+``__post_init__``), ``name``, ``stages``, ``family``, ``build`` (and ``build_ancestry`` if it pre-trains its own
+ancestry), structural ``mark_trainable``, ``state_to_save``/``load_state``, ``merge``, ``count``; a registry entry (or
+a ``kindbench.methods`` entry point of your own package); contract-test rows; a README section. The full checklist:
+docs/adding-a-method.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from bench.models.dit import DiT, build_dit
 
-#: Stages a method can support (style.md §3.2).
+#: Stages a method can support (docs/methods.md §1.4).
 STAGES = ("ancestry", "transfer", "descend", "domain")
 
 
@@ -71,10 +72,11 @@ class Task:
 
 
 @dataclass
-class Ancestry:
-    """What a downstream method transfers from: the weights an ancestry run exported, with their provenance.
+class Export:
+    """The weights a run exported, with their provenance: what a downstream method transfers from (the export of
+    its ancestry run, passed to ``build`` as ``ancestry``) and what sampling rebuilds a run from.
 
-    ``state`` holds plain tensors (the EMA weights of the ancestry model as its method built it); ``method``,
+    ``state`` holds plain tensors (the EMA weights of the model as its method built it); ``method``,
     ``arch`` and ``num_classes`` say how to rebuild that model, so a consumer can check compatibility before use.
     """
 
@@ -89,7 +91,8 @@ class Ancestry:
 
 @dataclass
 class Accounting:
-    """Parameters and compute of a built model, in DiT's convention (GMACs: one image, forward only, no CFG doubling)."""
+    """Parameters and compute of a built model, in DiT's convention
+    (GMACs: one image, forward only, no CFG doubling)."""
 
     params_total: int
     params_trainable: int
@@ -161,7 +164,9 @@ class Method(abc.ABC):
     new family name is allowed). Every method declares one; the harness never guesses it from the name."""
     rank_option: ClassVar[str | None] = None
     """The option ``methods.budget.matched_rank`` varies to meet a parameter budget (None: the method has none);
-    such a method also implements ``rank_values`` and ``budget_options``."""
+    such a method also implements ``adapted_linears(model)`` (names of the Linears it adapts),
+    ``rank_candidates(shapes)`` (the values the option may take for those Linears' (out, in) shapes, ascending)
+    and ``budget_options(value)`` (the options that set it), as the PEFT adapters of ``baselines`` do."""
     ancestry_methods: ClassVar[tuple[str, ...]] = ()
     """Methods whose ancestry exports ``build`` accepts (``("scratch", "full")`` for a dense DiT, ``("kind",)``
     for KIND's own); empty means ``build`` starts from random weights and takes no ancestry. The contract test
@@ -180,7 +185,7 @@ class Method(abc.ABC):
     """Ancestry methods whose export ``build_ancestry`` accepts as a ``teacher`` (an ancestry pre-trained by
     distillation, as TLEG, SWS and WAVE do); empty means the ancestry stage takes no teacher."""
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Ancestry | None = None) -> nn.Module:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None) -> nn.Module:
         """The model this method pre-trains in the ``ancestry`` stage. Default: a stock DiT (dense ancestry).
 
         ``teacher`` (only for methods with ``teacher_methods``) is a pre-trained ancestry to learn from; a method
@@ -192,18 +197,23 @@ class Method(abc.ABC):
         return arch.build(num_classes)
 
     @abc.abstractmethod
-    def build(self, arch: ArchSpec, task: Task, ancestry: Ancestry | None) -> nn.Module:
-        """The downstream model for ``task``: a DiT of ``arch`` with inherited tensors loaded and new ones initialised."""
+    def build(self, arch: ArchSpec, task: Task, ancestry: Export | None) -> nn.Module:
+        """The downstream model for ``task``: a DiT of ``arch``
+        with inherited tensors loaded and new ones initialised."""
 
     def require_stage(self, stage: str) -> None:
         if stage not in self.stages:
-            raise MethodError(f"method {self.name!r} does not support stage {stage!r} (supports: {sorted(self.stages)})")
+            raise MethodError(f"method {self.name!r} does not support stage {stage!r} "
+                              f"(supports: {sorted(self.stages)})")
 
     # ---- training -------------------------------------------------------------------------------------------
 
     @abc.abstractmethod
     def mark_trainable(self, model: nn.Module) -> list[dict[str, Any]]:
         """Freeze everything, then unfreeze what the method owns, found structurally (by layer type, not by name).
+
+        The harness calls it once, on the model ``build``/``build_ancestry`` returned (they do not call it), and
+        gives its groups to the optimizer; a model that has not been through it has no defined trainable set.
 
         Returns named param groups ``{"name": str, "params": [Tensor], "lr_scale": float}``; the trainer applies
         weight decay only to tensors with >= 2 dims.

@@ -1,4 +1,4 @@
-"""Ranks matched to a trainable-parameter budget (methods.md §6 and §7 #15), computed from builds, never typed in.
+"""Ranks matched to a trainable-parameter budget (docs/methods.md §6.4), computed from builds, never typed in.
 
 Every PEFT baseline is reported twice: at its standard rank (r = 16) and at the rank whose trainable-parameter count
 matches KIND's. The count is measured, not derived from a formula: the method is built exactly as a run builds it
@@ -19,7 +19,10 @@ from collections.abc import Callable
 import torch
 
 from methods import get_method
-from methods.base import Ancestry, ArchSpec, Method, MethodError, Task
+from methods.base import ArchSpec, Export, Method, MethodError, Task
+
+#: What a method with a ``rank_option`` implements for ``matched_rank`` (``Method.rank_option`` documents them).
+BUDGET_HOOKS = ("adapted_linears", "rank_candidates", "budget_options")
 
 
 def build_for_count(method: Method, arch: ArchSpec, num_classes: int, stage: str = "transfer",
@@ -37,8 +40,10 @@ def build_for_count(method: Method, arch: ArchSpec, num_classes: int, stage: str
                 source_name = method.ancestry_methods[0]
                 source_method = get_method(source_name)
             source = source_method.build_ancestry(arch, num_classes)
-            ancestry = Ancestry(method=source_name, arch=arch, num_classes=num_classes, state=source.state_dict())
-        return method.build(arch, Task("budget", num_classes, stage=stage), ancestry)
+            ancestry = Export(method=source_name, arch=arch, num_classes=num_classes, state=source.state_dict())
+        model = method.build(arch, Task("budget", num_classes, stage=stage), ancestry)
+    method.mark_trainable(model)
+    return model
 
 
 def trainable_count(method_name: str, arch: ArchSpec, num_classes: int, options: dict | None = None,
@@ -75,8 +80,12 @@ def matched_rank(method_name: str, arch: ArchSpec, num_classes: int, target_trai
     options = dict(options or {})
     method = get_method(method_name, options)
     option = getattr(type(method), "rank_option", None)
-    if option is None or not hasattr(method, "rank_candidates"):
+    if option is None:
         raise MethodError(f"method {method_name!r} has no rank option to match a parameter budget with")
+    lacking = [hook for hook in BUDGET_HOOKS if not callable(getattr(method, hook, None))]
+    if lacking:
+        raise MethodError(f"method {method_name!r} declares rank_option {option!r} but does not implement "
+                          f"{', '.join(lacking)} (methods.base.Method.rank_option)")
     probe = arch.build(num_classes, device="meta")
     shapes = [(probe.get_submodule(n).out_features, probe.get_submodule(n).in_features)
               for n in method.adapted_linears(probe)]

@@ -4,7 +4,7 @@ A method never edits ``bench/models/dit.py``; it changes a built model through t
 ``module_surgery``, peft's ``_create_and_replace``). Targets are module-name *suffixes* matched on whole dotted
 components: ``attn.qkv`` matches ``blocks.3.attn.qkv``, ``fc1`` matches ``blocks.3.mlp.fc1``, but ``c1`` matches
 nothing. A target that matches no Linear is an error that lists what could have been meant (torchtitan only warns;
-we fail, style.md §3.2).
+we fail, docs/harness.md §9.4).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Ancestry files: what a downstream method transfers from, written once and checked on every use.
+"""Run exports: the weights a training run leaves (``export.safetensors``), written once and checked on every use.
 
-An ancestry file is ONE ``.safetensors`` file: the exported (EMA) weights of the model an ancestry run built, plus
+Every run exports; a downstream method transfers from the export of its ancestry run, and sampling rebuilds a run
+from its own export. An export is ONE ``.safetensors`` file: the (EMA) weights of the model the run built, plus
 JSON metadata saying how to rebuild that model (method, ``ArchSpec`` fields, number of classes, format version).
 safetensors rather than pickle: loading never executes code, and the header says what the file is without
 reading the weights. Released facebookresearch/DiT ``.pt`` checkpoints are read by ``load_released_dit`` and become
-the same ``Ancestry`` object (a dense ancestry of method ``scratch``).
+the same ``Export`` object (a dense ancestry of method ``scratch``).
 
 ``load_into`` copies an ancestry's tensors into a freshly built model with the key and shape checks of nanoGPT's
 ``from_pretrained``: every model key that is not explicitly skipped must be in the file with the same shape, and
@@ -27,12 +28,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bench.records.hashing import file_sha256
 from bench.models.dit import DIT_FLAVOURS
-from methods.base import Ancestry, ArchSpec, Method, MethodError
+from bench.records.hashing import file_sha256
+from methods.base import ArchSpec, Export, Method, MethodError
 
-ANCESTRY_FORMAT = "kindbench-ancestry"
-ANCESTRY_FORMAT_VERSION = 1
+EXPORT_FORMAT = "kindbench-export"
+#: The format name exports had before they were called exports; read as the same format.
+_LEGACY_FORMATS = ("kindbench-ancestry",)
+EXPORT_FORMAT_VERSION = 1
 #: Methods whose ancestry export is a plain dense DiT state dict (the DiT module names, nothing else).
 DENSE_METHODS = ("scratch", "full")
 _SHOWN = 5  # mismatches named per kind in one error line
@@ -58,9 +61,9 @@ def _plain_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def save_ancestry(path: str | os.PathLike, model_state: Mapping[str, torch.Tensor], *, method: str, arch: ArchSpec,
+def save_export(path: str | os.PathLike, model_state: Mapping[str, torch.Tensor], *, method: str, arch: ArchSpec,
                   num_classes: int, meta: Mapping[str, Any] | None = None) -> str:
-    """Write an ancestry file atomically (temp file + rename, so readers never see half a file); return its sha256.
+    """Write a run export atomically (temp file + rename, so readers never see half a file); return its sha256.
 
     ``meta`` is free-form JSON-serialisable provenance (run id, step, ...), stored next to the fixed fields.
     """
@@ -68,8 +71,8 @@ def save_ancestry(path: str | os.PathLike, model_state: Mapping[str, torch.Tenso
     if num_classes <= 0:
         raise MethodError(f"ancestry num_classes must be positive, got {num_classes}")
     metadata = {
-        "format": ANCESTRY_FORMAT,
-        "format_version": str(ANCESTRY_FORMAT_VERSION),
+        "format": EXPORT_FORMAT,
+        "format_version": str(EXPORT_FORMAT_VERSION),
         "method": method,
         "arch": json.dumps(dataclasses.asdict(arch), sort_keys=True),
         "num_classes": str(int(num_classes)),
@@ -91,8 +94,8 @@ def save_ancestry(path: str | os.PathLike, model_state: Mapping[str, torch.Tenso
 def _require_file(path: Path, what: str) -> None:
     if not path.is_file():
         where = "a directory" if path.is_dir() else "missing"
-        raise FileNotFoundError(f"{what} {path} is {where}: expected a file there (check the ancestry path or run "
-                                f"the ancestry stage first)")
+        raise FileNotFoundError(f"{what} {path} is {where}: expected a file there (check the path, or run the "
+                                f"run that exports it first)")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -102,43 +105,43 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tenso
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as err:  # safetensors raises its own error type (or OSError) for a bad header or short file
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise MethodError(f"ancestry file {path} is corrupt or truncated (not a readable safetensors file: "
+        raise MethodError(f"export {path} is corrupt or truncated (not a readable safetensors file: "
                           f"{reason})") from None
     return metadata, state
 
 
 def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[str, ArchSpec, int, dict[str, Any]]:
-    if metadata.get("format") != ANCESTRY_FORMAT:
-        raise MethodError(f"{path} is a safetensors file but not a kindbench ancestry (metadata format="
-                          f"{metadata.get('format')!r}, expected {ANCESTRY_FORMAT!r})")
+    if metadata.get("format") not in (EXPORT_FORMAT, *_LEGACY_FORMATS):
+        raise MethodError(f"{path} is a safetensors file but not a kindbench export (metadata format="
+                          f"{metadata.get('format')!r}, expected {EXPORT_FORMAT!r})")
     version = metadata.get("format_version", "")
-    if not version.isdigit() or int(version) > ANCESTRY_FORMAT_VERSION:
-        raise MethodError(f"ancestry {path} has format version {version!r}; this kindbench reads versions up to "
-                          f"{ANCESTRY_FORMAT_VERSION}")
+    if not version.isdigit() or int(version) > EXPORT_FORMAT_VERSION:
+        raise MethodError(f"export {path} has format version {version!r}; this kindbench reads versions up to "
+                          f"{EXPORT_FORMAT_VERSION}")
     try:
         arch = ArchSpec(**json.loads(metadata["arch"]))
         num_classes = int(metadata["num_classes"])
         meta = json.loads(metadata.get("meta", "{}"))
         method = metadata["method"]
     except (KeyError, TypeError, ValueError) as err:
-        raise MethodError(f"ancestry {path} has malformed metadata ({type(err).__name__}: {err})") from None
+        raise MethodError(f"export {path} has malformed metadata ({type(err).__name__}: {err})") from None
     return method, arch, num_classes, meta
 
 
-def load_ancestry(path: str | os.PathLike) -> Ancestry:
-    """Read an ancestry file (``.safetensors``; a released DiT ``.pt``/``.pth`` goes to ``load_released_dit``).
+def load_export(path: str | os.PathLike) -> Export:
+    """Read a run export (``.safetensors``; a released DiT ``.pt``/``.pth`` goes to ``load_released_dit``).
 
     Errors: ``FileNotFoundError`` naming the path; ``MethodError`` in one line for a corrupt or truncated file, a
-    safetensors file that is not an ancestry, or a newer format version.
+    safetensors file that is not an export, or a newer format version.
     """
     path = Path(path)
     if path.suffix in (".pt", ".pth"):
         return load_released_dit(path)
-    _require_file(path, "ancestry file")
+    _require_file(path, "export")
     sha256 = file_sha256(path)
     metadata, state = _read_safetensors(path)
     method, arch, num_classes, meta = _parse_metadata(path, metadata)
-    return Ancestry(method=method, arch=arch, num_classes=num_classes, state=state, sha256=sha256, path=str(path),
+    return Export(method=method, arch=arch, num_classes=num_classes, state=state, sha256=sha256, path=str(path),
                     meta=meta)
 
 
@@ -195,7 +198,7 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, skip: Iter
     return report
 
 
-def check_ancestry(method: Method, ancestry: Ancestry | None, arch: ArchSpec) -> Ancestry:
+def check_ancestry(method: Method, ancestry: Export | None, arch: ArchSpec) -> Export:
     """The ancestry ``method.build`` was given, checked: present, produced by one of ``method.ancestry_methods``,
     and of the same architecture (flavour, input size, channels, learned sigma) as ``arch``."""
     accepted = tuple(method.ancestry_methods)
@@ -259,7 +262,7 @@ def infer_dit_arch(state: Mapping[str, torch.Tensor], where: str = "state dict")
     return arch, state["y_embedder.embedding_table.weight"].shape[0] - 1
 
 
-def load_released_dit(path: str | os.PathLike) -> Ancestry:
+def load_released_dit(path: str | os.PathLike) -> Export:
     """A released facebookresearch/DiT ``.pt`` as a dense ancestry (method ``scratch``), arch inferred from shapes.
 
     Accepts a plain state dict or a training checkpoint dict with ``ema``/``model`` (``ema`` preferred); loaded
@@ -276,5 +279,5 @@ def load_released_dit(path: str | os.PathLike) -> Ancestry:
             from None
     state = _select_state_dict(path, checkpoint)
     arch, num_classes = infer_dit_arch(state, where=str(path))
-    return Ancestry(method="scratch", arch=arch, num_classes=num_classes, state=state, sha256=sha256,
+    return Export(method="scratch", arch=arch, num_classes=num_classes, state=state, sha256=sha256,
                     path=str(path), meta={"source": "released-dit"})

@@ -19,11 +19,12 @@ Pareto (FID vs training GMACs): bitfit, kind, full (lora is dominated by kind).
 Protocol P2 (Inception extractor, another reference) scores kind s0 and lora s0 again: a separate ranking.
 Benchmark ``novel-b--DiT-T-2`` holds one kind run, to check one leaderboard per benchmark.
 
-Every record is *current*, as ``bench.pipeline.jobs`` writes it from this checkout: ``run_info.code`` is this checkout's code
-fingerprint of its stage and method (``bench.pipeline.status.code_fingerprint``, looked up when written, so a test that
+Every record is *current*, as ``bench.pipeline.jobs`` writes it from this checkout: ``run_info.code`` is this
+checkout's code fingerprint of its step and method (``bench.records.fingerprint.code_fingerprint``, looked up
+when written, so a test that
 monkeypatches it there gets records that agree) and ``run_info.inputs`` the digests of the records it depends on.
 Methods are registered names (``full`` is the registry's full fine-tuning, family ``full_ft``), so
-``bench.pipeline.status.stale_reason`` finds every fixture record current and a test makes one stale by editing it.
+``bench.records.currency.stale_reason`` finds every fixture record current and a test makes one stale by editing it.
 
 The end of the file has ``simple_record`` and the worker functions of the store's concurrency tests: spawned
 processes import this module, so it imports only ``bench.records.store`` at the top (numpy and PIL lazily).
@@ -72,10 +73,10 @@ def run_id_of(method: str, variant: str, benchmark: str, seed: int) -> str:
     return f"{method}--{variant}--{benchmark}--s{seed}--{digest}"
 
 
-def _info(stage: str, run_id: str, benchmark: str, method: str, family: str, variant: str, seed: int,
+def _info(step: str, run_id: str, benchmark: str, method: str, family: str, variant: str, seed: int,
           depends_on: list[str], job_suffix: str = "") -> dict:
     task = benchmark.split("--")[0]
-    return new_run_info(job_id=f"{run_id}--{stage}{job_suffix}", run_id=run_id, stage=stage, suite="tiny",
+    return new_run_info(job_id=f"{run_id}--{step}{job_suffix}", run_id=run_id, step=step, suite="tiny",
                         benchmark=benchmark, task=task, arch="DiT-T/2", method=method, family=family,
                         variant=variant, seed=seed, config={"method": {"name": method}, "seed": seed},
                         config_hash=run_id.rsplit("--", 1)[-1], depends_on=depends_on, git=GIT,
@@ -89,20 +90,21 @@ def _finish(info: dict, **blocks) -> dict:
                       finished_at="2025-03-01T10:30:00.000+00:00", **blocks)
 
 
-def current_code(stage: str, method: str) -> dict:
-    """``run_info.code`` of a ``stage`` job of ``method`` made by this checkout (as ``bench.pipeline.jobs`` records it)."""
-    from bench.pipeline import status  # lazy: the store tests' worker processes import this module
+def current_code(step: str, method: str) -> dict:
+    """``run_info.code`` of a ``step`` job of ``method`` made by this checkout
+    (as ``bench.pipeline.jobs`` records it)."""
+    from bench.records.fingerprint import code_fingerprint  # lazy: the store tests' worker processes import this
 
-    return status.code_fingerprint(stage, method or None)
+    return code_fingerprint(step, method or None)
 
 
 def stamp_current(store: RecordStore, record: dict) -> dict:
     """``record`` with the ``code`` and ``inputs`` blocks ``bench.pipeline.jobs`` writes into run_info: this checkout's
     fingerprint and the digest of every dependency record now in ``store`` (so the record is current)."""
-    from bench.pipeline.status import record_digest
+    from bench.records.currency import record_digest
 
     info = record["run_info"]
-    info["code"] = current_code(info["stage"], info["method"])
+    info["code"] = current_code(info["step"], info["method"])
     deps = {dep: store.read(dep) for dep in info["depends_on"]}
     info["inputs"] = {dep: record_digest(dep_record) for dep, dep_record in deps.items() if dep_record is not None}
     return record
@@ -150,7 +152,7 @@ def write_run(store: RecordStore, benchmark: str, key: tuple, numbers: dict, anc
     method, family, variant, seed = key
     run_id = run_id_of(method, variant, benchmark, seed)
     loss_curve, grid = _artefacts(store.root, run_id, seed)
-    transfer = _info("transfer", run_id, benchmark, method, family, variant, seed,
+    transfer = _info("train", run_id, benchmark, method, family, variant, seed,
                      [ancestry_job] if ancestry_job else [])
     write_current(store, _finish(transfer, train_info=train_info(numbers, loss_curve)))
     sample = _info("sample", run_id, benchmark, method, family, variant, seed, [transfer["job_id"]])
@@ -172,7 +174,7 @@ def write_fixture_store(root: Path) -> RecordStore:
     prepare = _info("prepare", "prepare--novel-a--0000abcd", "", "", "", "", 0, [])
     write_current(store, _finish(prepare, extra={"reference": {"path": "refs/novel-a.npz", "sha256": "f" * 64}}))
     # The KIND ancestry: a separate run whose training cost must not be mistaken for the transfer's.
-    ancestry = _info("ancestry", "kind--ancestry--DiT-T-2--s0--aaaa0000", bench_a, "kind", "learngene", "default",
+    ancestry = _info("pretrain", "kind--ancestry--DiT-T-2--s0--aaaa0000", bench_a, "kind", "learngene", "default",
                      0, [])
     anc_numbers = dict(RUNS[("kind", "learngene", "default", 0)], trainable=900_000, images=64_000, gpu_h=2.0)
     write_current(store, _finish(ancestry, train_info=train_info(anc_numbers, None)))
@@ -184,10 +186,10 @@ def write_fixture_store(root: Path) -> RecordStore:
         info = _info("evaluate", jobs[key]["run_id"], bench_a, *key, [jobs[key]["sample"]], job_suffix="--p2")
         write_current(store, _finish(info, eval_info=eval_info(RUNS[key], P2, fid=fid)))
     # lora seed 2: the transfer ran out of memory; bitfit seed 1: sampling was cancelled (preempted).
-    failed = _info("transfer", run_id_of("lora", "r4", bench_a, 2), bench_a, "lora", "peft", "r4", 2, [])
+    failed = _info("train", run_id_of("lora", "r4", bench_a, 2), bench_a, "lora", "peft", "r4", 2, [])
     store.write(_finish(failed, status="failed", error=RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")))
     bitfit1 = run_id_of("bitfit", "default", bench_a, 1)
-    write_current(store, _finish(_info("transfer", bitfit1, bench_a, "bitfit", "peft", "default", 1, []),
+    write_current(store, _finish(_info("train", bitfit1, bench_a, "bitfit", "peft", "default", 1, []),
                                  train_info=train_info(RUNS[("bitfit", "peft", "default", 0)], None)))
     store.write(_finish(_info("sample", bitfit1, bench_a, "bitfit", "peft", "default", 1, []), status="cancelled",
                         error="cancelled: SLURM preemption (SIGTERM)"))
@@ -203,15 +205,15 @@ PER_WRITER = 3
 SIMPLE_PROTOCOL = P1
 
 
-def simple_record(job_id: str, *, stage: str = "evaluate", status: str = "success", blob: str = "",
+def simple_record(job_id: str, *, step: str = "evaluate", status: str = "success", blob: str = "",
                   fid: float = 21.5) -> dict:
     """A valid record; ``blob`` inflates the config (for big-file tests) and its sha256 is stored beside it."""
     config = {"method": {"name": "kind"}, "blob": blob, "blob_sha256": hashlib.sha256(blob.encode()).hexdigest()}
-    info = new_run_info(job_id=job_id, run_id=job_id.rsplit("--", 1)[0], stage=stage, suite="tiny",
+    info = new_run_info(job_id=job_id, run_id=job_id.rsplit("--", 1)[0], step=step, suite="tiny",
                         benchmark="novel-a--DiT-T-2", task="novel-a", arch="DiT-T/2", method="kind",
                         family="learngene", variant="default", seed=0, config=config, config_hash="3f9a1c2e", git=GIT)
     blocks = {}
-    if status == "success" and stage == "evaluate":
+    if status == "success" and step == "evaluate":
         blocks["eval_info"] = {"metrics": {"fid": metric(fid, False), "is": metric(5.1, True)},
                                "protocol": dict(SIMPLE_PROTOCOL)}
     return new_record(info, status=status, error=None if status == "success" else "RuntimeError: boom",

@@ -1,4 +1,5 @@
-"""Tests for bench/models/accounting.py: DiT's published compute and parameter counts, and the generic meta-device counter."""
+"""Tests for bench/models/accounting.py: DiT's published compute and parameter counts, and the generic
+meta-device counter."""
 
 import psutil
 import pytest
@@ -18,7 +19,7 @@ def test_published_gmacs(arch, input_size, published):
     assert forward_gmacs_for_arch(arch, input_size=input_size) == pytest.approx(published, rel=5e-3)
 
 
-# Parameter counts of the released DiTs at 256x256 (harness.md §2.4 table), pos_embed included.
+# Parameter counts of the released DiTs at 256x256 (docs/harness.md §6 table), pos_embed included.
 @pytest.mark.parametrize("arch, millions", [("DiT-XL/2", 675.13), ("DiT-B/2", 130.51), ("DiT-S/2", 32.96)])
 def test_published_params(arch, millions):
     counts = count_params(build_dit(arch, device="meta"))

@@ -1,4 +1,5 @@
-"""The config tree (style.md §3.3): precedence CLI > file > defaults, strict keys and types, hashing, run ids."""
+"""The config tree (docs/harness.md §5.1): precedence CLI > file > defaults, strict keys and types, hashing,
+run ids."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import re
 
 import pytest
 
-from bench.config.schema import (ConfigError, EvalConfig, RunConfig, SampleConfig, from_dict, load_config, parse_override,
-                          save_resolved, section_from_overrides)
+from bench.config.schema import (
+    ConfigError,
+    EvalConfig,
+    RunConfig,
+    SampleConfig,
+    from_dict,
+    load_config,
+    parse_override,
+    save_resolved,
+    section_from_overrides,
+)
 
 
 def write_toml(tmp_path, text: str, name: str = "run.toml"):
@@ -275,7 +285,8 @@ def test_config_hash_changes_with_any_hashed_field(override):
 
 @pytest.mark.parametrize("override", [
     "--schedule.log_every=7", "--schedule.ckpt_every=7", "--schedule.keep_checkpoints=5", "--data.num_workers=3",
-    "--data.root=/other/mount/imagenet", "--data.latent_dir=/other/latents", "--run.out_dir=elsewhere", "--run.resume=false", "--run.stop_after_steps=3",
+    "--data.root=/other/mount/imagenet", "--data.latent_dir=/other/latents", "--run.out_dir=elsewhere",
+    "--run.resume=false", "--run.stop_after_steps=3",
 ])
 def test_bookkeeping_and_paths_do_not_change_the_hash(override):
     """Cadence, workers and machine paths do not change the trained model, so not its id."""

@@ -278,7 +278,8 @@ def test_class_balanced_subset_keeps_every_class_evenly_and_deterministically():
         balanced_subset_indices(labels, 0.0)
     data = DataConfig(split="novel-a", per_class=10, image_size=8, subset_fraction=0.25)
     subset = build_dataset(data, ModelConfig(in_channels=3, input_size=8))
-    full = build_dataset(DataConfig(split="novel-a", per_class=10, image_size=8), ModelConfig(in_channels=3, input_size=8))
+    full = build_dataset(DataConfig(split="novel-a", per_class=10, image_size=8),
+                         ModelConfig(in_channels=3, input_size=8))
     assert len(subset) == 3 * full.num_classes and subset.num_classes == full.num_classes
     assert np.bincount(subset.labels).tolist() == [3] * full.num_classes
     image, label = subset[1]

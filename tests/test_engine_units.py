@@ -13,13 +13,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bench.run.checkpoint import CheckpointError, Checkpoints
 from bench.config.schema import EngineConfig, OptimConfig, ScheduleConfig, load_config
-from bench.run.ema import EMA
-from bench.run.engine import (DDPEngine, DistContext, EngineError, _export_launch_env, batch_geometry, build_engine,
-                          build_optimizer, deepspeed_config, expand_hostlist, init_distributed)
 from bench.models.dit import build_dit
+from bench.run.checkpoint import CheckpointError, Checkpoints
+from bench.run.ema import EMA
+from bench.run.engine import (
+    DDPEngine,
+    DistContext,
+    EngineError,
+    _export_launch_env,
+    batch_geometry,
+    build_engine,
+    build_optimizer,
+    deepspeed_config,
+    expand_hostlist,
+    init_distributed,
+)
 from bench.run.preemption import EXIT_REQUEUE, PreemptionWatch
+from bench.run.rundir import RunDir
 
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
                "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_JOB_NODELIST",
@@ -382,7 +393,7 @@ def test_ddp_engine_steps_only_at_accumulation_boundaries():
 
 def test_checkpoint_save_and_latest(tmp_path):
     cfg, engine, ema = _setup()
-    ckpts = Checkpoints(tmp_path, CPU_CTX, keep=2)
+    ckpts = Checkpoints(RunDir(tmp_path), CPU_CTX, keep=2)
     assert ckpts.latest() is None
     _train_step(engine, 1)
     folder = ckpts.save(3, engine, ema, {"config_hash": cfg.config_hash()})
@@ -396,7 +407,7 @@ def test_checkpoint_round_trip_restores_model_optimizer_and_ema(tmp_path):
     for i in range(2):
         _train_step(engine, i)
         ema.update(engine, 0.5)
-    ckpts = Checkpoints(tmp_path, CPU_CTX)
+    ckpts = Checkpoints(RunDir(tmp_path), CPU_CTX)
     folder = ckpts.save(2, engine, ema, {"config_hash": cfg.config_hash(), "run_id": "x"})
 
     _, fresh, fresh_ema = _setup(seed=1)  # other initial weights: everything must come from the files
@@ -416,7 +427,7 @@ def test_checkpoint_round_trip_restores_model_optimizer_and_ema(tmp_path):
 
 def test_folder_without_done_is_ignored(tmp_path):
     cfg, engine, ema = _setup()
-    ckpts = Checkpoints(tmp_path, CPU_CTX, keep=5)
+    ckpts = Checkpoints(RunDir(tmp_path), CPU_CTX, keep=5)
     ckpts.save(3, engine, ema, {"config_hash": cfg.config_hash()})
     half = ckpts.save(6, engine, ema, {"config_hash": cfg.config_hash()})
     (half / "DONE").unlink()  # as if killed before the marker was written
@@ -428,7 +439,7 @@ def test_folder_without_done_is_ignored(tmp_path):
 
 def test_save_over_a_half_written_folder_replaces_it(tmp_path):
     cfg, engine, ema = _setup()
-    ckpts = Checkpoints(tmp_path, CPU_CTX)
+    ckpts = Checkpoints(RunDir(tmp_path), CPU_CTX)
     stale = tmp_path / "checkpoints" / "0000004"
     stale.mkdir(parents=True)
     (stale / "junk").write_text("from a killed attempt")
@@ -442,7 +453,7 @@ def test_save_over_a_half_written_folder_replaces_it(tmp_path):
 ])
 def test_corrupt_engine_file_names_the_file(tmp_path, damage):
     cfg, engine, ema = _setup()
-    ckpts = Checkpoints(tmp_path, CPU_CTX)
+    ckpts = Checkpoints(RunDir(tmp_path), CPU_CTX)
     folder = ckpts.save(3, engine, ema, {"config_hash": cfg.config_hash()})
     path = folder / "engine.pt"
     data = path.read_bytes()
@@ -455,7 +466,7 @@ def test_corrupt_engine_file_names_the_file(tmp_path, damage):
 
 def test_missing_engine_file_is_a_checkpoint_error(tmp_path):
     cfg, engine, ema = _setup()
-    ckpts = Checkpoints(tmp_path, CPU_CTX)
+    ckpts = Checkpoints(RunDir(tmp_path), CPU_CTX)
     folder = ckpts.save(3, engine, ema, {"config_hash": cfg.config_hash()})
     (folder / "engine.pt").unlink()
     with pytest.raises(CheckpointError, match="engine.pt"):
@@ -464,7 +475,7 @@ def test_missing_engine_file_is_a_checkpoint_error(tmp_path):
 
 def test_corrupt_ema_file_names_the_file(tmp_path):
     cfg, engine, ema = _setup()
-    ckpts = Checkpoints(tmp_path, CPU_CTX)
+    ckpts = Checkpoints(RunDir(tmp_path), CPU_CTX)
     folder = ckpts.save(3, engine, ema, {"config_hash": cfg.config_hash()})
     path = folder / "ema.safetensors"
     path.write_bytes(path.read_bytes()[:100])
@@ -475,7 +486,7 @@ def test_corrupt_ema_file_names_the_file(tmp_path):
 
 def test_checkpoint_of_another_config_is_refused(tmp_path):
     cfg, engine, ema = _setup()
-    ckpts = Checkpoints(tmp_path, CPU_CTX)
+    ckpts = Checkpoints(RunDir(tmp_path), CPU_CTX)
     folder = ckpts.save(3, engine, ema, {"config_hash": cfg.config_hash()})
     other = load_config(None, ["--optim.lr=5e-4"]).config_hash()
     with pytest.raises(CheckpointError) as err:
@@ -485,7 +496,7 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
 
 def test_unreadable_state_names_the_file(tmp_path):
     cfg, engine, ema = _setup()
-    ckpts = Checkpoints(tmp_path, CPU_CTX)
+    ckpts = Checkpoints(RunDir(tmp_path), CPU_CTX)
     folder = ckpts.save(3, engine, ema, {"config_hash": cfg.config_hash()})
     (folder / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="state.json"):
@@ -494,7 +505,7 @@ def test_unreadable_state_names_the_file(tmp_path):
 
 def test_pruning_keeps_the_newest(tmp_path):
     cfg, engine, ema = _setup()
-    ckpts = Checkpoints(tmp_path, CPU_CTX, keep=2)
+    ckpts = Checkpoints(RunDir(tmp_path), CPU_CTX, keep=2)
     for step in (1, 2, 10, 3):  # saved out of order: pruning goes by step, not by write time
         ckpts.save(step, engine, ema, {"config_hash": cfg.config_hash()})
     assert [s for s, _ in ckpts.complete()] == [3, 10]

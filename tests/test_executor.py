@@ -31,8 +31,8 @@ sys.exit(3 if fail else 0)
 
 def diamond_plan() -> Plan:
     """a -> (b, c, d) -> e, plus an independent f; then aggregate over e and f."""
-    jobs = [Job("a", "ancestry", ()), Job("b", "transfer", ("a",)), Job("c", "transfer", ("a",)),
-            Job("d", "transfer", ("a",)), Job("e", "evaluate", ("b", "c", "d")), Job("f", "evaluate", ()),
+    jobs = [Job("a", "pretrain", ()), Job("b", "train", ("a",)), Job("c", "train", ("a",)),
+            Job("d", "train", ("a",)), Job("e", "evaluate", ("b", "c", "d")), Job("f", "evaluate", ()),
             Job("agg", "aggregate", ("e", "f"))]
     return Plan("toy", {j.job_id: j for j in jobs})
 
@@ -72,7 +72,7 @@ def test_parallel_run_respects_dependencies_and_the_bound(tmp_path, fake_jobs):
         running += 1 if event["event"] == "start" else -1
         peak = max(peak, running)
     assert peak == 2  # b, c, d (and f) could all run at once; the bound holds them to two
-    assert summary["wall_seconds"] < sum(summary["stage_seconds"].values())  # jobs overlapped
+    assert summary["wall_seconds"] < sum(summary["step_seconds"].values())  # jobs overlapped
 
 
 def test_a_failed_job_blocks_only_its_dependents(tmp_path, fake_jobs):

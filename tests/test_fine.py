@@ -12,14 +12,14 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainrun import REPO
 
 from baselines.fine_depth import interpolate_layers, nearest_layer
 from baselines.fine_layers import BLOCK_TYPES, SharedFactorLinear, factor_names, shared_bases
 from bench.diffusion import GaussianDiffusion
 from bench.models.dit import DiT
 from methods import ArchSpec, MethodError, Task, get_method
-from methods.transfer import load_ancestry, save_ancestry
-from trainrun import REPO
+from methods.transfer import load_export, save_export
 
 ANCESTOR = ArchSpec(name="DiT-T/2-d4", input_size=8, in_channels=4)
 CLASSES = 10
@@ -40,8 +40,8 @@ def _randomised(model: torch.nn.Module) -> torch.nn.Module:
 
 def _save(tmp_path, model, method: str, arch: ArchSpec, name: str, meta=None):
     path = tmp_path / f"{name}.safetensors"
-    save_ancestry(path, model.state_dict(), method=method, arch=arch, num_classes=CLASSES, meta=meta or {})
-    return load_ancestry(path)
+    save_export(path, model.state_dict(), method=method, arch=arch, num_classes=CLASSES, meta=meta or {})
+    return load_export(path)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +193,7 @@ def test_phase_one_descendant_trains_sigma_only(fine_ancestry, depth):
     arch = _arch(depth)
     torch.manual_seed(1)
     model = method.build(arch, Task("descend", CLASSES, "descend"), fine_ancestry)
+    method.mark_trainable(model)  # as the trainer does, once, after build
     assert len(model.blocks) == depth
     for target in BLOCK_TYPES:  # the learngene itself is inherited unchanged
         for name in factor_names(target):
@@ -247,6 +248,7 @@ def test_phase_two_continues_phase_one_as_a_dense_dit(fine_ancestry, tmp_path):
     phase_two = get_method("fine", {"train": "all"})  # default reinit: ignored when continuing phase 1
     torch.manual_seed(3)
     dense = phase_two.build(arch, task, export)
+    phase_two.mark_trainable(dense)  # as the trainer does, once, after build
     assert type(dense) is DiT and not any(isinstance(m, SharedFactorLinear) for m in dense.modules())
     assert torch.equal(dense.y_embedder.embedding_table.weight, model.y_embedder.embedding_table.weight)
     x, y, t = _batch(arch)
@@ -263,6 +265,7 @@ def test_phase_one_as_an_ancestry_job_with_a_teacher(fine_ancestry, tmp_path):
     method = get_method("fine", {"reinit": ()})
     torch.manual_seed(4)
     model = method.build_ancestry(_arch(2), CLASSES, teacher=fine_ancestry)
+    method.mark_trainable(model)  # as the trainer does, once, after build_ancestry
     assert model.fine_phase == "sigma" and len(model.blocks) == 2
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
         {f"blocks.{i}.{t}.sigma" for i in range(2) for t in BLOCK_TYPES}
@@ -299,7 +302,9 @@ def test_subset_of_types_factorises_only_those(tmp_path):
     model = _randomised(method.build_ancestry(ANCESTOR, CLASSES))
     assert model.fine_U_attn_qkv.shape == (3 * 64, 16) and not hasattr(model, "fine_U_mlp_fc1")
     ancestry = _save(tmp_path, model, "fine", ANCESTOR, "subset")
-    child = get_method("fine").build(_arch(2), Task("descend", CLASSES, "descend"), ancestry)  # follows the ancestry
+    descendant = get_method("fine")
+    child = descendant.build(_arch(2), Task("descend", CLASSES, "descend"), ancestry)  # follows the ancestry
+    descendant.mark_trainable(child)  # as the trainer does, once, after build
     assert isinstance(child.blocks[1].mlp.fc2, SharedFactorLinear)
     assert type(child.blocks[1].mlp.fc1) is torch.nn.Linear and not child.blocks[1].mlp.fc1.weight.requires_grad
     # Unfactorised block matrices follow relative depth like the biases.
@@ -327,6 +332,7 @@ def test_nofactor_descendant_takes_per_layer_top_r_svd(dense_ancestry):
                                        dense_ancestry.state[f"blocks.{source}.{target}.weight"], atol=1e-5, rtol=0)
     method = get_method("fine_nofactor", {"rank": 8})
     low = method.build(arch, task, dense_ancestry)
+    method.mark_trainable(low)  # as the trainer does, once, after build
     source = dense_ancestry.state["blocks.3.mlp.fc1.weight"].double()
     u, s, vh = torch.linalg.svd(source, full_matrices=False)
     expected = (u[:, :8] * s[:8]) @ vh[:8]

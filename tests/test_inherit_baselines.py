@@ -20,7 +20,7 @@ from baselines.layer_probes import diffusion_for, linear_cka, make_probes, probe
 from baselines.learngene_layers import best_window, lowest  # noqa: E402
 from bench.diffusion.process import GaussianDiffusion  # noqa: E402
 from methods import ArchSpec, MethodError, Task, get_method  # noqa: E402
-from methods.base import Ancestry  # noqa: E402
+from methods.base import Export  # noqa: E402
 
 ANCESTRY_CLASSES = 10
 TASK_CLASSES = 6
@@ -30,7 +30,7 @@ def arch(name: str) -> ArchSpec:
     return ArchSpec(name=name, input_size=8, in_channels=4)
 
 
-def random_ancestry(name: str, seed: int = 1234) -> Ancestry:
+def random_ancestry(name: str, seed: int = 1234) -> Export:
     """A dense ancestry with random weights everywhere (DiT's zero-initialised gates included)."""
     torch.manual_seed(seed)
     model = arch(name).build(ANCESTRY_CLASSES)
@@ -38,10 +38,10 @@ def random_ancestry(name: str, seed: int = 1234) -> Ancestry:
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn_like(param))
-    return Ancestry("scratch", arch(name), ANCESTRY_CLASSES, {k: v.clone() for k, v in model.state_dict().items()})
+    return Export("scratch", arch(name), ANCESTRY_CLASSES, {k: v.clone() for k, v in model.state_dict().items()})
 
 
-def ancestor_model(ancestry: Ancestry):
+def ancestor_model(ancestry: Export):
     model = ancestry.arch.build(ancestry.num_classes)
     model.load_state_dict(ancestry.state)
     return model
@@ -51,7 +51,7 @@ def under(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def assert_module_equal(model, ancestry: Ancestry, target: str, source: str):
+def assert_module_equal(model, ancestry: Export, target: str, source: str):
     got, want = under(model.state_dict(), target + "."), under(ancestry.state, source + ".")
     assert got.keys() == want.keys() and got
     for key in got:
@@ -211,6 +211,7 @@ def test_weight_selection_takes_evenly_spaced_slices_and_trains():
     ancestry = random_ancestry("DiT-T/2")  # depth 2, width 64, 4 heads of 16
     method = get_method("weight_selection")
     model = method.build(arch("DiT-T/2-d1-w32"), Task("t", TASK_CLASSES, stage="descend"), ancestry)
+    method.mark_trainable(model)  # as the trainer does, once, after build
     assert (len(model.blocks), model.hidden_size, model.num_heads) == (1, 32, 2)
     src = ancestry.state
     got = model.state_dict()

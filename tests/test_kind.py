@@ -16,12 +16,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.models.dit import DiT  # noqa: E402
 from kind.gate import GateContext, GateEmbedding, TailorGroups, build_gate_table, random_subset  # noqa: E402
-from kind.layers import (LEARNGENE, TAILOR, KindLinear, decomposed_targets, gate_table,  # noqa: E402
-                         install_gate, kind_layers, set_tailor_compute)
+from kind.layers import (  # noqa: E402
+    LEARNGENE,
+    TAILOR,
+    KindLinear,
+    decomposed_targets,
+    gate_table,
+    install_gate,
+    kind_layers,
+    set_tailor_compute,
+)
 from kind.recombine import ancestry_from_components, extract, infer_layout, select_tailors  # noqa: E402
 from methods import ArchSpec, MethodError, Task, get_method  # noqa: E402
 from methods.decomposed import SplitDecomposedLinear  # noqa: E402
-from methods.transfer import load_ancestry, save_ancestry  # noqa: E402
+from methods.transfer import load_export, save_export  # noqa: E402
 
 TINY = ArchSpec(name="DiT-T/2", input_size=8, in_channels=4)
 CLASSES = 10
@@ -55,9 +63,9 @@ def ancestry(tmp_path_factory):
     """A trained-looking KIND ancestry written and read back as the trainer's export would be."""
     model = ancestry_model()
     path = tmp_path_factory.mktemp("kind") / "export.safetensors"
-    save_ancestry(path, model.state_dict(), method="kind", arch=TINY, num_classes=CLASSES,
+    save_export(path, model.state_dict(), method="kind", arch=TINY, num_classes=CLASSES,
                   meta={"method_options": get_method("kind").config.to_dict()})
-    return load_ancestry(path)
+    return load_export(path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -464,6 +472,7 @@ def test_merging_a_gated_model_needs_a_gate():
 def test_ancestry_accounting_counts_factorised_and_merged_macs(ancestry):
     method = get_method("kind")
     model = ancestry_model()
+    method.mark_trainable(model)  # as the trainer does, once, after build_ancestry
     acc = method.count(model)
     assert acc.params_inherited == 0 and acc.params_new == acc.params_total
     assert acc.gmacs_fwd_trained > acc.gmacs_fwd_merged  # full rank: r (m + n) > m n for every matrix
@@ -490,6 +499,7 @@ def factors(model: nn.Module, group: str) -> dict[str, torch.Tensor]:
 def test_transfer_freezes_learngenes_trains_all_tailors_without_a_gate(ancestry):
     method = get_method("kind")
     model = method.build(TINY, Task("novel", 6, "transfer"), ancestry)
+    method.mark_trainable(model)  # as the trainer does, once, after build
     assert gate_table(model) is None
     for key, value in factors(model, LEARNGENE).items():
         torch.testing.assert_close(value, ancestry.state[key], rtol=0, atol=0)
@@ -504,8 +514,9 @@ def test_transfer_freezes_learngenes_trains_all_tailors_without_a_gate(ancestry)
 
 
 def test_transfer_options_change_the_trainables(ancestry):
-    model = get_method("kind", {"train_learngene_sigma": True, "train_dense": True}).build(
-        TINY, Task("novel", 6, "transfer"), ancestry)
+    method = get_method("kind", {"train_learngene_sigma": True, "train_dense": True})
+    model = method.build(TINY, Task("novel", 6, "transfer"), ancestry)
+    method.mark_trainable(model)  # as the trainer does, once, after build
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "blocks.0.mlp.fc1.kind_learngene_sigma" in trainable
     assert "blocks.0.mlp.fc1.kind_learngene_U" not in trainable
@@ -516,6 +527,7 @@ def test_transfer_options_change_the_trainables(ancestry):
 def test_domain_shift_keeps_learngenes_and_draws_fresh_tailors(ancestry):
     torch.manual_seed(21)
     model = get_method("kind").build(TINY, Task("celeba", 1, "domain"), ancestry)
+    get_method("kind").mark_trainable(model)  # as the trainer does, once, after build
     for key, value in factors(model, LEARNGENE).items():
         torch.testing.assert_close(value, ancestry.state[key], rtol=0, atol=0)
     # Fresh tailors are the SVD components N_G..N_G+N_T-1 of a freshly initialised DiT (same seed).
@@ -535,8 +547,9 @@ def test_whole_model_transfer_variant_inherits_the_tailors(ancestry):
     model = get_method("kind_fulltransfer").build(TINY, Task("celeba", 1, "domain"), ancestry)
     for key, value in factors(model, TAILOR).items():
         torch.testing.assert_close(value, ancestry.state[key], rtol=0, atol=0)
-    strict = get_method("kind", {"domain_dense": "fresh", "train_dense": True}).build(
-        TINY, Task("celeba", 1, "domain"), ancestry)
+    strict_method = get_method("kind", {"domain_dense": "fresh", "train_dense": True})
+    strict = strict_method.build(TINY, Task("celeba", 1, "domain"), ancestry)
+    strict_method.mark_trainable(strict)  # as the trainer does, once, after build
     assert torch.all(strict.blocks[0].adaLN_modulation[1].weight == 0)  # DiT's adaLN-Zero init, not inherited
     assert strict.blocks[0].adaLN_modulation[1].weight.requires_grad
 
@@ -559,6 +572,7 @@ def test_gate_off_variant_pretrains_every_tailor_with_every_class():
 def test_descend_keeps_fewer_tailors_and_blocks(ancestry):
     method = get_method("kind", {"descend_depth": 1, "descend_tailors": 8})
     model = method.build(TINY, Task("deploy", 6, "descend"), ancestry)
+    method.mark_trainable(model)  # as the trainer does, once, after build
     assert len(model.blocks) == 1 and model.depth == 1
     layer = model.blocks[0].mlp.fc1
     assert (layer.n_learngenes, layer.n_tailors) == (32, 8)
@@ -568,6 +582,7 @@ def test_descend_keeps_fewer_tailors_and_blocks(ancestry):
     torch.testing.assert_close(layer.kind_tailor_sigma, source["sigma"][keep], rtol=0, atol=0)
     torch.testing.assert_close(layer.kind_tailor_U, source["U"][:, keep], rtol=0, atol=0)
     full = get_method("kind").build(TINY, Task("novel", 6, "transfer"), ancestry)
+    get_method("kind").mark_trainable(full)  # as the trainer does, once, after build
     assert method.count(model).gmacs_fwd_trained < method.count(full).gmacs_fwd_trained / 1.5
     x, t = inputs(2)
     with torch.no_grad():  # still a working, mergeable DiT
@@ -607,9 +622,9 @@ def test_ancestry_checks(ancestry, tmp_path):
     with pytest.raises(MethodError, match="same architecture"):
         method.build(ArchSpec(name="DiT-M/2", input_size=8), Task("novel", 6, "transfer"), ancestry)
     dense = TINY.build(CLASSES)
-    save_ancestry(tmp_path / "dense.safetensors", dense.state_dict(), method="kind", arch=TINY, num_classes=CLASSES)
+    save_export(tmp_path / "dense.safetensors", dense.state_dict(), method="kind", arch=TINY, num_classes=CLASSES)
     with pytest.raises(MethodError, match="not a KIND ancestry"):
-        method.build(TINY, Task("novel", 6, "transfer"), load_ancestry(tmp_path / "dense.safetensors"))
+        method.build(TINY, Task("novel", 6, "transfer"), load_export(tmp_path / "dense.safetensors"))
     with pytest.raises(MethodError, match="keep 'y_embedder' in kind's reinit"):
         get_method("kind", {"reinit": ()}).build(TINY, Task("novel", 6, "transfer"), ancestry)
     same_labels = get_method("kind", {"reinit": ()}).build(TINY, Task("same", CLASSES, "transfer"), ancestry)
@@ -624,7 +639,7 @@ def test_ancestry_checks(ancestry, tmp_path):
 
 def test_component_files_round_trip_and_describe_themselves(ancestry, tmp_path):
     files = extract(ancestry, tmp_path)
-    genes, tailors = load_ancestry(files.learngenes), load_ancestry(files.tailors)
+    genes, tailors = load_export(files.learngenes), load_export(files.tailors)
     assert genes.meta["kind"]["part"] == "learngenes" and tailors.meta["kind"]["part"] == "tailors"
     layout = genes.meta["kind"]["layout"]
     assert (layout["n_learngenes"], layout["n_tailors"], layout["depth"]) == (32, 32, 2)
@@ -651,14 +666,14 @@ def test_learngenes_alone_serve_the_domain_stage_only(ancestry, tmp_path):
     files = extract(ancestry, tmp_path)
     genes = ancestry_from_components(files.learngenes)
     assert infer_layout(genes.state).n_tailors is None
-    model = get_method("kind").build(TINY, Task("mri", 2, "domain"), load_ancestry(files.learngenes))
+    model = get_method("kind").build(TINY, Task("mri", 2, "domain"), load_export(files.learngenes))
     assert model.blocks[0].mlp.fc2.n_tailors == 32  # N_T recorded in the file's metadata
     for key, value in factors(model, LEARNGENE).items():
         torch.testing.assert_close(value, ancestry.state[key], rtol=0, atol=0)
     with pytest.raises(MethodError, match="needs the ancestry's tailors, but it holds learngenes only"):
         get_method("kind").build(TINY, Task("novel", 6, "transfer"), genes)
     with pytest.raises(MethodError, match="a tailors file"):
-        get_method("kind").build(TINY, Task("novel", 6, "transfer"), load_ancestry(files.tailors))
+        get_method("kind").build(TINY, Task("novel", 6, "transfer"), load_export(files.tailors))
 
 
 def test_component_files_refuse_mismatched_pairs_and_wrong_parts(ancestry, tmp_path):
@@ -749,13 +764,13 @@ def test_trainer_runs_kind_ancestry_then_transfer(run_train):
     first = run_train("--method.name=kind", "--method.stage=ancestry", "--schedule.steps=3", out="ancestry")
     assert first.returncode == 0, first.stderr
     export = first.run_dir / "export.safetensors"
-    exported = load_ancestry(export)
+    exported = load_export(export)
     assert exported.method == "kind" and "y_embedder.embedding_table.kind_gate" in exported.state
     assert infer_layout(exported.state).n_tailors == 32
     second = run_train("--method.name=kind", "--method.stage=transfer", f"--run.ancestry={export}",
                        "--data.split=novel-a", "--schedule.steps=3", out="transfer")
     assert second.returncode == 0, second.stderr
-    transferred = load_ancestry(second.run_dir / "export.safetensors")
+    transferred = load_export(second.run_dir / "export.safetensors")
     for key, value in exported.state.items():  # learngenes frozen through training: bit-identical in the export
         if "kind_learngene" in key:
             assert torch.equal(transferred.state[key], value), key
@@ -771,7 +786,7 @@ def test_deepspeed_zero3_bf16_two_ranks_train_kind(run_train):
               "--schedule.steps=2"]
     first = run_train(*common, "--method.stage=ancestry", nproc=2, out="ancestry")
     assert first.returncode == 0, first.stderr
-    export = load_ancestry(first.run_dir / "export.safetensors")
+    export = load_export(first.run_dir / "export.safetensors")
     assert torch.equal(export.state["y_embedder.embedding_table.kind_gate"][:, :].sum(dim=1)[:-1],
                        torch.full((export.num_classes,), 16.0))
     second = run_train(*common, "--method.stage=transfer", f"--run.ancestry={first.run_dir / 'export.safetensors'}",

@@ -1,5 +1,5 @@
-"""The layers of DESIGN.md §2: import-linter's contracts from pyproject.toml, plus an independent static scan so the
-main rule (the harness reaches ``kind``/``baselines`` only through the registry's strings) holds even if the
+"""The layers of docs/harness.md §8: import-linter's contracts from pyproject.toml, plus an independent static scan so
+the main rule (the harness reaches ``kind``/``baselines`` only through the registry's strings) holds even if the
 import-linter configuration were wrong."""
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def test_import_linter_sees_real_imports(tmp_path):
     config = tmp_path / "broken.toml"
     config.write_text('[tool.importlinter]\nroot_packages = ["bench", "methods", "kind", "baselines"]\n\n'
                       '[[tool.importlinter.contracts]]\nname = "train must not use config (deliberately false)"\n'
-                      'type = "forbidden"\nsource_modules = ["bench.run.train"]\nforbidden_modules = ["bench.config.schema"]\n')
+                      'type = "forbidden"\nsource_modules = ["bench.run.train"]\n'
+                      'forbidden_modules = ["bench.config.schema"]\n')
     proc = run_lint_imports("--config", str(config))
     assert proc.returncode != 0
     assert "BROKEN" in proc.stdout + proc.stderr
@@ -120,3 +121,13 @@ def test_scan_detects_every_import_form():
 def test_scan_resolves_relative_imports_in_packages():
     assert "bench.models.dit" in imported_modules("from .models import dit", "bench", is_package=True)
     assert "bench.models" in imported_modules("from .. import models", "bench.data.synthetic")
+
+
+def test_ruff_check_is_clean():
+    """The lint rules of pyproject.toml hold over the whole tree (CI also runs ``ruff check`` on its own)."""
+    ruff = Path(sys.executable).parent / "ruff"
+    if not ruff.is_file():
+        pytest.fail(f"ruff not found at {ruff}: install the 'test' extra")
+    proc = subprocess.run([str(ruff), "check", "--no-cache", "."], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

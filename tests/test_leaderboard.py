@@ -10,12 +10,12 @@ import warnings
 from pathlib import Path
 
 import pytest
-
-from bench.report import leaderboard
-from bench.records.fingerprint import code_fingerprint
-from bench.report.leaderboard import LeaderboardWarning, build_leaderboards, pareto_flags, protocol_id
-from bench.records.store import MalformedRecordError, RecordStore
 from recordfixtures import P1, P2, P2_FID, RUNS, eval_info, run_id_of, write_fixture_store
+
+from bench.records.fingerprint import code_fingerprint
+from bench.records.store import MalformedRecordError, RecordStore
+from bench.report import leaderboard
+from bench.report.leaderboard import LeaderboardWarning, build_leaderboards, pareto_flags, protocol_id
 
 BENCH_A, BENCH_B = "novel-a--DiT-T-2", "novel-b--DiT-T-2"
 PID1, PID2 = protocol_id(P1), protocol_id(P2)
@@ -63,7 +63,7 @@ def test_files_written(built):
 def test_means_and_stds_over_seeds(built):
     rows = board(built[0])
     assert set(rows) == {("kind", "default"), ("lora", "r4"), ("bitfit", "default"), ("full", "default")}
-    for (method, variant), row in rows.items():
+    for (method, _variant), row in rows.items():
         runs = seeds_of(method)
         assert int(row["n_seeds"]) == len(runs)
         for name, key in (("fid", "fid"), ("is", "is_"), ("precision", "prec"), ("fdd", "fdd")):
@@ -139,7 +139,7 @@ def test_runs_csv_one_row_per_seed_run_joined_to_its_training(built):
     assert {r["protocol_id"] for r in kind0} == {PID1, PID2}
     for row in kind0:
         # the transfer's cost, not the ancestry's (2.0 GPU-hours, 900K trainable), although both are upstream
-        assert row["train_job_id"].endswith("--transfer") and float(row["gpu_hours"]) == 0.10
+        assert row["train_job_id"].endswith("--train") and float(row["gpu_hours"]) == 0.10
         assert row["params_trainable"] == "120000"
     for row in runs:
         assert (base / "out" / row["loss_curve"]).is_file() and (base / "out" / row["grid_png"]).is_file()
@@ -150,12 +150,12 @@ def test_runs_csv_one_row_per_seed_run_joined_to_its_training(built):
 def test_status_summary_counts_failures(built):
     base = built[0]
     rows = read_csv(base / "out" / "status.csv")
-    status = {(r["benchmark"], r["stage"], r["status"]): int(r["count"]) for r in rows}
-    assert status[(BENCH_A, "transfer", "failed")] == 1
+    status = {(r["benchmark"], r["step"], r["status"]): int(r["count"]) for r in rows}
+    assert status[(BENCH_A, "train", "failed")] == 1
     assert status[(BENCH_A, "sample", "cancelled")] == 1
     assert status[(BENCH_A, "evaluate", "success")] == len(RUNS) + len(P2_FID)
     md = (base / "out" / BENCH_A / "leaderboard.md").read_text()
-    failed_id = run_id_of("lora", "r4", BENCH_A, 2) + "--transfer"
+    failed_id = run_id_of("lora", "r4", BENCH_A, 2) + "--train"
     assert f"`{failed_id}` (failed): RuntimeError: CUDA out of memory" in md
     assert "(cancelled): cancelled: SLURM preemption" in md
     assert failed_id in (base / "out" / "status.md").read_text()
@@ -228,7 +228,7 @@ def test_malformed_record_is_skipped_with_a_warning_or_fails_when_strict(results
         build_leaderboards(results_copy, tmp_path / "out")
     assert len(board(tmp_path, pid=PID1)) == 4  # everything else is still there
     status = read_csv(tmp_path / "out" / "status.csv")
-    assert {"benchmark": "", "stage": "", "status": "malformed", "count": "1"} in status
+    assert {"benchmark": "", "step": "", "status": "malformed", "count": "1"} in status
     assert "broken--evaluate.json" in (tmp_path / "out" / "status.md").read_text()
     with pytest.raises(MalformedRecordError, match="broken--evaluate.json"):
         build_leaderboards(results_copy, tmp_path / "strict", strict=True)
@@ -246,7 +246,7 @@ def test_conflicting_metric_directions_are_refused(results_copy, tmp_path):
 
 
 def test_missing_training_record_leaves_costs_empty(results_copy, tmp_path):
-    transfer = next((results_copy / "records").glob("bitfit--default--*--s0--*--transfer.json"))
+    transfer = next((results_copy / "records").glob("bitfit--default--*--s0--*--train.json"))
     transfer.unlink()
     with pytest.warns(LeaderboardWarning, match="no successful training record"):
         build_leaderboards(results_copy, tmp_path / "out")
@@ -321,7 +321,7 @@ def test_fixture_records_are_current(built):
     runs = read_csv(base / "out" / "leaderboard_runs.csv")
     assert runs and {r["stale"] for r in runs} == {""}
     assert {r["stale"] for r in all_rows(base)} == {""}
-    status = {(r["benchmark"], r["stage"], r["status"]): r["count"] for r in read_csv(base / "out" / "status.csv")}
+    status = {(r["benchmark"], r["step"], r["status"]): r["count"] for r in read_csv(base / "out" / "status.csv")}
     assert status[(BENCH_A, "evaluate", "stale")] == "0" and status[(BENCH_B, "evaluate", "stale")] == "0"
     assert "Stale rows" not in (base / "out" / BENCH_A / "leaderboard.md").read_text()
     assert "stale" not in (base / "out" / BENCH_A / "leaderboard.tex").read_text()
@@ -369,7 +369,7 @@ def test_other_code_is_stale_listed_apart_and_never_ranked(results_copy, tmp_pat
     (comment,) = [line for line in tex.splitlines() if line.startswith("% 1 stale row(s) left out")]
     assert f"full/default (protocol {PID1}, seeds 0): {job} was made by other code" in comment
 
-    status = {(r["benchmark"], r["stage"], r["status"]): r["count"] for r in read_csv(tmp_path / "out" / "status.csv")}
+    status = {(r["benchmark"], r["step"], r["status"]): r["count"] for r in read_csv(tmp_path / "out" / "status.csv")}
     assert status[(BENCH_A, "evaluate", "stale")] == "1" and status[(BENCH_B, "evaluate", "stale")] == "0"
     assert status[(BENCH_A, "evaluate", "success")] == str(len(RUNS) + len(P2_FID))  # stale ones still succeeded
     assert "Stale evaluations (made by other code; not ranked): 1 of 8 successful" in (
@@ -389,7 +389,7 @@ def test_other_code_is_stale_listed_apart_and_never_ranked(results_copy, tmp_pat
 
 def test_upstream_transfer_of_other_code_makes_the_evaluation_stale(results_copy, tmp_path):
     """lora s0's transfer ran other code: both its evaluations are stale; seed 1 stays a current row of its own."""
-    transfer = run_id_of("lora", "r4", BENCH_A, 0) + "--transfer"
+    transfer = run_id_of("lora", "r4", BENCH_A, 0) + "--train"
     edit_record(results_copy, transfer, other_code)
     build_quietly(results_copy, tmp_path / "out")
     rows = all_rows(tmp_path)
@@ -406,7 +406,7 @@ def test_upstream_transfer_of_other_code_makes_the_evaluation_stale(results_copy
     stale_runs = {r["eval_job_id"] for r in runs if r["stale"]}
     assert stale_runs == {run_id_of("lora", "r4", BENCH_A, 0) + s for s in ("--evaluate", "--evaluate--p2")}
     status = {(r["benchmark"], r["status"]): r["count"] for r in read_csv(tmp_path / "out" / "status.csv")
-              if r["stage"] == "evaluate"}
+              if r["step"] == "evaluate"}
     assert status[(BENCH_A, "stale")] == "2"
 
 
@@ -439,17 +439,17 @@ def test_input_rerun_after_consumption_is_stale(results_copy, tmp_path):
 
 def test_every_row_stale_after_a_code_change(built, tmp_path, monkeypatch):
     """The checkout's evaluation code changed since every record was made: nothing is ranked, nothing typeset."""
-    import bench.pipeline.status
+    import bench.records.currency
 
-    real = bench.pipeline.status.code_fingerprint
+    real = bench.records.currency.code_fingerprint
 
-    def changed(stage, method=None):
-        found = dict(real(stage, method))
-        if stage == "evaluate":
+    def changed(step, method=None):
+        found = dict(real(step, method))
+        if step == "evaluate":
             found["fingerprint"] = "f" * 16
         return found
 
-    monkeypatch.setattr(bench.pipeline.status, "code_fingerprint", changed)
+    monkeypatch.setattr(bench.records.currency, "code_fingerprint", changed)
     build_quietly(built[0] / "results", tmp_path / "out")
     rows = all_rows(tmp_path)
     assert rows and all(r["stale"] and r["rank"] == "" for r in rows)

@@ -1,4 +1,5 @@
-"""The synthetic suite's domain feature extractor and the metrics computed in its space (bench.metrics.networks.domain*).
+"""The synthetic suite's domain feature extractor and the metrics computed in its space
+(bench.metrics.networks.domain*).
 
 The module fixture trains the real extractor once (default recipe) into a temporary cache; the cache, corruption
 and determinism tests use a reduced recipe that trains in a few seconds.
@@ -18,10 +19,10 @@ import pytest
 import torch
 
 from bench.data.synthetic import SyntheticImages
-from bench.metrics.networks import domain as dm
 from bench.metrics.domain_eval import build_domain_reference, evaluate_domain
+from bench.metrics.networks import domain as dm
 from bench.metrics.sample_io import write_samples_npz
-from bench.metrics.networks.weights import sha256_file
+from bench.records.hashing import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dm.DomainRecipe(train_per_class=((16, 2),), holdout_per_class=((16, 1),), epochs=1, batch_size=32)
@@ -86,7 +87,7 @@ def test_heldout_accuracy_far_above_chance(extractor):
 
 def test_extractor_identity(extractor):
     assert extractor.name == "kindbench-synthetic-cnn-v1"
-    assert extractor.sha256 == sha256_file(extractor.path)
+    assert extractor.sha256 == file_sha256(extractor.path)
     assert extractor.path.name.startswith("kindbench-synthetic-cnn-v1-")
     assert extractor.feature_dim == 128 and extractor.num_classes == 64
     params = sum(p.numel() for p in extractor.model.parameters())
@@ -161,7 +162,7 @@ def test_precision_recall(scored):
 
 def test_reference_file_and_provenance(scored, extractor):
     info = scored["ref_info"]
-    assert info["sha256"] == sha256_file(info["path"])
+    assert info["sha256"] == file_sha256(info["path"])
     assert info["n"] == info["n_pr"] == 512 and info["image_size"] == SIZE
     assert info["extractor"] == extractor.name and info["extractor_sha256"] == extractor.sha256
     assert info["reference_id"].startswith("images-")
@@ -205,9 +206,9 @@ def test_eval_info_passes_the_store_validation(scored):
 
     rec = scored["records"]["heldout"]
     info = new_run_info(job_id="kind--novel-a--DiT-T-2--s0--3f9a1c2e--evaluate", run_id="kind--novel-a--DiT-T-2--s0",
-                        stage="evaluate", suite="tiny", benchmark="novel-a--DiT-T-2", task="novel-a", arch="DiT-T/2",
-                        method="kind", family="learngene", variant="default", seed=0, config={}, config_hash="3f9a1c2e",
-                        git={"git_sha": "0" * 40, "git_dirty": False})
+                        step="evaluate", suite="tiny", benchmark="novel-a--DiT-T-2", task="novel-a", arch="DiT-T/2",
+                        method="kind", family="learngene", variant="default", seed=0, config={},
+                        config_hash="3f9a1c2e", git={"git_sha": "0" * 40, "git_dirty": False})
     eval_info = {"metrics": {k: metric(m["value"], m["higher_is_better"]) for k, m in rec["metrics"].items()},
                  "protocol": rec["protocol"]}
     new_record(info, eval_info=eval_info, meta_info={})  # raises if the block does not follow the schema
@@ -332,7 +333,7 @@ def test_concurrent_processes_share_one_intact_cache_file(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     shas = {out.strip() for out, _ in outs}
     files = sorted(p.name for p in cache.iterdir())
-    assert len(shas) == 1 and shas == {sha256_file(dm.cache_path(cache, TINY))}
+    assert len(shas) == 1 and shas == {file_sha256(dm.cache_path(cache, TINY))}
     assert [f for f in files if f.endswith(".safetensors")] == [dm.cache_path(cache, TINY).name]
     assert not [f for f in files if ".tmp" in f]
 

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.models.dit import DiT  # noqa: E402
 from methods import ArchSpec, MethodError, Task, get_method  # noqa: E402
-from methods.base import Ancestry  # noqa: E402
+from methods.base import Export  # noqa: E402
 
 TINY = ArchSpec(name="DiT-T/2", input_size=8, in_channels=4)
 CLASSES = 6
@@ -36,7 +36,7 @@ METHOD_IDS = [name for name, _ in METHODS]
 
 
 @pytest.fixture(scope="module")
-def ancestry() -> Ancestry:
+def ancestry() -> Export:
     """A dense random ancestry with every weight non-trivial (DiT zero-initialises adaLN and the head)."""
     torch.manual_seed(1234)
     model = TINY.build(10)
@@ -44,13 +44,15 @@ def ancestry() -> Ancestry:
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn_like(param))
-    return Ancestry(method="scratch", arch=TINY, num_classes=10, state=model.state_dict())
+    return Export(method="scratch", arch=TINY, num_classes=10, state=model.state_dict())
 
 
-def build(name: str, options: dict, ancestry: Ancestry, seed: int = 0) -> tuple:
+def build(name: str, options: dict, ancestry: Export, seed: int = 0) -> tuple:
     method = get_method(name, options)
     torch.manual_seed(seed)
-    return method, method.build(TINY, Task("peft", CLASSES), ancestry)
+    model = method.build(TINY, Task("peft", CLASSES), ancestry)
+    method.mark_trainable(model)  # as the trainer does, once, after build
+    return method, model
 
 
 def inputs(batch: int = 2):
@@ -369,8 +371,9 @@ def test_kind_count_is_the_trainable_count_of_a_real_kind_model(options):
     kind = get_method("kind", options)
     torch.manual_seed(0)
     source = kind.build_ancestry(TINY, CLASSES)
-    ancestry = Ancestry(method="kind", arch=TINY, num_classes=CLASSES, state=source.state_dict())
+    ancestry = Export(method="kind", arch=TINY, num_classes=CLASSES, state=source.state_dict())
     model = kind.build(TINY, Task("kind", CLASSES), ancestry)
+    kind.mark_trainable(model)  # as the trainer does, once, after build
     assert kind_trainable_count(TINY, CLASSES, options) == trainable(model) > 0
     if options:  # decomposing adaLN adds tailors: a larger budget than the default's
         assert trainable(model) > kind_trainable_count(TINY, CLASSES)

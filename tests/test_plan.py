@@ -7,71 +7,37 @@ import re
 import textwrap
 
 import pytest
+from suitefixtures import mini_suite, suite_file
 
-from bench.pipeline.executor import build_plan
-from bench.pipeline.plan import STAGES, dependents, make_plan
 from bench.config.suite import SuiteError, load_suite
+from bench.pipeline.executor import build_plan
+from bench.pipeline.plan import STEPS, dependents, make_plan
 
-SUITE = textwrap.dedent("""
-    name = "mini"
-    seeds = [0]
-    archs = ["DiT-T/2"]
-    [defaults.model]
-    in_channels = 3
-    input_size = 16
-    [defaults.data]
-    image_size = 16
-    per_class = 4
-    [defaults.schedule]
-    global_batch = 8
-    steps = 3
-    [protocol.sample]
-    num_samples = 8
-    [protocol.eval]
-    extractor = "synthetic"
-    [ancestries.dense]
-    method = "scratch"
-    overrides = { data = { split = "pretrain" }, schedule = { steps = 5 } }
-    [tasks.novel-a]
-    overrides = { data = { split = "novel-a" } }
-    [tasks.sketch]
-    stage = "domain"
-    overrides = { data = { split = "novel-a", domain = "sketch" } }
-    [[methods]]
-    name = "scratch"
-    [[methods]]
-    name = "full"
-    ancestry = "dense"
-    [[methods]]
-    name = "lora"
-    ancestry = "dense"
-    options = { rank = 2 }
-""")
+# the dense ancestry trains 5 steps, the transfers 3: tests change one setting and see which ids change
+SUITE = mini_suite("mini", schedule={"steps": 5})
 
 
 def write_suite(tmp_path, text=SUITE, name="mini.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
+    return suite_file(tmp_path, text, name)
 
 
 def test_plan_has_every_stage_in_dependency_order(tmp_path):
     plan = make_plan(load_suite(write_suite(tmp_path)))
-    assert {j.stage for j in plan.jobs.values()} == set(STAGES)
+    assert {j.step for j in plan.jobs.values()} == set(STEPS)
     seen = set()
     for job in plan.jobs.values():
         assert set(job.deps) <= seen, f"{job.job_id} comes before its dependencies"
         seen.add(job.job_id)
     # 1 ancestry, 3 methods x 2 tasks of transfer/sample/evaluate, 2 prepare, 1 aggregate
-    counts = {s: len(plan.by_stage(s)) for s in STAGES}
-    assert counts == {"prepare": 2, "ancestry": 1, "transfer": 6, "sample": 6, "evaluate": 6, "aggregate": 1}
+    counts = {s: len(plan.by_step(s)) for s in STEPS}
+    assert counts == {"prepare": 2, "pretrain": 1, "train": 6, "sample": 6, "evaluate": 6, "aggregate": 1}
     assert make_plan(load_suite(write_suite(tmp_path))).jobs.keys() == plan.jobs.keys()  # reproducible ids
 
 
 def test_changing_one_setting_changes_exactly_the_dependent_ids(tmp_path):
     base = make_plan(load_suite(write_suite(tmp_path)))
     changed = make_plan(load_suite(write_suite(tmp_path, SUITE.replace("steps = 5", "steps = 6"), "b.toml")))
-    (ancestry,) = base.by_stage("ancestry")
+    (ancestry,) = base.by_step("pretrain")
     expected_changed = {ancestry.job_id} | dependents(base, ancestry.job_id)
     unchanged = set(base.jobs) - expected_changed
     assert unchanged <= set(changed.jobs), "jobs that do not depend on the ancestry must keep their ids"
@@ -84,13 +50,14 @@ def test_sampling_protocol_changes_sample_and_evaluate_ids_only(tmp_path):
     changed = make_plan(load_suite(write_suite(tmp_path, SUITE.replace("num_samples = 8", "num_samples = 16"),
                                                "c.toml")))
     kept = set(base.jobs) & set(changed.jobs)
-    assert {base.jobs[j].stage for j in set(base.jobs) - kept} == {"sample", "evaluate", "aggregate"}
-    assert {j.stage for j in base.jobs.values() if j.job_id in kept} == {"prepare", "ancestry", "transfer"}
+    assert {base.jobs[j].step for j in set(base.jobs) - kept} == {"sample", "evaluate", "aggregate"}
+    assert {j.step for j in base.jobs.values() if j.job_id in kept} == {"prepare", "pretrain", "train"}
 
 
 @pytest.mark.parametrize("edit, message", [
     (('name = "full"', 'name = "fulll"'), "unknown method 'fulll'"),
-    (('ancestry = "dense"\n[[methods]]\nname = "lora"', 'ancestry = "dense"\ntasks = ["novel-b"]\n[[methods]]\nname = "lora"'),
+    (('ancestry = "dense"\n[[methods]]\nname = "lora"',
+      'ancestry = "dense"\ntasks = ["novel-b"]\n[[methods]]\nname = "lora"'),
      "unknown task 'novel-b'"),
     (('ancestry = "dense"\n[[methods]]\nname = "lora"', 'ancestry = "sparse"\n[[methods]]\nname = "lora"'),
      "unknown ancestry 'sparse'"),
@@ -118,12 +85,13 @@ def test_missing_data_and_weights_paths_are_reported_before_running(tmp_path, mo
         build_plan(write_suite(tmp_path, text, "paths.toml"),
                    ["data.source=imagefolder", f"data.root={tmp_path / 'imagenet'}", "data.class_list=example"])
     message = str(err.value)
-    assert str(tmp_path / "imagenet") in message and "/nowhere/ref.npz" in message and "KINDBENCH_WEIGHTS_DIR" in message
+    assert (str(tmp_path / "imagenet") in message and "/nowhere/ref.npz" in message
+            and "KINDBENCH_WEIGHTS_DIR" in message)
 
 
 def test_shipped_suites_load():
     plan = build_plan("tiny", [])[1]
-    assert plan.by_stage("aggregate")
+    assert plan.by_step("aggregate")
 
 
 def placed_imagenet(tmp_path, monkeypatch):
@@ -139,31 +107,32 @@ def placed_imagenet(tmp_path, monkeypatch):
 
 def test_tiny_runs_every_registered_method():
     from methods import list_methods
+    from methods.registry import plugin_methods
 
     plan = build_plan("tiny", [])[1]
-    assert {j.info["method"] for j in plan.by_stage("evaluate")} == set(list_methods())
+    assert {j.info["method"] for j in plan.by_step("evaluate")} == set(list_methods()) - set(plugin_methods())
 
 
 @pytest.mark.parametrize("suite", ["kind-dit-b", "kind-dit-l", "fine-depth"])
 def test_cluster_suites_plan_once_data_is_placed(tmp_path, monkeypatch, suite):
     placed_imagenet(tmp_path, monkeypatch)
     plan = build_plan(suite, [])[1]
-    assert plan.by_stage("aggregate") and plan.by_stage("evaluate")
+    assert plan.by_step("aggregate") and plan.by_step("evaluate")
 
 
 def test_fine_depth_suite_covers_the_papers_tables(tmp_path, monkeypatch):
     placed_imagenet(tmp_path, monkeypatch)
     plan = build_plan("fine-depth", [])[1]
-    runs = {(j.info["method"], j.info["arch"]) for j in plan.by_stage("evaluate")}
+    runs = {(j.info["method"], j.info["arch"]) for j in plan.by_step("evaluate")}
     for size in ("B", "L"):
         for depth in (4, 6, 8, 10, 12):
             arch = f"DiT-{size}/2-d{depth}"
             assert {("scratch", arch), ("tleg", arch), ("fine", arch)} <= runs  # Table 1
         assert ("fine_nofactor", f"DiT-{size}/2-d6") in runs  # Table 4
-    rules = {j.config["method"]["options"].get("sigma_init") for j in plan.by_stage("transfer")
+    rules = {j.config["method"]["options"].get("sigma_init") for j in plan.by_step("train")
              if j.info["method"] == "fine" and "sigma" in j.info["variant"]}
     assert rules == {"random", "identical", "interpolate"}  # Table 5
-    sigma_phase = [j for j in plan.by_stage("ancestry") if j.config["method"]["options"].get("train") == "sigma"]
+    sigma_phase = [j for j in plan.by_step("pretrain") if j.config["method"]["options"].get("train") == "sigma"]
     assert len(sigma_phase) == 10 and all(j.config["data"]["subset_fraction"] == 0.01 for j in sigma_phase)
 
 
@@ -172,10 +141,10 @@ def test_kind_peft_suite_matches_every_ranked_peft_to_kind(tmp_path, monkeypatch
     """Budget matching at DiT-B/2 and DiT-L/2 builds every ranked PEFT repeatedly (minutes on a CPU)."""
     placed_imagenet(tmp_path, monkeypatch)
     plan = build_plan("kind-peft", [])[1]
-    budget = [j for j in plan.by_stage("transfer") if j.info["variant"] == "kind-budget"]
+    budget = [j for j in plan.by_step("train") if j.info["variant"] == "kind-budget"]
     assert {j.info["arch"] for j in budget} == {"DiT-B/2", "DiT-L/2"}
     assert {j.info["method"] for j in budget} == {"lora", "dora", "pissa", "vera", "oft", "boft", "loha", "lokr"}
-    standard = {(j.info["method"], j.info["arch"]): j for j in plan.by_stage("transfer") if j.info["variant"] == "default"}
+    standard = {(j.info["method"], j.info["arch"]): j for j in plan.by_step("train") if j.info["variant"] == "default"}
     for job in budget:  # a matched rank is a different rank from the standard one, so a different run
         assert job.run_id != standard[(job.info["method"], job.info["arch"])].run_id
 
@@ -219,7 +188,7 @@ def teacher_suite() -> str:
 def test_a_distilled_ancestry_runs_after_its_teacher_and_inherits_its_ids(tmp_path):
     _DistilledProbe.register()
     plan = build_plan(write_suite(tmp_path, teacher_suite()), [])[1]
-    ancestries = {j.info["ancestry"]: j for j in plan.by_stage("ancestry")}
+    ancestries = {j.info["ancestry"]: j for j in plan.by_step("pretrain")}
     dense, student = ancestries["dense"], ancestries["student"]
     assert student.deps == (dense.job_id,)
     assert student.config["run"]["ancestry"] == f"{dense.run_id}/export.safetensors"
@@ -273,7 +242,7 @@ def test_budget_kind_sets_the_matched_rank_and_caches_it(tmp_path, monkeypatch):
         tasks = ["novel-a"]
     ''')
     plan = build_plan(write_suite(tmp_path, text, "budget.toml"), [])[1]
-    (job,) = [j for j in plan.by_stage("transfer") if j.info["variant"] == "kind-budget"]
+    (job,) = [j for j in plan.by_step("train") if j.info["variant"] == "kind-budget"]
     expected = kind_matched_rank("lora", ArchSpec("DiT-T/2", 16, 3), 8, {}, {}, strict=False)
     assert job.config["method"]["options"] == {"rank": expected}
     assert job.info["benchmark"] == "novel-a--DiT-T-2"

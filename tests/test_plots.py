@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from recordfixtures import P1, P2, write_fixture_store
 
 from bench.report.leaderboard import build_leaderboards, protocol_id
 from bench.report.plots import (
@@ -25,7 +26,6 @@ from bench.report.plots import (
     read_csv,
     styles_for,
 )
-from recordfixtures import P1, P2, write_fixture_store
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_A, BENCH_B = "novel-a--DiT-T-2", "novel-b--DiT-T-2"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from trainrun import REPO
 
 SUITES = sorted(p.parent.name for p in (REPO / "results").glob("*/records"))
@@ -29,7 +28,7 @@ def test_published_records_come_from_one_clean_commit_with_fingerprints(suite):
 @pytest.mark.parametrize("suite", SUITES)
 def test_every_transfer_names_the_sha256_of_the_ancestry_it_loaded(suite):
     records = _records(suite)
-    inheriting = [r for r in records.values() if r["run_info"]["stage"] == "transfer" and r["run_info"]["ancestry"]]
+    inheriting = [r for r in records.values() if r["run_info"]["step"] == "train" and r["run_info"]["ancestry"]]
     assert inheriting
     for record in inheriting:
         ancestry = record["run_info"]["ancestry"]

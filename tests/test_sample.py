@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+from trainrun import REPO
 
 from bench.metrics.sample_io import open_samples
-from trainrun import REPO
 
 SAMPLE = ["--sample.num_samples=10", "--sample.per_proc_batch=4", "--sample.num_steps=4", "--sample.cfg_scale=1.5"]
 

@@ -8,20 +8,20 @@ descendant of another depth builds from an exported ancestry and trains. Tiny Di
 from __future__ import annotations
 
 import copy
-import textwrap
 
 import pytest
 import torch
+from suitefixtures import DENSE, ancestry, method, suite_file, suite_toml, task
 
 from baselines.size_transfer import DistillationTeacher, generated_blocks
 from baselines.sws import even_split, spaced_stages, stage_of_layers
 from baselines.tleg import expansion_coefficient
+from bench.config.suite import load_suite
 from bench.diffusion import GaussianDiffusion
 from bench.models.dit import DiT
 from bench.pipeline.plan import make_plan
-from bench.config.suite import load_suite
 from methods import ArchSpec, MethodError, Task, get_method
-from methods.transfer import load_ancestry, save_ancestry
+from methods.transfer import load_export, save_export
 
 AUX = ArchSpec(name="DiT-T/2-d4", input_size=8, in_channels=4)
 CLASSES = 10
@@ -45,8 +45,8 @@ def exported(tmp_path, name: str, options: dict | None = None, arch_spec: ArchSp
     torch.manual_seed(0)
     model = perturbed(get_method(name, options).build_ancestry(arch_spec, CLASSES))
     path = tmp_path / f"{name}.safetensors"
-    save_ancestry(path, model.state_dict(), method=name, arch=arch_spec, num_classes=CLASSES)
-    return model, load_ancestry(path)
+    save_export(path, model.state_dict(), method=name, arch=arch_spec, num_classes=CLASSES)
+    return model, load_export(path)
 
 
 def inputs(batch: int = 4):
@@ -230,8 +230,8 @@ def dense_teacher(tmp_path, depth: int = 4):
     torch.manual_seed(5)
     teacher = perturbed(arch(depth).build(CLASSES))
     path = tmp_path / "teacher.safetensors"
-    save_ancestry(path, teacher.state_dict(), method="scratch", arch=arch(depth), num_classes=CLASSES)
-    return teacher, load_ancestry(path)
+    save_export(path, teacher.state_dict(), method="scratch", arch=arch(depth), num_classes=CLASSES)
+    return teacher, load_export(path)
 
 
 @pytest.mark.parametrize("name", ["tleg", "sws"])
@@ -242,10 +242,10 @@ def test_distillation_is_zero_when_the_student_computes_the_teacher(tmp_path, na
             for target, source in zip(block.parameters(), teacher.blocks[0].parameters(), strict=True):
                 target.copy_(source)
     path = tmp_path / "shared.safetensors"
-    save_ancestry(path, teacher.state_dict(), method="scratch", arch=AUX, num_classes=CLASSES)
+    save_export(path, teacher.state_dict(), method="scratch", arch=AUX, num_classes=CLASSES)
     options = {"step_init": "zeros"} if name == "tleg" else {"stages": 1}
     method = get_method(name, options)
-    student = method.build_ancestry(AUX, CLASSES, teacher=load_ancestry(path))
+    student = method.build_ancestry(AUX, CLASSES, teacher=load_export(path))
     with torch.no_grad():
         non_block = {k: v for k, v in teacher.state_dict().items() if not k.startswith("blocks.")}
         student.load_state_dict(non_block, strict=False)
@@ -260,6 +260,7 @@ def test_distillation_trains_the_student_and_leaves_the_teacher_alone(tmp_path, 
     teacher, teacher_ancestry = dense_teacher(tmp_path, depth=6)  # the teacher may be deeper than the student
     method = get_method(name, {"distill_weight": 2.0})
     student = method.build_ancestry(AUX, CLASSES, teacher=teacher_ancestry)
+    method.mark_trainable(student)  # as the trainer does, once, after build_ancestry
     assert not any(p is q for p in student.parameters() for q in method.teacher.model.parameters())
     teacher_before = {k: v.clone() for k, v in method.teacher.model.state_dict().items()}
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
@@ -304,9 +305,9 @@ def grown(tmp_path, target: ArchSpec, options: dict | None = None):
     torch.manual_seed(2)
     source = perturbed(SMALL.build(CLASSES))
     path = tmp_path / "small.safetensors"
-    save_ancestry(path, source.state_dict(), method="scratch", arch=SMALL, num_classes=CLASSES)
+    save_export(path, source.state_dict(), method="scratch", arch=SMALL, num_classes=CLASSES)
     method = get_method("ligo", options)
-    return method, source, method.build_ancestry(target, CLASSES, teacher=load_ancestry(path))
+    return method, source, method.build_ancestry(target, CLASSES, teacher=load_export(path))
 
 
 def test_ligo_width_growth_preserves_the_function_at_init(tmp_path):
@@ -364,8 +365,8 @@ def test_ligo_grown_ancestry_becomes_a_plain_dit_that_trains(tmp_path):
         for param in model.ligo_operator.parameters():
             param.add_(0.01 * torch.randn_like(param))
     path = tmp_path / "grown.safetensors"
-    save_ancestry(path, model.state_dict(), method="ligo", arch=target, num_classes=CLASSES)
-    ancestry = load_ancestry(path)
+    save_export(path, model.state_dict(), method="ligo", arch=target, num_classes=CLASSES)
+    ancestry = load_export(path)
     descendant = get_method("ligo").build(target, Task("t", 6, "descend"), ancestry)
     expected = model.materialise().state_dict()
     for name, value in descendant.state_dict().items():
@@ -386,7 +387,7 @@ def test_ligo_grown_ancestry_becomes_a_plain_dit_that_trains(tmp_path):
     with pytest.raises(MethodError, match="grow a ligo ancestry of the task's size"):
         get_method("ligo").build(arch(4), Task("t", 6, "descend"), ancestry)
     with pytest.raises(MethodError, match="grow it first in a ligo ancestry run"):
-        get_method("ligo").build(SMALL, Task("t", 6, "descend"), load_ancestry(tmp_path / "small.safetensors"))
+        get_method("ligo").build(SMALL, Task("t", 6, "descend"), load_export(tmp_path / "small.safetensors"))
 
 
 def test_ligo_only_grows(tmp_path):
@@ -402,69 +403,29 @@ def test_ligo_only_grows(tmp_path):
 #                                        How a suite expresses the three
 # --------------------------------------------------------------------------------------------------------------
 
-SUITE = textwrap.dedent("""
-    name = "size-transfer"
-    archs = ["DiT-T/2-d6"]
-    [defaults.model]
-    in_channels = 3
-    input_size = 16
-    [defaults.data]
-    image_size = 16
-    per_class = 4
-    [defaults.schedule]
-    global_batch = 8
-    steps = 3
-    [protocol.sample]
-    num_samples = 8
-    [protocol.eval]
-    extractor = "synthetic"
-    [ancestries.dense]
-    method = "scratch"
-    overrides = { data = { split = "pretrain" } }
-    [ancestries.small]
-    method = "scratch"
-    arch = "DiT-T/2-d2"
-    overrides = { data = { split = "pretrain" } }
-    [ancestries.tleg]
-    method = "tleg"
-    teacher = "dense"
-    arch = "DiT-T/2-d4"
-    overrides = { data = { split = "pretrain" } }
-    [ancestries.sws]
-    method = "sws"
-    teacher = "dense"
-    overrides = { data = { split = "pretrain" } }
-    [ancestries.ligo]
-    method = "ligo"
-    teacher = "small"
-    overrides = { data = { split = "pretrain" }, schedule = { steps = 2 } }
-    [tasks.deeper]
-    stage = "descend"
-    overrides = { data = { split = "novel-a" } }
-    [[methods]]
-    name = "tleg"
-    ancestry = "tleg"
-    [[methods]]
-    name = "sws"
-    ancestry = "sws"
-    [[methods]]
-    name = "ligo"
-    ancestry = "ligo"
-""")
+# teachers dense (6 layers) and small (2): tleg (a 4-layer auxiliary model) and sws learn from dense, ligo from small;
+# the descend task trains 6-layer descendants of the three
+SUITE = suite_toml("size-transfer", seeds=None, archs=["DiT-T/2-d6"], ancestries=[
+    DENSE,
+    ancestry("small", "scratch", arch="DiT-T/2-d2"),
+    ancestry("tleg", "tleg", teacher="dense", arch="DiT-T/2-d4"),
+    ancestry("sws", "sws", teacher="dense"),
+    ancestry("ligo", "ligo", teacher="small", schedule={"steps": 2}),
+], tasks=[task("deeper", stage="descend")], methods=[
+    method("tleg", ancestry="tleg"), method("sws", ancestry="sws"), method("ligo", ancestry="ligo"),
+])
 
 
 def test_a_suite_chains_teacher_auxiliary_and_descendant(tmp_path):
-    path = tmp_path / "size-transfer.toml"
-    path.write_text(SUITE)
-    plan = make_plan(load_suite(str(path)))
-    ancestry = {job.info["ancestry"]: job for job in plan.by_stage("ancestry")}
+    plan = make_plan(load_suite(suite_file(tmp_path, SUITE, "size-transfer.toml")))
+    ancestry = {job.info["ancestry"]: job for job in plan.by_step("pretrain")}
     assert set(ancestry) == {"dense", "small", "tleg", "sws", "ligo"}
     for name, teacher in (("tleg", "dense"), ("sws", "dense"), ("ligo", "small")):
         job = ancestry[name]
         assert job.deps == (ancestry[teacher].job_id,)
         assert job.config["run"]["ancestry"] == f"{ancestry[teacher].run_id}/export.safetensors"
     assert ancestry["tleg"].config["model"]["arch"] == "DiT-T/2-d4"  # a 4-layer auxiliary model ...
-    transfers = {job.info["method"]: job for job in plan.by_stage("transfer")}
+    transfers = {job.info["method"]: job for job in plan.by_step("train")}
     assert transfers["tleg"].config["model"]["arch"] == "DiT-T/2-d6"  # ... expanded to a 6-layer descendant
     assert {transfers[m].info["family"] for m in ("tleg", "sws")} == {"learngene"}
     assert transfers["ligo"].info["family"] == "init"

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from suitefixtures import DENSE, FULL_AND_LORA, NOVEL_A, mini_suite, suite_file, suite_toml
 from trainrun import REPO
 
 from bench.pipeline import slurm
@@ -27,47 +28,12 @@ from bench.pipeline.status import JobState
 
 # ---- the job graph (fast: dry runs and a fake sbatch, no cluster) -------------------------------------------------
 
-GRAPH_SUITE = textwrap.dedent("""
-    name = "graph"
-    seeds = [0]
-    archs = ["DiT-T/2"]
-    [defaults.model]
-    in_channels = 3
-    input_size = 16
-    [defaults.data]
-    image_size = 16
-    per_class = 4
-    [defaults.schedule]
-    global_batch = 8
-    steps = 3
-    [protocol.sample]
-    num_samples = 8
-    [protocol.eval]
-    extractor = "synthetic"
-    [ancestries.dense]
-    method = "scratch"
-    overrides = { data = { split = "pretrain" } }
-    [tasks.novel-a]
-    overrides = { data = { split = "novel-a" } }
-    [tasks.sketch]
-    stage = "domain"
-    overrides = { data = { split = "novel-a", domain = "sketch" } }
-    [[methods]]
-    name = "scratch"
-    [[methods]]
-    name = "full"
-    ancestry = "dense"
-    [[methods]]
-    name = "lora"
-    ancestry = "dense"
-    options = { rank = 2 }
-""")
+GRAPH_SUITE = mini_suite("graph")  # 1 ancestry, scratch/full/lora x novel-a and sketch (a domain task)
 
 
 def _graph_plan(tmp_path):
-    path = tmp_path / "graph.toml"
-    path.write_text(GRAPH_SUITE)
-    return build_plan(str(path), [])[1], Roots(tmp_path / "runs", tmp_path / "results")
+    path = suite_file(tmp_path, GRAPH_SUITE, "graph.toml")
+    return build_plan(path, [])[1], Roots(tmp_path / "runs", tmp_path / "results")
 
 
 def _options(argv: list[str]) -> dict[str, str]:
@@ -93,7 +59,7 @@ def _graph(calls: list[tuple[str, list[str]]]) -> tuple[dict[str, str], dict[str
             (job,) = jobs
             slurm_id[job] = sid
     waits: dict[str, tuple[str | None, set[str]]] = {}
-    for sid, argv in calls:
+    for _sid, argv in calls:
         kind, _, ids = _options(argv).get("dependency", "").partition(":")
         after = set().union(*[tasks.get(i, {i}) for i in ids.split(":") if i])
         assert ("--kill-on-invalid-dep=yes" in argv) == bool(after)
@@ -109,29 +75,29 @@ def test_each_job_waits_on_exactly_the_jobs_it_depends_on(tmp_path):
     slurm_id, waits = _graph([(f"DRYRUN-{name}", argv) for name, argv in argvs.items()])
     assert sorted(slurm_id) == sorted(plan.jobs)  # every job once
     for job in plan.jobs.values():
-        kind = ("afterany" if job.stage == "aggregate" else "afterok") if job.deps else None
+        kind = ("afterany" if job.step == "aggregate" else "afterok") if job.deps else None
         assert waits[job.job_id] == (kind, {slurm_id[d] for d in job.deps}), job.job_id
     # in words: a sample waits on its own transfer, an evaluation on its sample and its reference, the aggregation on
     # every evaluation (afterany: a failed run leaves a partial leaderboard)
-    for sample in plan.by_stage("sample"):
+    for sample in plan.by_step("sample"):
         assert waits[sample.job_id] == ("afterok", {slurm_id[sample.deps[0]]})
-    for evaluate in plan.by_stage("evaluate"):
+    for evaluate in plan.by_step("evaluate"):
         assert waits[evaluate.job_id] == ("afterok", {slurm_id[evaluate.info["sample_job"]],
                                                       slurm_id[evaluate.info["prepare_job"]]})
-    (aggregate,) = plan.by_stage("aggregate")
-    assert waits[aggregate.job_id] == ("afterany", {slurm_id[e.job_id] for e in plan.by_stage("evaluate")})
+    (aggregate,) = plan.by_step("aggregate")
+    assert waits[aggregate.job_id] == ("afterany", {slurm_id[e.job_id] for e in plan.by_step("evaluate")})
     # jobs of a stage with the same dependencies share an array: the references, the transfers from one ancestry
-    assert set(commands) == {"prepare", "ancestry", "transfer-0", "transfer-1", *(f"sample-{i}" for i in range(6)),
+    assert set(commands) == {"prepare", "pretrain", "train-0", "train-1", *(f"sample-{i}" for i in range(6)),
                              *(f"evaluate-{i}" for i in range(6)), "aggregate"}
     assert "--array=0-1" in argvs["prepare"] and "--dependency" not in commands["prepare"]
-    from_dense = [t.job_id for t in plan.by_stage("transfer") if t.deps]
-    assert _jobs_of(argvs["transfer-1"]) == from_dense
-    assert "--dependency=afterok:DRYRUN-ancestry" in argvs["transfer-1"]
-    sample = plan.by_stage("sample")[0]
+    from_dense = [t.job_id for t in plan.by_step("train") if t.deps]
+    assert _jobs_of(argvs["train-1"]) == from_dense
+    assert "--dependency=afterok:DRYRUN-pretrain" in argvs["train-1"]
+    sample = plan.by_step("sample")[0]
     assert f"--dependency=afterok:{slurm_id[sample.deps[0]]}" in commands["sample-0"]
-    for name in ("ancestry", "transfer-0", "sample-0"):  # training and sampling: requeued on preemption
+    for name in ("pretrain", "train-0", "sample-0"):  # training and sampling: requeued on preemption
         assert "--requeue" in argvs[name] and "--signal=B:USR1@300" in argvs[name]
-    assert "--nodes=2" in argvs["transfer-0"] and "--gpus-per-node=8" in argvs["transfer-0"]
+    assert "--nodes=2" in argvs["train-0"] and "--gpus-per-node=8" in argvs["train-0"]
     assert "--requeue" not in argvs["evaluate-0"]
 
 
@@ -143,10 +109,10 @@ def test_a_distilled_ancestry_waits_on_its_teacher_only(tmp_path):
     commands = slurm.submit(plan, Roots(tmp_path / "runs", tmp_path / "results"), slurm.Cluster.from_env({}),
                             dry_run=True)
     slurm_id, waits = _graph([(f"DRYRUN-{name}", shlex.split(cmd)) for name, cmd in commands.items()])
-    ancestries = {j.info["ancestry"]: j.job_id for j in plan.by_stage("ancestry")}
-    assert slurm_id[ancestries["dense"]] == "DRYRUN-ancestry"  # the second wave: after its teacher
-    assert slurm_id[ancestries["student"]] == "DRYRUN-ancestry.1"
-    assert waits[ancestries["student"]] == ("afterok", {"DRYRUN-ancestry"})
+    ancestries = {j.info["ancestry"]: j.job_id for j in plan.by_step("pretrain")}
+    assert slurm_id[ancestries["dense"]] == "DRYRUN-pretrain"  # the second wave: after its teacher
+    assert slurm_id[ancestries["student"]] == "DRYRUN-pretrain.1"
+    assert waits[ancestries["student"]] == ("afterok", {"DRYRUN-pretrain"})
     for job in plan.jobs.values():
         assert waits[job.job_id][1] == {slurm_id[d] for d in job.deps}, job.job_id
 
@@ -198,10 +164,10 @@ def test_resubmitting_after_a_failed_transfer_submits_it_its_dependants_and_the_
 
     # the first wave ended: one transfer failed, SLURM cancelled its sample and evaluation, everything else ran,
     # and the aggregation read the evaluations that finished (so its record is trusted as it stands)
-    lora = next(t for t in plan.by_stage("transfer") if t.info["method"] == "lora" and t.info["task"] == "novel-a")
-    (sample,) = [s for s in plan.by_stage("sample") if s.deps == (lora.job_id,)]
-    (evaluate,) = [e for e in plan.by_stage("evaluate") if e.info["sample_job"] == sample.job_id]
-    (aggregate,) = plan.by_stage("aggregate")
+    lora = next(t for t in plan.by_step("train") if t.info["method"] == "lora" and t.info["task"] == "novel-a")
+    (sample,) = [s for s in plan.by_step("sample") if s.deps == (lora.job_id,)]
+    (evaluate,) = [e for e in plan.by_step("evaluate") if e.info["sample_job"] == sample.job_id]
+    (aggregate,) = plan.by_step("aggregate")
     fake.states = {j: JobState("done") for j in plan.jobs}
     fake.states.update({lora.job_id: JobState("failed", "out of memory"),
                         sample.job_id: JobState("upstream", "input is failed"),
@@ -229,26 +195,25 @@ def test_jobs_still_queued_are_depended_on_not_resubmitted(tmp_path, monkeypatch
     fake = FakeCluster(tmp_path, monkeypatch)
     first_ids, _ = _graph(fake.submit(plan, roots))
     # the transfers and the references are still running; the rest was cancelled by hand (scancel)
-    fake.queue = {first_ids[j.job_id] for j in plan.jobs.values() if j.stage in ("prepare", "transfer")}
-    fake.states = {j.job_id: JobState("done") for j in plan.by_stage("ancestry")}
+    fake.queue = {first_ids[j.job_id] for j in plan.jobs.values() if j.step in ("prepare", "train")}
+    fake.states = {j.job_id: JobState("done") for j in plan.by_step("pretrain")}
     slurm_id, waits = _graph(fake.submit(plan, roots))
-    assert {plan.jobs[j].stage for j in slurm_id} == {"sample", "evaluate", "aggregate"}
-    for sample in plan.by_stage("sample"):
+    assert {plan.jobs[j].step for j in slurm_id} == {"sample", "evaluate", "aggregate"}
+    for sample in plan.by_step("sample"):
         assert waits[sample.job_id] == ("afterok", {first_ids[sample.deps[0]]})
-    for evaluate in plan.by_stage("evaluate"):
+    for evaluate in plan.by_step("evaluate"):
         assert waits[evaluate.job_id] == ("afterok", {slurm_id[evaluate.info["sample_job"]],
                                                       first_ids[evaluate.info["prepare_job"]]})
 
 
 def test_submit_cli_passes_keep_stale_and_prints_the_dry_run(tmp_path, monkeypatch, capsys):
     fake = FakeCluster(tmp_path, monkeypatch)
-    (tmp_path / "graph.toml").write_text(GRAPH_SUITE)
-    args = ["submit", "--suite", str(tmp_path / "graph.toml"), "--runs", str(tmp_path / "runs"),
+    args = ["submit", "--suite", suite_file(tmp_path, GRAPH_SUITE, "graph.toml"), "--runs", str(tmp_path / "runs"),
             "--results", str(tmp_path / "results"), "--dry-run"]
     assert slurm.main([*args, "--keep-stale"]) == 0
     assert fake.kwargs == {"keep_stale": True, "force": False}
     out = capsys.readouterr().out
-    assert re.search(r"^sample-0 +\S*sbatch --parsable .*--dependency=afterok:DRYRUN-transfer-\d+_\d+ ", out,
+    assert re.search(r"^sample-0 +\S*sbatch --parsable .*--dependency=afterok:DRYRUN-train-\d+_\d+ ", out,
                      re.MULTILINE)
     assert "aggregate: 1 to run" in out
     assert slurm.main(args) == 0 and fake.kwargs == {"keep_stale": False, "force": False}
@@ -257,41 +222,15 @@ def test_submit_cli_passes_keep_stale_and_prints_the_dry_run(tmp_path, monkeypat
 
 # ---- on a real SLURM cluster ------------------------------------------------------------------------------------
 
-SUITE = textwrap.dedent("""
-    name = "slurm-mini"
-    seeds = [0]
-    archs = ["DiT-T/2"]
-    [defaults.model]
-    in_channels = 3
-    input_size = 16
-    [defaults.data]
-    image_size = 16
-    per_class = 4
-    [defaults.schedule]
-    global_batch = 8
-    steps = 3
-    log_every = 1
-    [protocol.sample]
-    num_samples = 16
-    per_proc_batch = 16
-    scheduler = "ddim"
-    num_steps = 3
-    [protocol.eval]
-    extractor = "synthetic"
-    ref_per_class = 4
-    [ancestries.dense]
-    method = "scratch"
-    overrides = { data = { split = "pretrain" } }
-    [tasks.novel-a]
-    overrides = { data = { split = "novel-a" } }
-    [[methods]]
-    name = "full"
-    ancestry = "dense"
-    [[methods]]
-    name = "lora"
-    ancestry = "dense"
-    options = { rank = 2 }
-""")
+def _cluster_suite(name: str, *, steps: int = 3, num_steps: int = 3, engine: dict | None = None) -> str:
+    """full and lora from a dense ancestry on novel-a, logging every step, 16 samples in one batch of ``num_steps``
+    DDIM steps, a 4-images-a-class reference."""
+    return suite_toml(name, engine=engine, schedule={"steps": steps, "log_every": 1},
+                      sample={"num_samples": 16, "per_proc_batch": 16, "scheduler": "ddim", "num_steps": num_steps},
+                      evaluate={"ref_per_class": 4}, ancestries=[DENSE], tasks=[NOVEL_A], methods=FULL_AND_LORA)
+
+
+SUITE = _cluster_suite("slurm-mini")
 
 
 def _cluster_up() -> bool:
@@ -346,10 +285,9 @@ def _logs(tmp: Path) -> str:
 @pytest.mark.slurm
 @needs_cluster
 def test_run_all_submits_a_job_graph_that_finishes_and_resubmitting_submits_nothing(tmp_path):
-    suite = tmp_path / "slurm-mini.toml"
-    suite.write_text(SUITE)
+    suite = suite_file(tmp_path, SUITE, "slurm-mini.toml")
     text = _run_all(tmp_path, "--suite", str(suite))
-    for stage in ("prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate"):
+    for stage in ("prepare", "pretrain", "train", "sample", "evaluate", "aggregate"):
         assert re.search(rf"^{stage}\s+\d+", text, flags=re.M), text
     _wait_for_queue_to_drain("kb-slurm-mini", timeout=1500)
 
@@ -371,11 +309,11 @@ def test_a_signalled_training_job_is_requeued_and_resumes(tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@N does before the time limit): the trainer checkpoints, the job
     is requeued, and the next attempt resumes from that checkpoint and finishes."""
     text = SUITE.replace('overrides = { data = { split = "pretrain" } }',
-                        'overrides = { data = { split = "pretrain" }, schedule = { steps = 400, ckpt_every = 100000 } }')
-    suite = tmp_path / "slurm-mini.toml"
-    suite.write_text(text)
+                        'overrides = { data = { split = "pretrain" }, '
+                        'schedule = { steps = 400, ckpt_every = 100000 } }')
+    suite = suite_file(tmp_path, text, "slurm-mini.toml")
     _run_all(tmp_path, "--suite", str(suite))
-    (ancestry,) = build_plan(str(suite), [])[1].by_stage("ancestry")
+    (ancestry,) = build_plan(str(suite), [])[1].by_step("pretrain")
     ancestry_id = _ledger(tmp_path)[ancestry.job_id]  # a single job: one ancestry
     run_dirs = lambda: [p for p in (tmp_path / "runs").glob("scratch--ancestry-dense--*") if p.is_dir()]  # noqa: E731
     deadline = time.time() + 600
@@ -390,49 +328,13 @@ def test_a_signalled_training_job_is_requeued_and_resumes(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] > 0, _logs(tmp_path)
     assert summary["steps"] == 400 and not (run_dir / "PREEMPTED").exists()
-    log = (tmp_path / "runs/slurm/logs").glob(f"ancestry-{ancestry_id}.out")
+    log = (tmp_path / "runs/slurm/logs").glob(f"pretrain-{ancestry_id}.out")
     text = "".join(p.read_text() for p in log)
     assert "requeueing" in text and "restart 1" in text, text[-3000:]
 
 
 
-FAIL_SUITE = textwrap.dedent("""
-    name = "slurm-fail"
-    seeds = [0]
-    archs = ["DiT-T/2"]
-    [defaults.model]
-    in_channels = 3
-    input_size = 16
-    [defaults.data]
-    image_size = 16
-    per_class = 4
-    [defaults.engine]
-    cpu_threads = 1
-    [defaults.schedule]
-    global_batch = 8
-    steps = 4
-    log_every = 1
-    [protocol.sample]
-    num_samples = 16
-    per_proc_batch = 16
-    scheduler = "ddim"
-    num_steps = 2
-    [protocol.eval]
-    extractor = "synthetic"
-    ref_per_class = 4
-    [ancestries.dense]
-    method = "scratch"
-    overrides = { data = { split = "pretrain" } }
-    [tasks.novel-a]
-    overrides = { data = { split = "novel-a" } }
-    [[methods]]
-    name = "full"
-    ancestry = "dense"
-    [[methods]]
-    name = "lora"
-    ancestry = "dense"
-    options = { rank = 2 }
-""")
+FAIL_SUITE = _cluster_suite("slurm-fail", steps=4, num_steps=2, engine={"cpu_threads": 1})
 
 
 def _ranked_methods(results: Path) -> set[str]:
@@ -452,13 +354,12 @@ def test_a_failed_transfer_cancels_only_its_dependants_and_resubmitting_complete
     from bench.pipeline.plan import dependents
     from bench.records.store import RecordStore
 
-    suite = tmp_path / "slurm-fail.toml"
-    suite.write_text(FAIL_SUITE)
+    suite = suite_file(tmp_path, FAIL_SUITE, "slurm-fail.toml")
     plan = build_plan(str(suite), [])[1]
-    (aggregate,) = plan.by_stage("aggregate")
-    (lora,) = [j for j in plan.by_stage("transfer") if j.info["method"] == "lora"]
+    (aggregate,) = plan.by_step("aggregate")
+    (lora,) = [j for j in plan.by_step("train") if j.info["method"] == "lora"]
     cancelled = dependents(plan, lora.job_id) - {aggregate.job_id}
-    assert {plan.jobs[j].stage for j in cancelled} == {"sample", "evaluate"}
+    assert {plan.jobs[j].step for j in cancelled} == {"sample", "evaluate"}
     foreign = tmp_path / "runs" / lora.run_id / "checkpoints" / "0000002"
     foreign.mkdir(parents=True)
     (foreign / "state.json").write_text(json.dumps({"step": 2, "config_hash": "0123456789abcdef"}))

@@ -8,6 +8,7 @@ import multiprocessing
 import time
 
 import pytest
+from recordfixtures import GIT, N_WRITERS, PER_WRITER, big_writer, check_complete, concurrent_writer, simple_record
 
 from bench.records.store import (
     SCHEMA_VERSION,
@@ -17,26 +18,25 @@ from bench.records.store import (
     new_record,
     new_run_info,
     utc_now,
-    validate_record,
+    validate_job_record,
 )
-from recordfixtures import GIT, N_WRITERS, PER_WRITER, big_writer, check_complete, concurrent_writer, simple_record
 
 # ---- builders and validation ---------------------------------------------------------------------------------------
 
 
 def test_new_record_is_valid_and_stamped_in_utc():
     record = simple_record("kind--s0--3f9a1c2e--evaluate")
-    validate_record(record)
+    validate_job_record(record)
     assert record["schema_version"] == SCHEMA_VERSION
     for key in ("created_at", "finished_at"):
         stamp = datetime.datetime.fromisoformat(record["run_info"][key])
         assert stamp.utcoffset() == datetime.timedelta(0)
-    assert record["timings"]["stage_wall_s"] >= 0
+    assert record["timings"]["step_wall_s"] >= 0
     assert datetime.datetime.fromisoformat(utc_now()).tzinfo is not None
 
 
 def test_failure_record_gets_a_one_line_error():
-    info = new_run_info(job_id="a--transfer", run_id="a", stage="transfer", suite="tiny", benchmark="b", task="t",
+    info = new_run_info(job_id="a--transfer", run_id="a", step="train", suite="tiny", benchmark="b", task="t",
                         arch="DiT-T/2", method="kind", family="learngene", variant="default", seed=0, config={},
                         config_hash="x", git=GIT)
     record = new_record(info, status="failed", error=RuntimeError("CUDA out of memory\n  at line 3"), meta_info={})
@@ -55,7 +55,7 @@ def test_failure_record_gets_a_one_line_error():
     (lambda r: r["run_info"].update(job_id="a/b"), "not safe as a file name"),
     (lambda r: r["run_info"].update(job_id=".hidden"), "not safe as a file name"),
     (lambda r: r["run_info"].pop("benchmark"), "run_info lacks benchmark"),
-    (lambda r: r["run_info"].update(stage="train"), "run_info.stage must be one of"),
+    (lambda r: r["run_info"].update(step="fit"), "run_info.step must be one of"),
     (lambda r: r["run_info"].update(depends_on="a--sample"), "depends_on must be a list"),
     (lambda r: r["run_info"].update(created_at="yesterday"), "ISO-8601"),
     (lambda r: r["run_info"].update(created_at="2025-03-01T10:00:00+02:00"), "must be in UTC"),
@@ -82,8 +82,8 @@ def test_write_rejects_invalid_records_with_a_clear_message(tmp_path, mutate, me
 def test_status_routing_and_lookup(tmp_path):
     store = RecordStore(tmp_path)
     ok = store.write(simple_record("run--evaluate"))
-    bad = store.write(simple_record("run2--transfer", stage="transfer", status="failed"))
-    gone = store.write(simple_record("run3--sample", stage="sample", status="cancelled"))
+    bad = store.write(simple_record("run2--transfer", step="train", status="failed"))
+    gone = store.write(simple_record("run3--sample", step="sample", status="cancelled"))
     assert ok == tmp_path / "records" / "run--evaluate.json"
     assert bad == tmp_path / "failed" / "run2--transfer.json" and gone.parent == tmp_path / "failed"
     assert store.exists("run--evaluate") and not store.exists("run2--transfer") and not store.exists("nope")
@@ -114,8 +114,8 @@ def test_records_are_immutable_unless_forced(tmp_path):
 
 def test_failures_never_block_a_retry_and_are_kept(tmp_path):
     store = RecordStore(tmp_path)
-    store.write(simple_record("run--transfer", stage="transfer", status="failed"))
-    store.write(simple_record("run--transfer", stage="transfer", status="cancelled"))  # the retry failed again
+    store.write(simple_record("run--transfer", step="train", status="failed"))
+    store.write(simple_record("run--transfer", step="train", status="cancelled"))  # the retry failed again
     assert store.failed("run--transfer")["status"] == "cancelled"
     assert len(list((tmp_path / "superseded").glob("run--transfer.*.json"))) == 1
     store.write(simple_record("run--evaluate", status="failed"))

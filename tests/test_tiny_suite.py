@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from trainrun import REPO
 
 SMOKE = ["--set", "schedule.steps=3", "--set", "sample.num_samples=32", "--set", "sample.num_steps=3"]

@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainrun import REPO, TINY_RUN, train_command
 
 from bench.run.preemption import EXIT_REQUEUE
-from methods.transfer import load_ancestry
-from trainrun import REPO, TINY_RUN, train_command
+from methods.transfer import load_export
 
 
 def _ok(result) -> None:
@@ -59,7 +59,7 @@ def test_trains_exports_and_summarises(run_train):
     _ok(result)
     losses = result.losses()
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    ancestry = load_ancestry(result.run_dir / "export.safetensors")
+    ancestry = load_export(result.run_dir / "export.safetensors")
     assert ancestry.method == "scratch" and ancestry.arch.name == "DiT-T/2"
     assert all(v.dtype == torch.float32 for v in ancestry.state.values())
     summary = json.loads((result.run_dir / "summary.json").read_text())
@@ -93,7 +93,8 @@ def test_resume_in_a_new_process_is_exact(run_train):
 
 def test_sigusr1_checkpoints_and_next_start_resumes(tmp_path):
     out = tmp_path / "runs"
-    cmd = train_command(1) + TINY_RUN + [f"--run.out_dir={out}", "--schedule.steps=100000", "--schedule.ckpt_every=100000"]
+    cmd = train_command(1) + TINY_RUN + [f"--run.out_dir={out}", "--schedule.steps=100000",
+                                         "--schedule.ckpt_every=100000"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*/train.jsonl")):
@@ -208,7 +209,7 @@ def test_trains_from_a_vae_latent_cache(run_train, tmp_path):
                        "--model.in_channels=4", "--model.input_size=8")
     _ok(result)
     assert len(result.losses()) == 2 and all(math.isfinite(v) for v in result.losses())
-    assert load_ancestry(result.run_dir / "export.safetensors").num_classes == 3
+    assert load_export(result.run_dir / "export.safetensors").num_classes == 3
 
 
 def test_missing_latent_cache_is_a_one_line_error(run_train, tmp_path):

@@ -1,4 +1,4 @@
-"""Ancestry files and loading (methods.transfer): round trip, clear errors, shape checks, released DiT files."""
+"""Run exports and loading (methods.transfer): round trip, clear errors, shape checks, released DiT files."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from methods import ArchSpec, MethodError, Task, get_method  # noqa: E402
-from methods.base import Ancestry  # noqa: E402
+from methods.base import Export  # noqa: E402
 from methods.transfer import (  # noqa: E402
-    ANCESTRY_FORMAT,
+    EXPORT_FORMAT,
     infer_dit_arch,
-    load_ancestry,
+    load_export,
     load_into,
     load_released_dit,
-    save_ancestry,
+    save_export,
 )
 
 TINY = ArchSpec(name="DiT-T/2", input_size=8)
@@ -40,7 +40,7 @@ def random_dit(arch: ArchSpec = TINY, num_classes: int = 10, seed: int = 0):
 def ancestry_file(tmp_path):
     model = random_dit()
     path = tmp_path / "runs" / "anc.safetensors"
-    sha = save_ancestry(path, model.state_dict(), method="scratch", arch=TINY, num_classes=10, meta={"step": 7})
+    sha = save_export(path, model.state_dict(), method="scratch", arch=TINY, num_classes=10, meta={"step": 7})
     return path, sha, model
 
 
@@ -51,7 +51,7 @@ def ancestry_file(tmp_path):
 
 def test_round_trip(ancestry_file):
     path, sha, model = ancestry_file
-    ancestry = load_ancestry(path)
+    ancestry = load_export(path)
     assert (ancestry.method, ancestry.arch, ancestry.num_classes) == ("scratch", TINY, 10)
     assert ancestry.meta == {"step": 7} and ancestry.path == str(path)
     assert sha == ancestry.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -64,7 +64,7 @@ def test_round_trip(ancestry_file):
 def test_missing_file_names_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "anc.safetensors"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        load_ancestry(missing)
+        load_export(missing)
 
 
 def test_truncated_file_is_a_one_line_error(ancestry_file):
@@ -72,7 +72,7 @@ def test_truncated_file_is_a_one_line_error(ancestry_file):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(MethodError, match="corrupt or truncated") as err:
-        load_ancestry(path)
+        load_export(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no safetensors traceback attached
 
@@ -81,29 +81,29 @@ def test_garbage_file_is_an_error(tmp_path):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(b"\x00not a safetensors file at all")
     with pytest.raises(MethodError, match="corrupt or truncated"):
-        load_ancestry(path)
+        load_export(path)
 
 
 def test_foreign_safetensors_file_is_refused(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "pt"})
-    with pytest.raises(MethodError, match="not a kindbench ancestry"):
-        load_ancestry(path)
+    with pytest.raises(MethodError, match="not a kindbench export"):
+        load_export(path)
 
 
 def test_newer_format_version_is_refused(tmp_path):
     path = tmp_path / "future.safetensors"
-    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": ANCESTRY_FORMAT, "format_version": "99"})
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": EXPORT_FORMAT, "format_version": "99"})
     with pytest.raises(MethodError, match="format version '99'"):
-        load_ancestry(path)
+        load_export(path)
 
 
 def test_shared_storage_is_saved(tmp_path):
     weight = torch.randn(4, 4)
     state = {"a": weight, "b": weight, "c": weight[0]}  # tied and viewed tensors, which safetensors refuses as is
     path = tmp_path / "tied.safetensors"
-    save_ancestry(path, state, method="scratch", arch=TINY, num_classes=3)
-    loaded = load_ancestry(path).state
+    save_export(path, state, method="scratch", arch=TINY, num_classes=3)
+    loaded = load_export(path).state
     assert torch.equal(loaded["a"], weight) and torch.equal(loaded["b"], weight)
     assert torch.equal(loaded["c"], weight[0])
 
@@ -162,7 +162,7 @@ def test_skip_allows_a_new_label_space():
 
 def test_full_loads_every_inherited_tensor(ancestry_file):
     path, _, model = ancestry_file
-    built = get_method("full").build(TINY, Task("t", 4), load_ancestry(path))
+    built = get_method("full").build(TINY, Task("t", 4), load_export(path))
     source = model.state_dict()
     for key, value in built.state_dict().items():
         if key.startswith("y_embedder."):
@@ -173,23 +173,23 @@ def test_full_loads_every_inherited_tensor(ancestry_file):
 
 def test_full_same_classes_without_reinit_keeps_the_table(ancestry_file):
     path, _, model = ancestry_file
-    built = get_method("full", {"reinit": ()}).build(TINY, Task("t", 10), load_ancestry(path))
+    built = get_method("full", {"reinit": ()}).build(TINY, Task("t", 10), load_export(path))
     assert torch.equal(built.y_embedder.embedding_table.weight, model.y_embedder.embedding_table.weight)
     with pytest.raises(MethodError, match="add 'y_embedder'"):
-        get_method("full", {"reinit": ()}).build(TINY, Task("t", 4), load_ancestry(path))
+        get_method("full", {"reinit": ()}).build(TINY, Task("t", 4), load_export(path))
 
 
 def test_ancestry_of_another_arch_is_refused(tmp_path):
     other = ArchSpec(name="DiT-T/4", input_size=8)
     path = tmp_path / "t4.safetensors"
-    save_ancestry(path, random_dit(other).state_dict(), method="scratch", arch=other, num_classes=10)
+    save_export(path, random_dit(other).state_dict(), method="scratch", arch=other, num_classes=10)
     with pytest.raises(MethodError, match=r"same architecture.*name: ancestry 'DiT-T/4' vs requested 'DiT-T/2'"):
-        get_method("lora").build(TINY, Task("t", 4), load_ancestry(path))
+        get_method("lora").build(TINY, Task("t", 4), load_export(path))
 
 
 def test_ancestry_of_a_non_dense_method_is_refused(ancestry_file):
     path, _, _ = ancestry_file
-    ancestry = load_ancestry(path)
+    ancestry = load_export(path)
     ancestry.method = "kind"
     with pytest.raises(MethodError, match="cannot build from an ancestry of method 'kind'"):
         get_method("full").build(TINY, Task("t", 4), ancestry)
@@ -198,7 +198,7 @@ def test_ancestry_of_a_non_dense_method_is_refused(ancestry_file):
 def test_mislabelled_ancestry_with_wrong_shapes_is_refused():
     # The metadata claims DiT-T/2 but the tensors are DiT-M/2's: the key/shape check still catches it.
     state = random_dit(ArchSpec(name="DiT-M/2", input_size=8)).state_dict()
-    ancestry = Ancestry(method="scratch", arch=TINY, num_classes=10, state=state)
+    ancestry = Export(method="scratch", arch=TINY, num_classes=10, state=state)
     with pytest.raises(MethodError, match="cannot load the ancestry"):
         get_method("full").build(TINY, Task("t", 4), ancestry)
 
@@ -212,7 +212,7 @@ def test_released_checkpoint_prefers_ema(tmp_path):
     ema, raw = random_dit(seed=1).state_dict(), random_dit(seed=2).state_dict()
     path = tmp_path / "0400000.pt"
     torch.save({"model": raw, "ema": ema, "opt": {"state": {}}}, path)
-    ancestry = load_ancestry(path)  # .pt goes to load_released_dit
+    ancestry = load_export(path)  # .pt goes to load_released_dit
     assert (ancestry.method, ancestry.num_classes, ancestry.arch) == ("scratch", 10, TINY)
     assert ancestry.meta == {"source": "released-dit"} and len(ancestry.sha256) == 64
     assert all(torch.equal(ancestry.state[k], ema[k]) for k in ema)

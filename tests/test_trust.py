@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from trainrun import REPO
 
 from bench.pipeline.executor import build_plan, default_results, run_local
 from bench.pipeline.jobs import Roots
 from bench.pipeline.status import plan_states
-from trainrun import REPO
 
 MINI = str(REPO / "tests" / "suites" / "mini.toml")
 
@@ -60,7 +60,7 @@ def test_a_finished_suite_runs_nothing_again_even_after_a_move(mini_copy):
 
 def test_deleting_an_artefact_reruns_exactly_that_job_and_its_dependants(mini_copy):
     suite, plan = build_plan(MINI, [])
-    transfer = next(j for j in plan.by_stage("transfer") if j.info["method"] == "lora")
+    transfer = next(j for j in plan.by_step("train") if j.info["method"] == "lora")
     (mini_copy.runs / transfer.run_id / "export.safetensors").unlink()
     states = plan_states(plan, mini_copy)
     assert states[transfer.job_id].state == "missing" and "export" in states[transfer.job_id].reason
@@ -69,21 +69,21 @@ def test_deleting_an_artefact_reruns_exactly_that_job_and_its_dependants(mini_co
     after = _finished(mini_copy)
     rerun = {job for job in before if after[job] != before[job]}
     lora_jobs = {j.job_id for j in plan.jobs.values() if j.run_id == transfer.run_id}
-    aggregate = {j.job_id for j in plan.by_stage("aggregate")}
+    aggregate = {j.job_id for j in plan.by_step("aggregate")}
     assert rerun == lora_jobs | aggregate
     assert (mini_copy.runs / transfer.run_id / "export.safetensors").is_file()
 
 
 def test_a_changed_output_is_not_trusted(mini_copy):
     suite, plan = build_plan(MINI, [])
-    prepare = plan.by_stage("prepare")[0]
+    prepare = plan.by_step("prepare")[0]
     record = json.loads((mini_copy.results / "records" / f"{prepare.job_id}.json").read_text())
     path = mini_copy.runs / record["outputs"]["reference"]["path"]
     path.write_bytes(path.read_bytes() + b"\0")
     states = plan_states(plan, mini_copy)
     assert states[prepare.job_id].state == "changed"
-    assert all(states[j.job_id].state == "upstream" for j in plan.by_stage("evaluate"))
-    assert all(not states[j.job_id].todo for j in plan.by_stage("transfer"))
+    assert all(states[j.job_id].state == "upstream" for j in plan.by_step("evaluate"))
+    assert all(not states[j.job_id].todo for j in plan.by_step("train"))
 
 
 def test_the_sampling_protocol_belongs_to_the_sample_job(mini_copy):
@@ -93,11 +93,11 @@ def test_the_sampling_protocol_belongs_to_the_sample_job(mini_copy):
     plans = {steps: _run(mini_copy, f"sample.num_steps={steps}")[0] for steps in (2, 3)}
     after = _finished(mini_copy)
     for job_id in trained:
-        if job_id.endswith(("--transfer", "--ancestry")):
+        if job_id.endswith(("--train", "--pretrain")):
             assert after[job_id] == trained[job_id]
     digests = {}
     for steps, plan in plans.items():
-        for job in plan.by_stage("sample"):
+        for job in plan.by_step("sample"):
             record = json.loads((mini_copy.results / "records" / f"{job.job_id}.json").read_text())
             assert record["sample_info"]["num_steps"] == steps
             assert record["run_info"]["protocol_settings"]["num_steps"] == steps
@@ -112,7 +112,7 @@ def test_the_sampling_protocol_belongs_to_the_sample_job(mini_copy):
 def test_transfer_records_carry_complete_provenance(mini_copy):
     suite, plan = build_plan(MINI, [])
     store_records = mini_copy.results / "records"
-    for job in plan.by_stage("transfer"):
+    for job in plan.by_step("train"):
         record = json.loads((store_records / f"{job.job_id}.json").read_text())
         info, train = record["run_info"], record["train_info"]
         assert info["code"]["fingerprint"] and info["inputs"].keys() == set(job.deps)
@@ -124,7 +124,7 @@ def test_transfer_records_carry_complete_provenance(mini_copy):
             parent = json.loads((store_records / f"{info['ancestry']['job_id']}.json").read_text())
             assert info["ancestry"]["sha256"] == parent["outputs"]["export"]["sha256"] != ""
     peaks = {json.loads((store_records / f"{j.job_id}.json").read_text())["train_info"]["peak_mem_gb"]
-             for j in plan.by_stage("transfer")}
+             for j in plan.by_step("train")}
     assert len(peaks) > 1  # the run's own peak, not the worker process's lifetime peak shared by every run
 
 
@@ -154,7 +154,7 @@ def test_fresh_clone_runs_the_readme_command_without_touching_shipped_results(tm
     results = clone / "runs" / "results" / "mini"
     summary = json.loads((results / "last_run.json").read_text())
     assert summary["outcomes"]["ran"] == 12 and summary["outcomes"]["failed"] == 0
-    record = json.loads(next((results / "records").glob("*--transfer.json")).read_text())
+    record = json.loads(next((results / "records").glob("*--train.json")).read_text())
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
     assert record["run_info"]["git_sha"] == head  # the clone's code ran, not this checkout's
     assert _tree_digest(clone / "results") == shipped
@@ -174,7 +174,8 @@ def test_fresh_clone_runs_the_readme_command_without_touching_shipped_results(tm
     plan = subprocess.run([sys.executable, "-m", "bench.cli", "plan", "--suite", "tests/suites/mini.toml", "--json"],
                           cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert plan.returncode == 0, plan.stderr[-2000:]
-    probe = ("import json, sys; from bench.pipeline.executor import build_plan; from bench.pipeline.jobs import Roots; "
+    probe = ("import json, sys; from bench.pipeline.executor import build_plan; "
+             "from bench.pipeline.jobs import Roots; "
              "from bench.pipeline.status import plan_states; p = build_plan('tests/suites/mini.toml', [])[1]; "
              "s = plan_states(p, Roots('runs', 'runs/results/mini')); "
              "print(json.dumps({k: [v.state, p.jobs[k].info.get('method', '')] for k, v in s.items()}))")
@@ -199,7 +200,7 @@ def test_every_method_declares_its_family_and_the_plan_takes_it_from_there():
     assert all(families.values()), [n for n, f in families.items() if not f]
     assert families["kind"] == "learngene" and families["lora"] == "peft" and families["scratch"] == "pretrain"
     suite, plan = build_plan(MINI, [])
-    for job in plan.by_stage("transfer"):
+    for job in plan.by_step("train"):
         assert job.info["family"] == families[job.info["method"]]
 
 
@@ -207,14 +208,14 @@ def test_make_plan_is_pure_and_budgets_are_resolved_before_it(tmp_path, monkeypa
     """make_plan builds no model and writes no file; budget-matched ranks come from their own step."""
     import torch
 
-    from bench.pipeline.plan import make_plan, resolve_budgets
     from bench.config.suite import SuiteError, load_suite
+    from bench.pipeline.plan import make_plan, resolve_budgets
 
     suite_file = tmp_path / "budget.toml"
     suite_file.write_text(Path(MINI).read_text() + '\n[ancestries.kind]\nmethod = "kind"\n'
                           'overrides = { data = { split = "pretrain" } }\n\n[[methods]]\nname = "kind"\n'
-                          'ancestry = "kind"\ntasks = ["novel-a"]\n\n[[methods]]\nname = "lora"\nvariant = "kind-budget"\n'
-                          'ancestry = "dense"\nbudget = "kind"\ntasks = ["novel-a"]\n')
+                          'ancestry = "kind"\ntasks = ["novel-a"]\n\n[[methods]]\nname = "lora"\n'
+                          'variant = "kind-budget"\nancestry = "dense"\nbudget = "kind"\ntasks = ["novel-a"]\n')
     monkeypatch.setenv("KINDBENCH_CACHE_DIR", str(tmp_path / "cache"))
     suite = load_suite(str(suite_file))
     with pytest.raises(SuiteError, match="not resolved"):
@@ -226,7 +227,7 @@ def test_make_plan_is_pure_and_budgets_are_resolved_before_it(tmp_path, monkeypa
     monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *a, **k: built.append(type(self)))
     plan = make_plan(suite, None, budgets)
     assert not built and not (tmp_path / "cache" / "budget_ranks.json").exists()
-    lora = [j for j in plan.by_stage("transfer") if j.info["variant"] == "kind-budget"]
+    lora = [j for j in plan.by_step("train") if j.info["variant"] == "kind-budget"]
     assert lora and lora[0].config["method"]["options"]["rank"] != 16  # matched, not the standard rank
 
 

@@ -14,17 +14,17 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from suitefixtures import DENSE, ancestry, method, suite_file, suite_toml, task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from baselines.wave import (WaveLinear, compose_weight, fit_templates, template_name,  # noqa: E402
-                            template_params, wave_layers)
-from bench.run.batching import derive_seed  # noqa: E402
+from baselines.wave import WaveLinear, compose_weight, fit_templates, template_name, template_params, wave_layers  # noqa: E402
 from bench.diffusion import GaussianDiffusion  # noqa: E402
 from bench.models.dit import DiT  # noqa: E402
+from bench.run.batching import derive_seed  # noqa: E402
 from bench.run.train import INIT_STREAM  # noqa: E402
-from methods import Ancestry, ArchSpec, MethodError, Task, get_method  # noqa: E402
-from methods.transfer import load_ancestry  # noqa: E402
+from methods import ArchSpec, Export, MethodError, Task, get_method  # noqa: E402
+from methods.transfer import load_export  # noqa: E402
 
 TINY = ArchSpec(name="DiT-T/2", input_size=8, in_channels=4)
 TINY_DEPTH = 2
@@ -33,7 +33,7 @@ CLASSES = 5
 SMALL = {"template_size": 32, "num_templates": 4}  # 32 divides both widths (64 and 96) and their 3d/4d
 
 
-def wave_ancestry(options=SMALL, arch=TINY, seed=0) -> Ancestry:
+def wave_ancestry(options=SMALL, arch=TINY, seed=0) -> Export:
     """A consolidated WAVE ancestry with random (non-trivial) values everywhere, as an ancestry run exports it."""
     torch.manual_seed(seed)
     model = get_method("wave", options).build_ancestry(arch, CLASSES)
@@ -41,16 +41,16 @@ def wave_ancestry(options=SMALL, arch=TINY, seed=0) -> Ancestry:
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
-    return Ancestry("wave", arch, CLASSES, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    return Export("wave", arch, CLASSES, {k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
-def dense_ancestry(arch=TINY, seed=1) -> Ancestry:
+def dense_ancestry(arch=TINY, seed=1) -> Export:
     torch.manual_seed(seed)
     model = arch.build(CLASSES)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
-    return Ancestry("scratch", arch, CLASSES, dict(model.state_dict()))
+    return Export("scratch", arch, CLASSES, dict(model.state_dict()))
 
 
 def batch(arch=TINY, n=4, seed=3):
@@ -128,6 +128,7 @@ def test_descendant_of_other_depth_and_width_builds_and_trains_with_frozen_templ
     ancestry = wave_ancestry()
     method = get_method("wave", {})  # count and side of the templates come from the ancestry file
     model = method.build(OTHER_SIZE, Task("d3w96", 7, stage="descend"), ancestry)
+    method.mark_trainable(model)  # as the trainer does, once, after build
     assert (model.depth, model.hidden_size) == (3, 96) and len(wave_layers(model)) == 4 * 3
     assert model.blocks[2].mlp.fc1.wave_scalers.shape == (4, 384 // 32, 96 // 32)
     templates = template_params(model)
@@ -169,6 +170,7 @@ def test_train_all_folds_the_descendant_into_a_dense_dit_trained_in_full():
     torch.manual_seed(5)
     method = get_method("wave", {"train": "all"})
     model = method.build(OTHER_SIZE, Task("d3w96", 7, stage="descend"), ancestry)
+    method.mark_trainable(model)  # as the trainer does, once, after build
     assert not wave_layers(model) and not template_params(model)
     assert set(model.state_dict()) == set(OTHER_SIZE.build(7).state_dict())
     x, t, y = batch(OTHER_SIZE)
@@ -184,10 +186,11 @@ def test_wave_teacher_gives_the_scaler_phase_as_an_ancestry_of_the_new_size():
     ancestry = wave_ancestry()
     method = get_method("wave", {})
     phase1 = method.build_ancestry(OTHER_SIZE, CLASSES, teacher=ancestry)
+    method.mark_trainable(phase1)  # as the trainer does, once, after build_ancestry
     assert method.teacher is None  # a wave teacher lends templates; nothing is distilled
     assert all(not p.requires_grad for p in template_params(phase1).values())
     train_steps(method, phase1, OTHER_SIZE, steps=1)
-    export = Ancestry("wave", OTHER_SIZE, CLASSES, dict(phase1.state_dict()))
+    export = Export("wave", OTHER_SIZE, CLASSES, dict(phase1.state_dict()))
     phase2 = get_method("wave", {"train": "all"}).build(OTHER_SIZE, Task("d3w96", CLASSES, stage="descend"), export)
     assert type(phase2) is DiT and not template_params(phase2)
 
@@ -235,6 +238,7 @@ def test_distillation_loss_is_zero_for_the_teachers_output_and_positive_for_the_
     teacher = dense_ancestry()
     method = get_method("wave", {**SMALL, "teacher_init": "random"})
     model = method.build_ancestry(TINY, CLASSES, teacher=teacher)
+    method.mark_trainable(model)  # as the trainer does, once, after build_ancestry
     assert method.teacher is not None and all(not p.requires_grad for p in method.teacher.parameters())
     teacher_ids = {id(p) for p in method.teacher.parameters()}
     assert not teacher_ids & {id(p) for p in model.parameters()}  # kept on the method, never in the model
@@ -260,9 +264,10 @@ def test_consolidation_starts_from_the_teachers_best_template_fit():
         for param in source.parameters():
             param.add_(0.05 * torch.randn_like(param))
     dense = get_method("wave", SMALL).merge(copy.deepcopy(source))  # a dense teacher made of 4 shared templates
-    teacher = Ancestry("scratch", TINY, CLASSES, dict(dense.state_dict()))
+    teacher = Export("scratch", TINY, CLASSES, dict(dense.state_dict()))
     method = get_method("wave", SMALL)
     model = method.build_ancestry(TINY, CLASSES, teacher=teacher).eval()
+    method.mark_trainable(model)  # as the trainer does, once, after build_ancestry
     assert all(p.requires_grad for n, p in model.named_parameters() if n != "pos_embed")  # templates train too
     view = distill_view(method, model)
     assert method.extra_loss(model, view).item() < 1e-8  # the fit is exact: the student starts as the teacher
@@ -277,7 +282,7 @@ def test_teacher_must_be_dense_with_the_same_labels():
     method = get_method("wave", SMALL)
     with pytest.raises(MethodError, match="same labels"):
         method.build_ancestry(TINY, CLASSES + 1, teacher=dense_ancestry())
-    bad = Ancestry("lora", TINY, CLASSES, {})
+    bad = Export("lora", TINY, CLASSES, {})
     with pytest.raises(MethodError, match="dense teacher"):
         method.build_ancestry(TINY, CLASSES, teacher=bad)
 
@@ -322,7 +327,7 @@ def test_zero3_two_processes_consolidate_shared_templates_like_one_process(run_t
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
     # The templates did train: the run's initial model is rebuilt from its seeded construction stream.
     torch.manual_seed(derive_seed(0, INIT_STREAM))
-    teacher = load_ancestry(teacher_path)
+    teacher = load_export(teacher_path)
     initial = get_method("wave", options).build_ancestry(teacher.arch, teacher.num_classes, teacher=teacher)
     start = initial.state_dict()[template_name("mlp.fc1")]
     assert start.shape == b[template_name("mlp.fc1")].shape
@@ -333,60 +338,24 @@ def test_zero3_two_processes_consolidate_shared_templates_like_one_process(run_t
 #                                      How a suite expresses WAVE's phases
 # --------------------------------------------------------------------------------------------------------------
 
-WAVE_SUITE = """
-name = "wave-chain"
-seeds = [0]
-archs = ["DiT-T/2"]
-[defaults.model]
-in_channels = 3
-input_size = 16
-[defaults.data]
-image_size = 16
-per_class = 4
-[defaults.schedule]
-global_batch = 8
-steps = 3
-[protocol.sample]
-num_samples = 8
-[protocol.eval]
-extractor = "synthetic"
-[ancestries.dense]
-method = "scratch"
-overrides = { data = { split = "pretrain" } }
-[ancestries.wave]
-method = "wave"
-teacher = "dense"
-options = { template_size = 32 }
-overrides = { data = { split = "pretrain" } }
-[ancestries.wave-d3w96]
-method = "wave"
-teacher = "wave"
-arch = "DiT-T/2-d3-w96"
-options = { train = "scalers" }
-overrides = { data = { split = "novel-a" }, schedule = { steps = 2 } }
-[tasks.novel-a-d3w96]
-stage = "descend"
-overrides = { data = { split = "novel-a" }, model = { arch = "DiT-T/2-d3-w96" } }
-[[methods]]
-name = "wave"
-ancestry = "wave-d3w96"
-options = { train = "all" }
-[[methods]]
-name = "wave"
-variant = "scalers-only"
-ancestry = "wave"
-options = { train = "scalers" }
-"""
+# dense -> wave (consolidation) -> wave-d3w96 (the scaler phase, on novel-a) -> the descend task (all trained)
+WAVE_SUITE = suite_toml("wave-chain", ancestries=[
+    DENSE,
+    ancestry("wave", "wave", teacher="dense", options={"template_size": 32}),
+    ancestry("wave-d3w96", "wave", teacher="wave", arch="DiT-T/2-d3-w96", options={"train": "scalers"},
+             split="novel-a", schedule={"steps": 2}),
+], tasks=[task("novel-a-d3w96", stage="descend", model={"arch": "DiT-T/2-d3-w96"})], methods=[
+    method("wave", ancestry="wave-d3w96", options={"train": "all"}),
+    method("wave", variant="scalers-only", ancestry="wave", options={"train": "scalers"}),
+])
 
 
 def test_suite_chains_consolidation_scaler_phase_and_normal_training(tmp_path):
-    from bench.pipeline.plan import make_plan
     from bench.config.suite import load_suite
+    from bench.pipeline.plan import make_plan
 
-    path = tmp_path / "wave.toml"
-    path.write_text(WAVE_SUITE)
-    plan = make_plan(load_suite(str(path)))
-    train = {j.config["run"]["name"]: j for j in plan.jobs.values() if j.stage in ("ancestry", "transfer")}
+    plan = make_plan(load_suite(suite_file(tmp_path, WAVE_SUITE, "wave.toml")))
+    train = {j.config["run"]["name"]: j for j in plan.jobs.values() if j.step in ("pretrain", "train")}
     dense, wave, phase1 = train["ancestry-dense"], train["ancestry-wave"], train["ancestry-wave-d3w96"]
     assert wave.deps == (dense.job_id,) and phase1.deps == (wave.job_id,)
     assert phase1.config["model"]["arch"] == "DiT-T/2-d3-w96" and phase1.config["run"]["ancestry"].startswith(

@@ -18,9 +18,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.config.toml import tomllib
+from bench.records.atomic import atomic_path
+
+if TYPE_CHECKING:  # types only: a config does not need the method contract to load
+    from methods.base import ArchSpec
 
 
 class ConfigError(ValueError):
@@ -57,13 +61,20 @@ class ModelConfig:
         _check(self.in_channels > 0, "model.in_channels must be positive")
         _check(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
 
+    def arch_spec(self) -> ArchSpec:
+        """The method contract's view of this section (``methods.base.ArchSpec``): the one conversion between them."""
+        from methods.base import ArchSpec
+
+        return ArchSpec(self.arch, self.input_size, self.in_channels, self.learn_sigma, self.class_dropout_prob)
+
 
 @dataclass
 class MethodSection:
     name: str = "scratch"
     """Registry key of the method (``kindbench methods`` lists them)."""
     stage: str = "transfer"
-    """Which stage this run trains: ``ancestry`` (pre-train what a method transfers from) or ``transfer``/``descend``/``domain``."""
+    """Which stage this run trains: ``ancestry`` (pre-train what a method transfers from) or
+    ``transfer``/``descend``/``domain``."""
     options: dict[str, Any] = field(default_factory=dict)
     """The method's own ``Config`` fields; validated by that dataclass, so an unknown option is an error there."""
 
@@ -77,7 +88,8 @@ STAGES = frozenset({"ancestry", "transfer", "descend", "domain"})
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    """``synthetic`` (embedded, generated), ``imagefolder`` (pixels from ``root``) or ``latents`` (a VAE latent cache)."""
+    """``synthetic`` (embedded, generated), ``imagefolder`` (pixels from ``root``) or
+    ``latents`` (a VAE latent cache)."""
     split: str = "pretrain"
     """Synthetic class split (``pretrain``, ``novel``, ``all``), or ignored for other sources."""
     domain: str = "natural"
@@ -139,7 +151,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # TOML gives lists
         _check(self.lr > 0, "optim.lr must be positive")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas must be two numbers in [0, 1)")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               "optim.betas must be two numbers in [0, 1)")
         _check(self.grad_clip >= 0 and self.weight_decay >= 0 and self.warmup_steps >= 0,
                "optim.grad_clip, optim.weight_decay and optim.warmup_steps must be >= 0")
 
@@ -180,7 +193,8 @@ class EngineConfig:
     dist_backend: str = "auto"
     """torch.distributed backend: ``auto`` (nccl on GPU, gloo on CPU), ``gloo`` or ``nccl``."""
     seed: int = 0
-    """Global seed; each rank derives its own stream from (seed, rank, step), so results do not depend on world size."""
+    """Global seed; each rank derives its own stream from (seed, rank, step), so results do not depend
+    on world size."""
     tf32: bool = False
     """Allow TF32 matmuls on Ampere+ GPUs (recorded; DiT's reproduction numbers were measured with it off)."""
     cpu_threads: int = 0
@@ -217,7 +231,8 @@ class SampleConfig:
     guide_channels: int = 0
     """Output channels classifier-free guidance applies to; 0 = all (DiT's release used 3 for JAX parity)."""
     vae_dir: str = ""
-    """Local diffusers AutoencoderKL directory to decode latents (empty: ``$KINDBENCH_VAE_DIR``); unused in pixel space."""
+    """Local diffusers AutoencoderKL directory to decode latents (empty: ``$KINDBENCH_VAE_DIR``);
+    unused in pixel space."""
     clip_denoised: str = "auto"
     """Clip each step's predicted x_0 to [-1, 1]: ``auto`` = in pixel space only (ADM's ``clip_denoised`` for
     images; DiT samples latents unclipped), ``true`` or ``false``. Without it, deterministic samplers (DDIM,
@@ -248,7 +263,8 @@ class EvalConfig:
     cache_dir: str = ""
     """Where the synthetic domain extractor is cached (empty: ``$KINDBENCH_CACHE_DIR`` or ``~/.cache/kindbench``)."""
     reference: str = ""
-    """ADM-style reference batch (``extractor = inception``), e.g. ``${KINDBENCH_REFS}/VIRTUAL_imagenet256_labeled.npz``."""
+    """ADM-style reference batch (``extractor = inception``), e.g.
+    ``${KINDBENCH_REFS}/VIRTUAL_imagenet256_labeled.npz``."""
     weights_dir: str = ""
     """Inception/DINOv2 weights (empty: ``$KINDBENCH_WEIGHTS_DIR``)."""
     fdd: str = "auto"
@@ -293,7 +309,7 @@ class RunConfig:
         return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
     def run_id(self) -> str:
-        """Readable prefix + config hash, e.g. ``scratch--pretrain--DiT-T-2--s0--3f9a1c2e`` (DESIGN.md §4)."""
+        """Readable prefix + config hash, e.g. ``scratch--pretrain--DiT-T-2--s0--3f9a1c2e`` (docs/harness.md §2.2)."""
         if self.run.id:
             return self.run.id
         arch = self.model.arch.replace("/", "-")
@@ -315,7 +331,8 @@ class RunSection:
     name: str = ""
     """Readable experiment/task name used in the run id prefix (default: the data split)."""
     ancestry: str = ""
-    """Path of the ancestry export (``export.safetensors``) a transfer run starts from; empty for scratch/ancestry runs."""
+    """Path of the ancestry export (``export.safetensors``) a transfer run starts from;
+    empty for scratch/ancestry runs."""
     resume: bool = True
     """Resume from the newest valid checkpoint in the run directory if one exists."""
     max_wall_minutes: float = 0.0
@@ -359,7 +376,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``'optim.lr=2e-4'`` or ``'--optim.lr=2e-4'`` -> (``'optim.lr'``, 2e-4); the value is read as a TOML literal, else a string."""
+    """``'optim.lr=2e-4'`` or ``'--optim.lr=2e-4'`` -> (``'optim.lr'``, 2e-4);
+    the value is read as a TOML literal, else a string."""
     text = item[2:] if item.startswith("--") else item
     if "=" not in text:
         raise ConfigError(f"override {item!r} must look like --section.key=value")
@@ -453,8 +471,5 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 def save_resolved(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as JSON (atomic: temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))

@@ -1,7 +1,7 @@
 """Suites: which ancestries, tasks, methods, model sizes and seeds a benchmark runs. Suites are data (TOML).
 
-A suite file only *overrides* the config defaults (``bench/config/schema.py``); shipped suites live in ``bench/suites/``,
-and a path to any other file works too. Layout::
+A suite file only *overrides* the config defaults (``bench/config/schema.py``); shipped suites live in
+``bench/suites/``, and a path to any other file works too. Layout::
 
     name = "tiny"
     seeds = [0]
@@ -244,7 +244,8 @@ def validate_suite(suite: Suite) -> None:
                              f"{list(cls.ancestry_methods)})")
         for task in spec.tasks:
             if task not in suite.tasks:
-                raise SuiteError(f"{where} method {spec.name!r}: unknown task {task!r} (defined: {sorted(suite.tasks)})")
+                raise SuiteError(f"{where} method {spec.name!r}: unknown task {task!r} "
+                                 f"(defined: {sorted(suite.tasks)})")
             stage = suite.tasks[task].stage
             if stage not in cls.stages:
                 raise SuiteError(f"{where} method {spec.name!r} does not support the {stage!r} stage of task {task!r}")

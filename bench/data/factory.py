@@ -41,8 +41,8 @@ def build_dataset(data: DataConfig, model: ModelConfig) -> Dataset:
         dataset = LatentDataset(directory, random_flip=False, seed=data.seed)
         expected = (dataset.latent_channels, dataset.latent_size)
     if (model.in_channels, model.input_size) != expected:
-        raise ValueError(f"data ({data.source}) gives {expected[0]}-channel {expected[1]}px inputs but the model expects "
-                         f"model.in_channels={model.in_channels}, model.input_size={model.input_size}")
+        raise ValueError(f"data ({data.source}) gives {expected[0]}-channel {expected[1]}px inputs but the model "
+                         f"expects model.in_channels={model.in_channels}, model.input_size={model.input_size}")
     if data.subset_fraction < 1.0:
         from bench.data.subset import ClassBalancedSubset
 

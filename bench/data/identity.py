@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.config.schema import DataConfig
+from bench.records.hashing import file_sha256
 
 
-def _file_sha256(text: str) -> str:
+def _named_file_digest(text: str) -> str:
+    """sha256 of the file a config setting names (``$VARS`` and ``~`` expanded); "" when it names none."""
     path = Path(os.path.expandvars(text)).expanduser() if text else None
     if path is None or not path.is_file():
         return ""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def data_identity(data: DataConfig) -> dict[str, Any]:
@@ -33,7 +35,7 @@ def data_identity(data: DataConfig) -> dict[str, Any]:
         payload = json.dumps({"classes": synthetic_split(data.split), **section}, sort_keys=True)
         digest = hashlib.sha256(payload.encode()).hexdigest()
     elif data.source == "imagefolder":
-        digest = _file_sha256(data.class_list)
+        digest = _named_file_digest(data.class_list)
     else:
-        digest = _file_sha256(os.path.join(data.latent_dir, "manifest.json")) if data.latent_dir else ""
+        digest = _named_file_digest(os.path.join(data.latent_dir, "manifest.json")) if data.latent_dir else ""
     return {"section": section, "sha256": digest}

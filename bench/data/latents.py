@@ -7,7 +7,7 @@ Layout of a cache directory:
 
 Each shard stores the posterior `mean` and `std` (unscaled VAE units) of every image and, with `flips=True`, of its
 horizontal mirror (`mean_flip`, `std_flip`), plus `label` and the global `index`. Keeping moments instead of one
-sample, and both flips, avoids fast-DiT's frozen sample and frozen flip (harness.md §1.3, §1.5); `LatentDataset`
+sample, and both flips, avoids fast-DiT's frozen sample and frozen flip (docs/harness.md §5.5); `LatentDataset`
 draws `scale * (mean + std * eps - shift)` and a flip per access, seeded by (seed, index, epoch) so a resumed run sees
 the same draws (or hands the scaled moments to a trainer that draws them itself: `LatentDataset.moments`).
 
@@ -30,13 +30,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from bench.records.hashing import file_sha256  # also re-exported: callers use bench.data.latents.file_sha256
 from bench.models.vae import (
     encode_moments,
     load_vae,
@@ -45,6 +43,8 @@ from bench.models.vae import (
     vae_shift_factor,
     vae_weights_file,
 )
+from bench.records.atomic import atomic_path
+from bench.records.hashing import file_sha256  # also re-exported: callers use bench.data.latents.file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,6 @@ def shard_file_name(k: int) -> str:
 def shard_ranges(count: int, shard_size: int) -> list[tuple[int, int]]:
     """Contiguous global index range [start, stop) of every shard."""
     return [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
-
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _read_header(path: Path) -> dict:
@@ -242,11 +235,10 @@ def _write_shard(vae, dataset, indices: range, path: Path, header: dict, batch_s
         "label_max": int(tensors["label"].max()),
         "stats": stats,
     }
-    for leftover in path.parent.glob(f"{path.name}.tmp-*"):  # from a killed earlier attempt; only this rank owns k
+    for leftover in path.parent.glob(f"{path.name}.*.tmp"):  # from a killed earlier attempt; only this rank owns k
         leftover.unlink(missing_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(full_header, sort_keys=True)})
-    os.replace(tmp, path)  # atomic: an existing shard file is always a complete one
+    with atomic_path(path) as tmp:  # atomic: an existing shard file is always a complete one
+        save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(full_header, sort_keys=True)})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -326,7 +318,8 @@ def finalize_latent_cache(out_dir: str | Path) -> Path:
         "shards": shards,
     }
     path = out_dir / MANIFEST_FILE
-    _atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -17,7 +17,8 @@ IDDPM's tanh approximation, computed on the side of the mean where the differenc
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
@@ -118,7 +119,7 @@ class GaussianDiffusion:
         # Fixed-large variance (used when the variance is not learned), with the same t=0 fix.
         self.fixed_large_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], betas[1:]]))
 
-    def to(self, device: torch.device | str) -> "GaussianDiffusion":
+    def to(self, device: torch.device | str) -> GaussianDiffusion:
         """Move the float64 tables to ``device`` (once, instead of a host-to-device copy per loss call)."""
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
@@ -240,7 +241,8 @@ class GaussianDiffusion:
         """Per-sample DiT training losses for a batch.
 
         Calls ``model_fn(x_t, t, **model_kwargs)``. Returns ``{"loss", "mse", "vb"}``, each of shape (N,):
-        ``mse`` is the epsilon MSE averaged over C, H, W; ``vb`` the VB term in bits/dim; also ``x_t`` (the noised input) and ``model_output`` (raw, in the loss dtype). With a learned variance
+        ``mse`` is the epsilon MSE averaged over C, H, W; ``vb`` the VB term in bits/dim; also ``x_t`` (the noised
+        input) and ``model_output`` (raw, in the loss dtype). With a learned variance
         ``loss = mse + vb`` where the VB term sees the epsilon output through a stop-gradient (IDDPM: the VB only
         trains the variance, the MSE alone trains the mean). With a fixed variance ``loss = mse`` and ``vb`` is the
         bound of the fixed-variance model, detached, for monitoring only.

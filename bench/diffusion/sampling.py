@@ -41,7 +41,7 @@ on batch size, batch composition or world size (up to the model's own batch-size
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler

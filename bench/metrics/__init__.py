@@ -1,4 +1,4 @@
-"""Evaluation metrics in the ADM protocol: FID, sFID, IS, Precision/Recall, plus FDD (metrics.md).
+"""Evaluation metrics in the ADM protocol: FID, sFID, IS, Precision/Recall, plus FDD (docs/metrics.md).
 
 Light to import: the heavy modules (networks, clean-fid, timm) load only when used. ``METRICS`` is the registry the
 leaderboard reads: per metric, whether higher is better and which feature network it needs.
@@ -29,4 +29,19 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("kid", False, "inception", "clean-fid kernel inception distance"),
 )}
 
-__all__ = ["METRICS", "MetricInfo"]
+#: display names (report headers, record labels)
+LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall", "fdd": "FDD",
+          "clean_fid": "clean-FID", "kid": "KID"}
+
+
+def metric_label(name: str, n: int | None = None) -> str:
+    """``FID`` (an unknown name as it is); with the sample count ``n``, ``FID-50K``: names in records carry N because
+    FID-10K and FID-50K are not comparable (pitfall P14)."""
+    label = LABELS.get(name, name)
+    if n is None:
+        return label
+    size = f"{n // 1000}K" if n % 1000 == 0 and n >= 1000 else str(n)
+    return f"{label}-{size}"
+
+
+__all__ = ["LABELS", "METRICS", "MetricInfo", "metric_label"]

@@ -60,7 +60,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_acceptance(sub) -> None:
-    p = sub.add_parser("acceptance", help="acceptance procedures A1-A3 of metrics.md §8.12")
+    p = sub.add_parser("acceptance", help="acceptance procedures A1-A3 of docs/metrics.md §15")
     p.add_argument("procedure", choices=("a1", "a1-128", "a2", "a3"))
     p.add_argument("--samples", type=Path, required=True,
                    help="A1: admnet_guided_upsampled_imagenet256.npz; A2: DiT-XL/2 50k samples; A3: any samples")
@@ -178,8 +178,8 @@ def _device(value):
 
 def _cmd_prepare_ref(args) -> int:
     from bench.metrics.networks.inception import load_inception
-    from bench.metrics.reference.build import prepare_adm_reference
     from bench.metrics.networks.weights import LAYOUT, resolve_weights_dir
+    from bench.metrics.reference.build import prepare_adm_reference
 
     wd = resolve_weights_dir(args.weights_dir)
     weights = wd.verified("inception")
@@ -194,10 +194,10 @@ def _cmd_prepare_ref(args) -> int:
 def _cmd_build_ref(args) -> int:
     from bench.metrics.networks import dinov2 as dino
     from bench.metrics.networks.inception import load_inception
+    from bench.metrics.networks.weights import resolve_weights_dir
     from bench.metrics.reference.build import build_fdd_reference, build_inception_reference
     from bench.metrics.reference.statistics import ImageFolderSource
     from bench.metrics.sample_io import open_samples
-    from bench.metrics.networks.weights import resolve_weights_dir
 
     wd = resolve_weights_dir(args.weights_dir)
     device = _device(args.device)

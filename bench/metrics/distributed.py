@@ -1,4 +1,4 @@
-"""Index sharding and the few collectives the metrics need (metrics.md §8.9).
+"""Index sharding and the few collectives the metrics need (docs/metrics.md §12).
 
 Rank r of W owns the contiguous global range [⌊rN/W⌋, ⌊(r+1)N/W⌋): no padding, no DistributedSampler (P16).
 Everything here is a no-op in a single process, so the same code runs with and without torchrun. Collectives use

@@ -1,7 +1,8 @@
 """FID / IS / precision / recall in the domain extractor's feature space, for the embedded synthetic suite.
 
 The metric code is the ADM protocol's (``frechet``, ``inception_score``, ``precision_recall``, ``stats``); only the
-network differs (``bench.metrics.networks.domain``). Every reference and every record names the extractor and its weights
+network differs (``bench.metrics.networks.domain``).
+Every reference and every record names the extractor and its weights
 sha256 (``protocol.extractor = kindbench-synthetic-cnn-v1``), a reference refuses features of other weights, and the
 leaderboard groups rows by protocol, so these numbers are never ranked with Inception FIDs.
 
@@ -25,18 +26,21 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.metrics import METRICS
+from bench.metrics import METRICS, metric_label
 from bench.metrics import distributed as D
 from bench.metrics.networks.domain import DomainExtractor
+from bench.metrics.record import ENV_GUARANTEES
+from bench.metrics.reference.statistics import load_reference, save_reference
+from bench.metrics.sample_io import open_samples, validate_images
 from bench.metrics.scores.frechet import frechet_distance
 from bench.metrics.scores.inception_score import ADM_SPLIT_SIZE, inception_score
 from bench.metrics.scores.precision_recall import precision_recall
-from bench.metrics.record import env_info, metric_label, now_iso, write_json_atomic
-from bench.metrics.reference.statistics import load_reference, save_reference
-from bench.metrics.sample_io import open_samples, validate_images
 from bench.metrics.scores.stats import moments_of
-from bench.metrics.networks.weights import sha256_file
 from bench.progress import progress_bar
+from bench.records.atomic import write_json_atomic
+from bench.records.environment import device_environment
+from bench.records.fields import utc_now
+from bench.records.hashing import file_sha256
 
 SPACE = "domain"
 SCHEMA = "kindbench.eval-domain/1"
@@ -204,7 +208,7 @@ def evaluate_domain(samples_npz: str | os.PathLike, ref_path: str | os.PathLike,
 
     record = {
         "schema": SCHEMA,
-        "created_at": now_iso(),
+        "created_at": utc_now(),
         "metrics": {name: {"value": float(values[name]), "higher_is_better": METRICS[name].higher_is_better,
                            "label": metric_label(name, n)} for name in METRIC_NAMES},
         "protocol": {
@@ -223,10 +227,10 @@ def evaluate_domain(samples_npz: str | os.PathLike, ref_path: str | os.PathLike,
         "metric_names": {name: metric_label(name, n) for name in METRIC_NAMES},
         "counts": {"precision": pr.n_precision, "recall": pr.n_recall, "real": pr.n_real, "fake": pr.n_fake},
         "samples": {"path": str(samples_npz.resolve()), "n_in_file": shape[0], "shape": shape[1:],
-                    "sha256": sha256_file(samples_npz) if samples_npz.is_file() else None},
+                    "sha256": file_sha256(samples_npz) if samples_npz.is_file() else None},
         "reference": {"path": str(ref.path), "sha256": ref.sha256, "n": ref_m.n, "provenance": ref.provenance},
         "extractor": extractor.describe(),
-        "env": env_info(world, str(extractor.device)),
+        "env": {**device_environment(world, str(extractor.device)), **ENV_GUARANTEES},
         "diagnostics": {"min_eig_sigma_samples": fd.min_eig_sigma1, "min_eig_sigma_ref": fd.min_eig_sigma2,
                         "min_eig_product": fd.min_eig_product, "n_vs_d_ok": n > extractor.feature_dim,
                         "duplicates_found": duplicates},

@@ -1,4 +1,4 @@
-"""One evaluation: an ADM-style sample batch against a reference → the metrics record (metrics.md §1, §8).
+"""One evaluation: an ADM-style sample batch against a reference → the metrics record (docs/metrics.md §1).
 
 Steps (each a helper below): resolve and verify the offline files; load the networks; extract sample features
 (sharded); take the reference statistics and the P/R reference features (cached or extracted from ``arr_0``);
@@ -15,19 +15,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.metrics import METRICS
-from bench.metrics.networks import dinov2 as dino
-from bench.records.atomic import atomic_path
+from bench.metrics import METRICS, metric_label
 from bench.metrics import distributed as D
+from bench.metrics.networks import dinov2 as dino
 from bench.metrics.networks.features import FeatureSet, extract_features
-from bench.metrics.scores.frechet import frechet_distance
 from bench.metrics.networks.inception import load_inception
-from bench.metrics.scores.inception_score import ADM_SPLIT_SIZE, check_label_order, inception_score, split_bounds
-from bench.metrics.scores.precision_recall import PrecisionRecall, precision_recall
-from bench.metrics.record import env_info, metric_label, now_iso, validate_record, write_json_atomic, SCHEMA
+from bench.metrics.networks.weights import VerifiedFile, WeightsDir, resolve_weights_dir
+from bench.metrics.record import ENV_GUARANTEES, SCHEMA, validate_eval_record
 from bench.metrics.reference.statistics import Reference, load_reference
 from bench.metrics.sample_io import open_samples
-from bench.metrics.networks.weights import VerifiedFile, WeightsDir, resolve_weights_dir, sha256_file
+from bench.metrics.scores.frechet import frechet_distance
+from bench.metrics.scores.inception_score import ADM_SPLIT_SIZE, check_label_order, inception_score, split_bounds
+from bench.metrics.scores.precision_recall import PrecisionRecall, precision_recall
+from bench.records.atomic import atomic_path, write_json_atomic
+from bench.records.environment import device_environment
+from bench.records.fields import utc_now
+from bench.records.hashing import file_sha256
 
 ADM_N_REF_PR = 10_000
 
@@ -92,7 +95,7 @@ def _resolve_ref(opts: EvalOptions, wd: WeightsDir) -> tuple[Path, dict]:
         if rel is not None and found and found[1] == rel:
             v = wd.verified(key)
             return v.path, v.record()
-    return ref, {"path": str(ref), "sha256": sha256_file(ref), "official": None, "pinned_now": False}
+    return ref, {"path": str(ref), "sha256": file_sha256(ref), "official": None, "pinned_now": False}
 
 
 def _fdd_setup(opts: EvalOptions, wd: WeightsDir):
@@ -291,12 +294,12 @@ def _metric_values(run: _Run) -> dict:
 
 
 def _record(run: _Run, values: dict) -> dict:
-    """The §8.13 record (key list in ``bench.metrics.record``)."""
+    """The record of docs/metrics.md §13 (key list in ``bench.metrics.record``)."""
     opts, n, pr, fdd_ref, with_fdd = run.opts, run.feats.n, run.pr, run.fdd_ref, run.dinov2_w is not None
     is_ = values["is"]
     record = {
         "schema": SCHEMA,
-        "created_at": now_iso(),
+        "created_at": utc_now(),
         "fid": values["fid"], "sfid": values["sfid"], "is": is_.value, "is_splits": list(is_.splits),
         "is_std": is_.std, "precision": pr.precision if pr else None, "recall": pr.recall if pr else None,
         "fdd": values["fdd"],
@@ -333,7 +336,7 @@ def _record(run: _Run, values: dict) -> dict:
             "is_split_size": opts.is_split_size, "is_shuffle_seed": opts.is_shuffle_seed,
             "class_sampling": opts.class_sampling, "frechet_method": opts.frechet_method,
         },
-        "env": env_info(run.world, str(opts.device)),
+        "env": {**device_environment(run.world, str(opts.device)), **ENV_GUARANTEES},
         "diagnostics": values["diagnostics"],
         "skipped": run.skipped,
     }
@@ -344,7 +347,7 @@ def _record(run: _Run, values: dict) -> dict:
     record["metrics"] = {name: {"value": float(record[name]), "higher_is_better": METRICS[name].higher_is_better,
                                 "label": label}
                          for name, label in record["metric_names"].items() if record.get(name) is not None}
-    validate_record(record)
+    validate_eval_record(record)
     return record
 
 

@@ -1,4 +1,4 @@
-"""The evaluation record: one self-describing JSON per evaluation (metrics.md §8.3, §8.13), written atomically.
+"""The evaluation record: one self-describing JSON per evaluation (docs/metrics.md §11, §13), written atomically.
 
 Top-level keys (every one always present; a metric that was not computed is ``null`` with a reason in
 ``skipped``):
@@ -19,72 +19,22 @@ Top-level keys (every one always present; a metric that was not computed is ``nu
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-from pathlib import Path
-
-from bench.records.atomic import atomic_path
+from bench.records.fields import check_utc_time, require_keys
 
 SCHEMA = "kindbench.eval/1"
-
-
-def metric_label(metric: str, n: int) -> str:
-    """``FID-50K``: names carry N because FID-10K and FID-50K are not comparable (pitfall P14)."""
-    base = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall", "fdd": "FDD",
-            "clean_fid": "clean-FID", "kid": "KID"}[metric]
-    size = f"{n // 1000}K" if n % 1000 == 0 and n >= 1000 else str(n)
-    return f"{base}-{size}"
-
-
-def env_info(world_size: int, device: str) -> dict:
-    import numpy
-    import scipy
-    import timm
-    import torch
-
-    cuda = torch.version.cuda if torch.cuda.is_available() else None
-    return {
-        "torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
-        "cuda": cuda, "device": device,
-        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-        "python": platform.python_version(), "host": platform.node(),
-        "tf32_disabled": True, "autocast": False, "world_size": world_size,
-    }
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict, *, overwrite: bool = False) -> Path:
-    """Write ``data`` to ``path`` via a temp file and ``os.replace``; refuse to replace a record unless asked."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"record already exists: {path} (records are immutable; pass --overwrite to replace)")
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
-    return path
-
+# What the metrics code guarantees, added to ``bench.records.environment.device_environment`` in the record's env.
+ENV_GUARANTEES = {"tf32_disabled": True, "autocast": False}
 
 REQUIRED_KEYS = ("schema", "created_at", "metrics", "fid", "sfid", "is", "is_splits", "precision", "recall", "fdd",
                  "metric_names", "n_samples", "n_ref_pr", "reference", "weights", "protocol", "env", "diagnostics")
 
 
-def validate_record(record: dict) -> None:
-    missing = [k for k in REQUIRED_KEYS if k not in record]
-    if missing:
-        raise ValueError(f"evaluation record lacks {missing}")
-    for key in ("adm_npz_sha256", "fdd_ref_sha256", "fdd_ref_n"):
-        if key not in record["reference"]:
-            raise ValueError(f"evaluation record lacks reference.{key}")
-    for key in ("inception_resize", "fdd_resize", "pos_embed", "pr_distance", "is_split_size", "is_shuffle_seed",
-                "class_sampling"):
-        if key not in record["protocol"]:
-            raise ValueError(f"evaluation record lacks protocol.{key}")
-    for key in ("min_eig_sigma", "n_vs_d_ok", "duplicates_found"):
-        if key not in record["diagnostics"]:
-            raise ValueError(f"evaluation record lacks diagnostics.{key}")
+def validate_eval_record(record: dict) -> None:
+    """Raise ``ValueError`` naming the first problem if ``record`` does not follow schema ``kindbench.eval/1``."""
+    require_keys(record, REQUIRED_KEYS, "evaluation record")
+    check_utc_time(record["created_at"], "evaluation record created_at")
+    require_keys(record["reference"], ("adm_npz_sha256", "fdd_ref_sha256", "fdd_ref_n"), "evaluation record reference")
+    require_keys(record["protocol"], ("inception_resize", "fdd_resize", "pos_embed", "pr_distance", "is_split_size",
+                                      "is_shuffle_seed", "class_sampling"), "evaluation record protocol")
+    require_keys(record["diagnostics"], ("min_eig_sigma", "n_vs_d_ok", "duplicates_found"),
+                 "evaluation record diagnostics")

@@ -12,8 +12,8 @@ import os
 import re
 import struct
 import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -72,7 +72,7 @@ class SampleSource:
     def close(self) -> None:
         pass
 
-    def fresh(self) -> "SampleSource":
+    def fresh(self) -> SampleSource:
         """An independent reader of the same data (for DataLoader workers); stateless readers return self."""
         return self
 
@@ -156,7 +156,7 @@ class NpzSamples(SampleSource):
         self._mmap = None
         self._zip.close()
 
-    def fresh(self) -> "NpzSamples":
+    def fresh(self) -> NpzSamples:
         # A forked worker must not share the zip file handle (and its offset) with its parent.
         return NpzSamples(self.path, self.key)
 

@@ -20,10 +20,11 @@ import re
 from typing import NamedTuple
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+from torch import nn
 
-__all__ = ["DiT", "DiTBlock", "DiTFlavour", "DIT_FLAVOURS", "parse_flavour", "build_dit", "arch_path_name", "get_2d_sincos_pos_embed"]
+__all__ = ["DiT", "DiTBlock", "DiTFlavour", "DIT_FLAVOURS", "parse_flavour", "build_dit", "arch_path_name",
+           "get_2d_sincos_pos_embed"]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,13 @@
     kindbench run --suite tiny --nproc 2              # training/sampling jobs under torchrun
     kindbench run --suite tiny --jobs 2               # two jobs at once, each in its own process
 
-Jobs run in dependency order; a job whose record is trustworthy (``bench.pipeline.status``: outputs present and unchanged,
-code fingerprint current, inputs unchanged) is skipped, any other runs again (``--force`` reruns everything,
+Jobs run in dependency order; a job whose record is trustworthy (``bench.pipeline.status``: outputs present and
+unchanged, code fingerprint current, inputs unchanged) is skipped, any other runs again (``--force`` reruns everything,
 ``--keep-stale`` accepts records of other code). A failed job leaves a failed record; the jobs that depend on it
 are skipped and everything else goes on, and the aggregate job still builds leaderboards from whatever finished.
 Records, leaderboards and plots go to ``<runs>/results/<suite>/`` unless ``--results`` names another folder, so a
-user's run never writes over the published results under ``results/``. The SLURM executor (``bench.pipeline.slurm``) runs
-the same jobs through the same ``bench.pipeline.jobs.run_job``.
+user's run never writes over the published results under ``results/``. The SLURM executor (``bench.pipeline.slurm``)
+runs the same jobs through the same ``bench.pipeline.jobs.run_job``.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.config.schema import ConfigError, EvalConfig, RunConfig, SampleConfig, from_dict, parse_override
-from bench.pipeline.jobs import Roots, run_job
-from bench.pipeline.plan import STAGES, Job, Plan, make_plan, resolve_budgets
-from bench.pipeline.status import JobState, plan_states
 from bench.config.suite import Suite, SuiteError, load_suite, protocol_section
-
+from bench.pipeline.jobs import Roots, run_job
+from bench.pipeline.plan import STEPS, Job, Plan, make_plan, resolve_budgets
+from bench.pipeline.status import JobState, plan_states
 
 #: ``--set`` sections that are a protocol (the sample and evaluate jobs' settings), not training config.
 PROTOCOL_SECTIONS = ("sample", "eval")
@@ -100,7 +99,7 @@ def missing_inputs(plan: Plan, suite: Suite) -> list[str]:
             problems.add(f"{what}: {path} does not exist")
 
     for job in plan.jobs.values():
-        if job.stage not in ("ancestry", "transfer") or not job.config:
+        if job.step not in ("pretrain", "train") or not job.config:
             continue
         data, model = job.config["data"], job.config["model"]
         if data["source"] == "imagefolder":
@@ -123,12 +122,12 @@ def print_plan(plan: Plan, roots: Roots, console: Console, keep_stale: bool = Fa
     """The job graph with each job's state and, where it would run again, why (missing, changed, stale, ...)."""
     states = plan_states(plan, roots, keep_stale=keep_stale)
     table = Table(title=f"plan for suite {plan.suite!r}: {len(plan.jobs)} jobs (results: {roots.results})")
-    for column in ("stage", "job", "after", "status", "why"):
+    for column in ("step", "job", "after", "status", "why"):
         table.add_column(column)
     colour = {"done": "green", "failed": "red", "pending": "yellow", "stale": "magenta"}
     for job in plan.jobs.values():
         state = states[job.job_id]
-        table.add_row(job.stage, job.job_id, str(len(job.deps)),
+        table.add_row(job.step, job.job_id, str(len(job.deps)),
                       f"[{colour.get(state.state, 'cyan')}]{state.state}", state.reason)
     console.print(table)
     counts = defaultdict(int)
@@ -142,7 +141,7 @@ def _job_command(plan_path: Path, job: Job, roots: Roots, nproc: int, force: boo
     """The command that runs one job in its own process: torchrun for multi-process training/sampling."""
     args = ["-m", "bench.pipeline.jobs", "--plan", str(plan_path), "--job", job.job_id, "--runs", str(roots.runs),
             "--results", str(roots.results)] + (["--force"] if force else [])
-    if nproc > 1 and job.stage in ("ancestry", "transfer", "sample"):
+    if nproc > 1 and job.step in ("pretrain", "train", "sample"):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return [sys.executable, *args]
 
@@ -169,7 +168,7 @@ def default_parallel_jobs(plan: Plan) -> int:
 def _blocked_by(job: Job, outcome: dict[str, str]) -> list[str]:
     """Failed or blocked dependencies that stop ``job`` (aggregation runs if any evaluation finished)."""
     blocked = [d for d in job.deps if outcome.get(d) in ("failed", "blocked")]
-    if job.stage == "aggregate":  # decided once every evaluation has ended: it builds on whatever finished
+    if job.step == "aggregate":  # decided once every evaluation has ended: it builds on whatever finished
         if not all(d in outcome for d in job.deps) or any(outcome[d] in ("done", "ran") for d in job.deps):
             return []
     return blocked
@@ -177,14 +176,14 @@ def _blocked_by(job: Job, outcome: dict[str, str]) -> list[str]:
 
 def run_local(plan: Plan, roots: Roots, *, nproc: int = 1, force: bool = False, jobs: int = 1,
               keep_stale: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Run every missing job of ``plan``, ``jobs`` at a time; returns per-stage timings and the job outcomes.
+    """Run every missing job of ``plan``, ``jobs`` at a time; returns per-step timings and the job outcomes.
 
-    ``stage_seconds`` sums the wall time of each stage's jobs (with ``jobs`` > 1 they overlap, so the stages add
+    ``step_seconds`` sums the wall time of each step's jobs (with ``jobs`` > 1 they overlap, so the steps add
     up to more than ``wall_seconds``, the invocation's own wall time)."""
     console = console or Console(stderr=True, soft_wrap=True)
     plan_path = plan.save(roots.runs / "plans" / f"{plan.suite}-{plan.plan_id()}.json")
     outcome: dict[str, str] = {}
-    stage_time: dict[str, float] = defaultdict(float)
+    step_time: dict[str, float] = defaultdict(float)
     t_start = time.perf_counter()
     states = plan_states(plan, roots, keep_stale=keep_stale, force=force)
     todo = []
@@ -197,18 +196,19 @@ def run_local(plan: Plan, roots: Roots, *, nproc: int = 1, force: bool = False, 
                               f"{states[job.job_id].reason}")
             todo.append(job)
     if jobs > 1:
-        _run_parallel(todo, plan_path, roots, nproc, force, jobs, outcome, stage_time, console)
+        _run_parallel(todo, plan_path, roots, nproc, force, jobs, outcome, step_time, console)
     else:
-        _run_sequential(todo, plan, plan_path, roots, nproc, force, outcome, stage_time, console)
-    summary = {"suite": plan.suite, "plan": str(plan_path), "stage_seconds": dict(stage_time), "parallel_jobs": jobs,
+        _run_sequential(todo, plan, plan_path, roots, nproc, force, outcome, step_time, console)
+    summary = {"suite": plan.suite, "plan": str(plan_path), "step_seconds": dict(step_time), "parallel_jobs": jobs,
                "wall_seconds": time.perf_counter() - t_start,
-               "outcomes": {k: sum(1 for v in outcome.values() if v == k) for k in ("ran", "done", "failed", "blocked")}}
+               "outcomes": {k: sum(1 for v in outcome.values() if v == k)
+                            for k in ("ran", "done", "failed", "blocked")}}
     _print_timings(summary, console)
     return summary
 
 
 def _run_sequential(todo: list[Job], plan: Plan, plan_path: Path, roots: Roots, nproc: int, force: bool,
-                    outcome: dict[str, str], stage_time: dict[str, float], console: Console) -> None:
+                    outcome: dict[str, str], step_time: dict[str, float], console: Console) -> None:
     """In this process, in plan order (the plan lists every job after its dependencies)."""
     from bench.run.engine import init_distributed
 
@@ -218,21 +218,23 @@ def _run_sequential(todo: list[Job], plan: Plan, plan_path: Path, roots: Roots, 
             outcome[job.job_id] = "blocked"
             console.print(f"[yellow]skip[/] {job.job_id}: depends on failed {blocked[0]}")
             continue
-        console.print(f"[bold]{job.stage:9s}[/] {job.job_id}")
+        console.print(f"[bold]{job.step:9s}[/] {job.job_id}")
         t0 = time.perf_counter()
         try:
-            if nproc > 1 and job.stage in ("ancestry", "transfer", "sample"):
+            if nproc > 1 and job.step in ("pretrain", "train", "sample"):
                 proc = subprocess.run(_job_command(plan_path, job, roots, nproc, force), env=_job_env())
                 if proc.returncode != 0:
-                    raise RuntimeError(f"job {job.job_id} failed under torchrun (exit {proc.returncode}); see its record")
+                    raise RuntimeError(f"job {job.job_id} failed under torchrun "
+                                       f"(exit {proc.returncode}); see its record")
             else:
                 engine = from_dict(job.config).engine if job.config else RunConfig().engine
                 run_job(plan, job, roots, init_distributed(engine), force=force)
             outcome[job.job_id] = "ran"
         except Exception as err:  # noqa: BLE001 - recorded by run_job; the other branches go on
             outcome[job.job_id] = "failed"
-            console.print(f"[red]failed[/] {job.job_id}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
-        stage_time[job.stage] += time.perf_counter() - t0
+            console.print(f"[red]failed[/] {job.job_id}: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        step_time[job.step] += time.perf_counter() - t0
 
 
 def _execute(plan_path: str, job_id: str, runs: str, results: str, nproc: int, force: bool) -> tuple[bool, str]:
@@ -252,7 +254,7 @@ def _execute(plan_path: str, job_id: str, runs: str, results: str, nproc: int, f
     with open(log_path, "w") as log:
         os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
         try:
-            if nproc > 1 and job.stage in ("ancestry", "transfer", "sample"):
+            if nproc > 1 and job.step in ("pretrain", "train", "sample"):
                 proc = subprocess.run(_job_command(Path(plan_path), job, roots, nproc, force), env=_job_env())
                 if proc.returncode != 0:
                     return False, f"torchrun exited with {proc.returncode}; see its record"
@@ -285,7 +287,7 @@ def _make_pool(jobs: int) -> concurrent.futures.Executor:
 
 
 def _run_parallel(todo: list[Job], plan_path: Path, roots: Roots, nproc: int, force: bool, jobs: int,
-                  outcome: dict[str, str], stage_time: dict[str, float], console: Console) -> None:
+                  outcome: dict[str, str], step_time: dict[str, float], console: Console) -> None:
     """Up to ``jobs`` jobs at once in a pool of worker processes (each job's output in ``<runs>/logs/<job>.log``),
     started in plan order as soon as their dependencies have succeeded."""
     (roots.runs / "logs").mkdir(parents=True, exist_ok=True)
@@ -301,12 +303,12 @@ def _run_parallel(todo: list[Job], plan_path: Path, roots: Roots, nproc: int, fo
                     outcome[job.job_id] = "blocked"
                     console.print(f"[yellow]skip[/] {job.job_id}: depends on failed {blocked[0]}")
                 elif len(running) < jobs and all(d in outcome for d in job.deps) and (
-                        job.stage != "aggregate" or not running and len(waiting) == 1):
+                        job.step != "aggregate" or not running and len(waiting) == 1):
                     waiting.remove(job)
                     future = pool.submit(_execute, str(plan_path), job.job_id, str(roots.runs), str(roots.results),
                                          nproc, force)
                     running[future] = (job, time.perf_counter())
-                    console.print(f"[bold]{job.stage:9s}[/] {job.job_id}")
+                    console.print(f"[bold]{job.step:9s}[/] {job.job_id}")
             if not running:
                 for job in waiting:  # nothing can start and nothing runs: a dependency never finished
                     outcome[job.job_id] = "blocked"
@@ -316,7 +318,7 @@ def _run_parallel(todo: list[Job], plan_path: Path, roots: Roots, nproc: int, fo
             for future in finished:
                 job, t0 = running.pop(future)
                 seconds = time.perf_counter() - t0
-                stage_time[job.stage] += seconds
+                step_time[job.step] += seconds
                 try:
                     ok, error = future.result()
                 except Exception as err:  # noqa: BLE001 - a worker died (killed, out of memory): the job failed
@@ -331,13 +333,13 @@ def _run_parallel(todo: list[Job], plan_path: Path, roots: Roots, nproc: int, fo
 
 
 def _print_timings(summary: dict[str, Any], console: Console) -> None:
-    table = Table(title="time per stage (this invocation)")
-    table.add_column("stage")
+    table = Table(title="time per step (this invocation)")
+    table.add_column("step")
     table.add_column("seconds", justify="right")
-    for stage in STAGES:
-        if stage in summary["stage_seconds"]:
-            table.add_row(stage, f"{summary['stage_seconds'][stage]:.1f}")
-    table.add_row("sum of jobs", f"{sum(summary['stage_seconds'].values()):.1f}")
+    for step in STEPS:
+        if step in summary["step_seconds"]:
+            table.add_row(step, f"{summary['step_seconds'][step]:.1f}")
+    table.add_row("sum of jobs", f"{sum(summary['step_seconds'].values()):.1f}")
     table.add_row(f"wall ({summary['parallel_jobs']} at a time)", f"{summary['wall_seconds']:.1f}")
     console.print(table)
     console.print(", ".join(f"{n} {k}" for k, n in summary["outcomes"].items()))

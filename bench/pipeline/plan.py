@@ -1,16 +1,17 @@
-"""Plan: expand a suite into stage jobs with dependencies and content-addressed ids (DESIGN.md §1, §4).
+"""Plan: expand a suite into jobs with dependencies and content-addressed ids (docs/harness.md §2).
 
-Jobs, per seed and model size::
+A job carries out one *step* of the pipeline (a method's *stage*, ``ancestry``/``transfer``/``descend``/``domain``,
+is a setting of a training run, not a step). Jobs, per seed and model size::
 
     prepare   (task, data geometry, eval protocol)  -> the reference set a task is scored against
-    ancestry  (ancestry spec)                      -> pre-trains what methods transfer from
-    transfer  (method x task)     after ancestry   -> trains the downstream model
-    sample                        after transfer   -> ADM .npz
+    pretrain  (ancestry spec)                      -> trains an ancestry: what methods transfer from
+    train     (method x task)     after pretrain   -> trains the benchmarked model (method stage of the task)
+    sample                        after train      -> ADM .npz
     evaluate                      after sample, prepare -> metrics with their protocol
     aggregate                     after every evaluate  -> leaderboards and plots
 
 A job id is a readable prefix plus a hash of everything that determines its output, including the ids of what it
-consumes (a transfer run hashes its ancestry's run id through ``run.ancestry``), so changing one setting changes the
+consumes (a training run hashes its ancestry's run id through ``run.ancestry``), so changing one setting changes the
 ids of exactly the jobs that depend on it, and an unchanged job keeps its id and its finished record.
 """
 
@@ -25,8 +26,10 @@ from typing import Any
 
 from bench.config.schema import RunConfig, from_dict
 from bench.config.suite import Suite, SuiteError, resolve_config
+from bench.records.atomic import atomic_path
+from bench.run.rundir import export_ref
 
-STAGES = ("prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate")
+STEPS = ("prepare", "pretrain", "train", "sample", "evaluate", "aggregate")
 
 def short_hash(payload: Any, length: int = 8) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
@@ -35,14 +38,14 @@ def short_hash(payload: Any, length: int = 8) -> str:
 @dataclass(frozen=True)
 class Job:
     job_id: str
-    stage: str
+    step: str
     deps: tuple[str, ...]
     run_id: str | None = None
     """Training run the job belongs to (the run directory ``<runs>/<run_id>``)."""
     config: dict[str, Any] | None = None
     """Resolved RunConfig (training jobs and their sample/evaluate jobs)."""
     info: dict[str, Any] = field(default_factory=dict)
-    """Labels (suite, benchmark, task, arch, method, family, variant, seed) and stage-specific settings."""
+    """Labels (suite, benchmark, task, arch, method, family, variant, seed) and step-specific settings."""
 
 
 @dataclass
@@ -51,8 +54,8 @@ class Plan:
     jobs: dict[str, Job]
     """In dependency order: every job comes after the jobs it depends on."""
 
-    def by_stage(self, stage: str) -> list[Job]:
-        return [j for j in self.jobs.values() if j.stage == stage]
+    def by_step(self, step: str) -> list[Job]:
+        return [j for j in self.jobs.values() if j.step == step]
 
     def plan_id(self) -> str:
         return short_hash(sorted(self.jobs))
@@ -66,14 +69,12 @@ class Plan:
         data = json.loads(text)
         jobs = {}
         for j in data["jobs"]:
-            jobs[j["job_id"]] = Job(j["job_id"], j["stage"], tuple(j["deps"]), j["run_id"], j["config"], j["info"])
+            jobs[j["job_id"]] = Job(j["job_id"], j["step"], tuple(j["deps"]), j["run_id"], j["config"], j["info"])
         return cls(data["suite"], jobs)
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.to_json())
         return path
 
 
@@ -103,28 +104,7 @@ def make_plan(suite: Suite, overrides: dict[str, Any] | None = None,
     evaluations = []
     for seed in suite.seeds:
         for arch in suite.archs:
-            ancestry_jobs: dict[str, Job] = {}
-
-            def ancestry_job(name: str) -> Job:
-                """The ancestry job ``name`` (and, first, that of its teacher, which it depends on)."""
-                if name in ancestry_jobs:
-                    return ancestry_jobs[name]
-                spec = suite.ancestries[name]
-                teacher = ancestry_job(spec.teacher) if spec.teacher else None
-                cfg = from_dict(resolve_config(suite, {
-                    "model": {"arch": spec.arch or arch}, "engine": {"seed": seed},
-                    "method": {"name": spec.method, "stage": "ancestry", "options": spec.options},
-                    "run": {"name": f"ancestry-{spec.name}",
-                            "ancestry": f"{teacher.run_id}/export.safetensors" if teacher else ""}},
-                    spec.overrides, final))
-                ancestry_jobs[name] = add(_train_job(suite, cfg, "ancestry", (teacher.job_id,) if teacher else (), {
-                    "ancestry": spec.name, "method": spec.method, "family": "ancestry", "variant": "default",
-                    "seed": seed, "arch": cfg.model.arch, "task": f"ancestry-{spec.name}"}))
-                return ancestry_jobs[name]
-
-            for spec in suite.ancestries.values():
-                if any(m.ancestry == spec.name for m in suite.methods):
-                    ancestry_job(spec.name)
+            ancestry_jobs = _pretrain_jobs(suite, seed, arch, final, add)
             for spec in suite.methods:
                 for task_name in spec.tasks:
                     task = suite.tasks[task_name]
@@ -141,7 +121,7 @@ def make_plan(suite: Suite, overrides: dict[str, Any] | None = None,
                                "method": {"name": spec.name, "stage": task.stage, "options": options},
                                "run": {"name": run_name,
                                        # relative to the runs root: the id must not depend on where runs live
-                                       "ancestry": f"{parent.run_id}/export.safetensors" if parent else ""}},
+                                       "ancestry": export_ref(parent.run_id) if parent else ""}},
                               task.overrides, spec.overrides, final]
                     cfg = from_dict(resolve_config(suite, *layers))
                     labels = {"method": spec.name, "variant": spec.variant, "seed": seed, "task": task.name,
@@ -149,12 +129,38 @@ def make_plan(suite: Suite, overrides: dict[str, Any] | None = None,
                               "family": spec.family or get_method_class(spec.name).family,
                               "benchmark": f"{task.name}--{_arch_dash(cfg.model.arch)}",
                               "ancestry_job": parent.job_id if parent else None}
-                    train = add(_train_job(suite, cfg, "transfer", (parent.job_id,) if parent else (), labels))
+                    train = add(_train_job(suite, cfg, "train", (parent.job_id,) if parent else (), labels))
                     prepare = add(_prepare_job(suite, cfg, task.name))
                     evaluations.append(_sample_and_evaluate(suite, cfg, train, prepare, labels, add))
     aggregate_id = f"aggregate--{suite.name}--{short_hash(sorted(e.job_id for e in evaluations))}"
     add(Job(aggregate_id, "aggregate", tuple(e.job_id for e in evaluations), info={"suite": suite.name}))
     return Plan(suite.name, jobs)
+
+
+def _pretrain_jobs(suite: Suite, seed: int, arch: str, final: dict[str, Any], add) -> dict[str, Job]:
+    """The pretrain job of every ancestry some method inherits from, by ancestry name (a distilled ancestry after
+    the pretrain job of its teacher, which it depends on)."""
+    jobs: dict[str, Job] = {}
+
+    def pretrain_job(name: str) -> Job:
+        if name in jobs:
+            return jobs[name]
+        spec = suite.ancestries[name]
+        teacher = pretrain_job(spec.teacher) if spec.teacher else None
+        cfg = from_dict(resolve_config(suite, {
+            "model": {"arch": spec.arch or arch}, "engine": {"seed": seed},
+            "method": {"name": spec.method, "stage": "ancestry", "options": spec.options},
+            "run": {"name": f"ancestry-{spec.name}", "ancestry": export_ref(teacher.run_id) if teacher else ""}},
+            spec.overrides, final))
+        jobs[name] = add(_train_job(suite, cfg, "pretrain", (teacher.job_id,) if teacher else (), {
+            "ancestry": spec.name, "method": spec.method, "family": "ancestry", "variant": "default",
+            "seed": seed, "arch": cfg.model.arch, "task": f"ancestry-{spec.name}"}))
+        return jobs[name]
+
+    for spec in suite.ancestries.values():
+        if any(m.ancestry == spec.name for m in suite.methods):
+            pretrain_job(spec.name)
+    return jobs
 
 
 def task_num_classes(cfg: RunConfig) -> int:
@@ -185,7 +191,7 @@ def _method_sources_hash(*methods: str) -> str:
     """The code fingerprint of the methods involved: a matched rank is reused only while their code is unchanged."""
     from bench.records.fingerprint import code_fingerprint
 
-    return short_hash([code_fingerprint("transfer", m)["fingerprint"] for m in methods], 16)
+    return short_hash([code_fingerprint("train", m)["fingerprint"] for m in methods], 16)
 
 
 def budget_key(spec: Any, task: str, arch: str, seed: int) -> tuple:
@@ -210,36 +216,33 @@ def resolve_budgets(suite: Suite) -> dict[tuple, dict[str, Any]]:
 def matched_budget_options(suite: Suite, spec: Any, task: Any, arch: str, seed: int) -> dict[str, Any]:
     """``spec.options`` with the method's rank option set to match ``spec.budget`` (KIND's trainable count on the
     same task and arch). Imported lazily: only suites that ask for a budget load the baselines package."""
-    from methods.budget import kind_matched_rank
     from methods import MethodError, get_method
-    from methods.base import ArchSpec
+    from methods.budget import kind_matched_rank
 
     cfg = from_dict(resolve_config(suite, {"model": {"arch": arch}, "engine": {"seed": seed}}, task.overrides,
                                    spec.overrides))
-    m = cfg.model
-    arch_spec = ArchSpec(m.arch, m.input_size, m.in_channels, m.learn_sigma, m.class_dropout_prob)
+    arch_spec = cfg.model.arch_spec()
     kind_options = next((s.options for s in suite.methods if s.name == "kind" and task.name in s.tasks), {})
     try:
         num_classes = task.num_classes or task_num_classes(cfg)
-        key = short_hash([spec.name, spec.options, arch_spec, num_classes, kind_options, _method_sources_hash(spec.name, "kind")], 16)
+        key = short_hash([spec.name, spec.options, arch_spec, num_classes, kind_options,
+                          _method_sources_hash(spec.name, "kind")], 16)
         cache = _budget_cache_path()
         known = json.loads(cache.read_text()) if cache.is_file() else {}
         if key not in known:  # bisection over real (meta-device) builds: seconds per method, minutes for DiT-L/2
             known[key] = kind_matched_rank(spec.name, arch_spec, num_classes, spec.options, kind_options,
                                            strict=False)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-            tmp.replace(cache)
+            with atomic_path(cache) as tmp:
+                tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
         return {**spec.options, **get_method(spec.name, spec.options).budget_options(known[key])}
     except MethodError as err:
         raise SuiteError(f"suite {suite.name!r} method {spec.name!r} variant {spec.variant!r}: cannot match the "
                          f"{spec.budget} budget: {err}") from None
 
 
-def _train_job(suite: Suite, cfg: RunConfig, stage: str, deps: tuple[str, ...], labels: dict[str, Any]) -> Job:
+def _train_job(suite: Suite, cfg: RunConfig, step: str, deps: tuple[str, ...], labels: dict[str, Any]) -> Job:
     run_id = cfg.run_id()
-    return Job(f"{run_id}--{stage}", stage, deps, run_id, cfg.to_dict(), {"suite": suite.name, **labels})
+    return Job(f"{run_id}--{step}", step, deps, run_id, cfg.to_dict(), {"suite": suite.name, **labels})
 
 
 def _prepare_job(suite: Suite, cfg: RunConfig, task: str) -> Job:

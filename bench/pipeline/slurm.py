@@ -4,10 +4,10 @@
     python -m bench.pipeline.slurm submit --suite tiny ...          (what run_all.sh runs)
 
 The plan is the local executor's (``bench.pipeline.plan``); every job runs ``slurm/job.sbatch``, which launches
-``bench.pipeline.jobs`` with ``srun`` + ``torchrun`` on every node. Each job waits (``afterok``) on exactly the SLURM jobs
-of its own dependencies, so a failed job cancels only what depends on it (``--kill-on-invalid-dep=yes``) and every
+``bench.pipeline.jobs`` with ``srun`` + ``torchrun`` on every node. Each job waits (``afterok``) on exactly the SLURM
+jobs of its own dependencies, so a failed job cancels only what depends on it (``--kill-on-invalid-dep=yes``) and every
 other run is still sampled and scored, as with the local executor; the aggregate job waits (``afterany``) on every
-evaluation it reads. Jobs of one stage with the same dependencies go in one array (the prepare jobs, the
+evaluation it reads. Jobs of one step with the same dependencies go in one array (the prepare jobs, the
 ancestries, the transfers from one ancestry); the others are single jobs.
 
 What to submit is ``bench.pipeline.status.plan_states``: every job whose record is not trustworthy (missing, failed,
@@ -30,16 +30,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.config.suite import SuiteError
 from bench.pipeline.executor import build_plan, default_results
 from bench.pipeline.jobs import Roots
-from bench.pipeline.plan import STAGES, Job, Plan
+from bench.pipeline.plan import STEPS, Job, Plan
 from bench.pipeline.status import JobState, plan_states
-from bench.config.suite import SuiteError
+from bench.records.atomic import atomic_path
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "slurm" / "job.sbatch"
-#: Stages that train and may be preempted: requeued on USR1, resumed from their checkpoint.
-REQUEUED_STAGES = {"ancestry", "transfer", "sample"}
+#: Steps that train and may be preempted: requeued on USR1, resumed from their checkpoint.
+REQUEUED_STEPS = {"pretrain", "train", "sample"}
 
 
 @dataclass
@@ -71,20 +72,21 @@ class Cluster:
                    signal_lead_s=int(get("KB_SIGNAL_LEAD", "300")), max_parallel=int(get("KB_MAX_PARALLEL", "0")),
                    extra=shlex.split(get("KB_EXTRA_SBATCH", "")), env_file=get("KB_ENV_FILE", ""))
 
-    def resources(self, stage: str) -> list[str]:
-        """sbatch options of one job (or array task) of ``stage``."""
+    def resources(self, step: str) -> list[str]:
+        """sbatch options of one job (or array task) of ``step``."""
         opts = [f"--partition={self.partition}"] if self.partition else []
         opts += [f"--account={self.account}"] if self.account else []
-        nodes = self.nodes_train if stage in ("ancestry", "transfer") else 1
-        if stage == "aggregate":
+        nodes = self.nodes_train if step in ("pretrain", "train") else 1
+        if step == "aggregate":
             return opts + ["--nodes=1", "--ntasks=1", "--cpus-per-task=2", f"--time={self.time_short}", *self.extra]
         opts += [f"--nodes={nodes}", "--ntasks-per-node=1"]
         if self.gpus_per_node:
-            opts += [f"--gpus-per-node={self.gpus_per_node}", f"--cpus-per-task={self.gpus_per_node * self.cpus_per_gpu}"]
+            opts += [f"--gpus-per-node={self.gpus_per_node}",
+                     f"--cpus-per-task={self.gpus_per_node * self.cpus_per_gpu}"]
         else:
             opts += [f"--cpus-per-task={max(1, self.nproc_per_node)}"]
-        opts.append(f"--time={self.time_train if stage in REQUEUED_STAGES else self.time_short}")
-        if stage in REQUEUED_STAGES:
+        opts.append(f"--time={self.time_train if step in REQUEUED_STEPS else self.time_short}")
+        if step in REQUEUED_STEPS:
             # B: the batch shell gets USR1 (job.sbatch forwards it to the trainer, which checkpoints), then requeues
             opts += ["--requeue", f"--signal=B:USR1@{self.signal_lead_s}", "--open-mode=append"]
         return opts + self.extra
@@ -99,10 +101,8 @@ class Ledger:
         self.entries: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
-        tmp.replace(self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
 
 
 def queued_ids(slurm_ids: list[str]) -> set[str]:
@@ -117,13 +117,13 @@ def queued_ids(slurm_ids: list[str]) -> set[str]:
 
 
 def _waves(plan: Plan) -> dict[str, int]:
-    """Per job, how many jobs of its own stage it waits on in a chain (0 for most; 1 for a distilled ancestry)."""
+    """Per job, how many jobs of its own step it waits on in a chain (0 for most; 1 for a distilled ancestry)."""
     wave: dict[str, int] = {}
 
     def level(job_id: str) -> int:
         if job_id not in wave:
             job = plan.jobs[job_id]
-            wave[job_id] = max((level(d) + 1 for d in job.deps if plan.jobs[d].stage == job.stage), default=0)
+            wave[job_id] = max((level(d) + 1 for d in job.deps if plan.jobs[d].step == job.step), default=0)
         return wave[job_id]
 
     for job_id in plan.jobs:
@@ -152,10 +152,10 @@ def _compact(tokens: set[str], arrays: dict[str, int]) -> list[str]:
 
 @dataclass
 class Batch:
-    """One ``sbatch``: jobs of one stage with the same dependencies (an array), or a single job."""
+    """One ``sbatch``: jobs of one step with the same dependencies (an array), or a single job."""
 
     name: str
-    stage: str
+    step: str
     jobs: list[Job]
     after: list[str]
     """SLURM ids it waits on (``afterok``; ``afterany`` for the aggregate job)."""
@@ -175,12 +175,12 @@ class Batch:
             job_list = list_dir / f"{self.name}.txt"
             job_list.write_text("".join(j.job_id + "\n" for j in self.jobs))
             export.update({"KB_JOB": "", "KB_JOB_LIST": job_list})
-        cmd += cluster.resources(self.stage)
+        cmd += cluster.resources(self.step)
         if self.after:
-            kind = "afterany" if self.stage == "aggregate" else "afterok"
+            kind = "afterany" if self.step == "aggregate" else "afterok"
             cmd += [f"--dependency={kind}:{':'.join(self.after)}", "--kill-on-invalid-dep=yes"]
         export.update({"KB_RUNS": roots.runs.resolve(), "KB_RESULTS": roots.results.resolve(), "KB_REPO": REPO,
-                       "KB_PYTHON": sys.executable, "KB_STAGE": self.stage, "KB_FORCE": "1" if force else "",
+                       "KB_PYTHON": sys.executable, "KB_STEP": self.step, "KB_FORCE": "1" if force else "",
                        "KB_GPUS_PER_NODE": cluster.gpus_per_node, "KB_NPROC_PER_NODE": cluster.nproc_per_node,
                        "KB_ENV_FILE": cluster.env_file})
         return cmd + ["--export=ALL," + ",".join(f"{k}={v}" for k, v in export.items()), str(TEMPLATE)]
@@ -190,8 +190,8 @@ def submit(plan: Plan, roots: Roots, cluster: Cluster, *, force: bool = False, k
            dry_run: bool = False, sbatch: str = "sbatch",
            echo: Callable[[str], None] | None = None) -> dict[str, str]:
     """Submit every unfinished job of ``plan`` with per-job dependencies; returns batch name -> SLURM id (the
-    array's or the single job's), or -> the sbatch command on a dry run. Batch names are ``<stage>[.<wave>]``,
-    with ``-<k>`` appended where a stage has several batches. ``echo`` gets a line on why jobs are submitted."""
+    array's or the single job's), or -> the sbatch command on a dry run. Batch names are ``<step>[.<wave>]``,
+    with ``-<k>`` appended where a step has several batches. ``echo`` gets a line on why jobs are submitted."""
     plan_path = plan.save(roots.runs / "plans" / f"{plan.suite}-{plan.plan_id()}.json")
     ledger = Ledger(roots.runs / "slurm" / "ledger.json")
     known = {j: ledger.entries[j] for j in plan.jobs if j in ledger.entries}
@@ -213,16 +213,16 @@ def submit(plan: Plan, roots: Roots, cluster: Cluster, *, force: bool = False, k
     list_dir = roots.runs / "slurm" / plan.plan_id()
     wave = _waves(plan)
     submitted: dict[str, str] = {}
-    for stage, level in sorted({(j.stage, wave[j.job_id]) for j in wanted}, key=lambda k: (STAGES.index(k[0]), k[1])):
-        # stage by stage (waves where jobs of a stage wait on each other: a distilled ancestry after its teacher),
+    for step, level in sorted({(j.step, wave[j.job_id]) for j in wanted}, key=lambda k: (STEPS.index(k[0]), k[1])):
+        # step by step (waves where jobs of a step wait on each other: a distilled ancestry after its teacher),
         # so that every dependency has its SLURM id before its dependants are grouped by what they wait on
         groups: dict[tuple[str, ...], list[Job]] = {}
-        for job in (j for j in wanted if j.stage == stage and wave[j.job_id] == level):
+        for job in (j for j in wanted if j.step == step and wave[j.job_id] == level):
             after = tuple(_compact({slurm_of[d] for d in job.deps if d in slurm_of}, arrays))
             groups.setdefault(after, []).append(job)
-        base = stage if level == 0 else f"{stage}.{level}"
+        base = step if level == 0 else f"{step}.{level}"
         for k, (after, jobs) in enumerate(groups.items()):
-            batch = Batch(base if len(groups) == 1 else f"{base}-{k}", stage, jobs, list(after))
+            batch = Batch(base if len(groups) == 1 else f"{base}-{k}", step, jobs, list(after))
             cmd = batch.command(plan, plan_path, roots, cluster, list_dir, force, sbatch)
             if dry_run:
                 submitted[batch.name] = shlex.join(cmd)
@@ -249,19 +249,19 @@ def submit(plan: Plan, roots: Roots, cluster: Cluster, *, force: bool = False, k
 
 def _explain(wanted: list[Job], states: dict[str, JobState], queued: dict[str, str],
              echo: Callable[[str], None]) -> None:
-    """One line per stage: how many jobs go in and why (state counts); then why records are not trusted any more
+    """One line per step: how many jobs go in and why (state counts); then why records are not trusted any more
     (changed or stale; the first few)."""
     if queued:
         echo(f"still queued from an earlier submission: {len(queued)} job(s) (depended on, not resubmitted)")
-    for stage in STAGES:
-        jobs = [j for j in wanted if j.stage == stage]
+    for step in STEPS:
+        jobs = [j for j in wanted if j.step == step]
         if not jobs:
             continue
         counts: dict[str, int] = {}
         for job in jobs:
             state = states[job.job_id].state if states[job.job_id].todo else "after a rerun"
             counts[state] = counts.get(state, 0) + 1
-        echo(f"{stage}: {len(jobs)} to run (" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
+        echo(f"{step}: {len(jobs)} to run (" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
     untrusted = [j.job_id for j in wanted if states[j.job_id].state in ("changed", "stale")]
     for job_id in untrusted[:10]:
         echo(f"  {job_id}: {states[job_id].state}: {states[job_id].reason}")
@@ -301,11 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, command in ids.items():
             print(f"{name:10s} {command}")
         return 0
-    by_stage: dict[str, list[str]] = {}
-    for name, slurm_id in ids.items():  # batch names are <stage>[.<wave>][-<k>]
-        by_stage.setdefault(name.split(".")[0].split("-")[0], []).append(slurm_id)
-    for stage, slurm_ids in by_stage.items():
-        print(f"{stage:10s} {' '.join(slurm_ids)}")
+    by_step: dict[str, list[str]] = {}
+    for name, slurm_id in ids.items():  # batch names are <step>[.<wave>][-<k>]
+        by_step.setdefault(name.split(".")[0].split("-")[0], []).append(slurm_id)
+    for step, slurm_ids in by_step.items():
+        print(f"{step:10s} {' '.join(slurm_ids)}")
     return 0
 
 

@@ -18,17 +18,16 @@ stale training run is retrained from its first step, never resumed from a checkp
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.pipeline.steps import Roots
+from bench.records.currency import record_digest
 from bench.records.fingerprint import code_fingerprint
 from bench.records.hashing import file_sha256
-from bench.pipeline.steps import Roots
 from bench.records.store import MalformedRecordError, RecordStore
 
 if TYPE_CHECKING:
@@ -60,16 +59,6 @@ def cached_sha256(path: Path) -> str:
     if key not in _HASHES:
         _HASHES[key] = file_sha256(path)
     return _HASHES[key]
-
-
-def record_digest(record: dict[str, Any]) -> str:
-    """What a consumer of ``record`` depends on: that very run of the job (a re-run, even one that reproduces the
-    same bytes, makes its consumers run again: nothing is trusted that was not made from what is there now), its
-    outputs' checksums and its metrics."""
-    payload = {"finished_at": record["run_info"].get("finished_at"), "outputs": {k: v.get("sha256") for k, v in (record.get("outputs") or {}).items()},
-               "metrics": (record.get("eval_info") or {}).get("metrics"),
-               "reference": ((record.get("extra") or {}).get("reference") or {}).get("sha256")}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def consumed_inputs(job: Any, store: RecordStore) -> dict[str, str]:
@@ -112,9 +101,9 @@ class _Checker:
             if cached_sha256(path) != out["sha256"]:
                 return JobState("changed", f"{name} {path} differs from the sha256 its record holds")
         recorded = (record["run_info"].get("code") or {}).get("fingerprint")
-        current = code_fingerprint(job.stage, job.info.get("method") or None)["fingerprint"]
+        current = code_fingerprint(job.step, job.info.get("method") or None)["fingerprint"]
         if recorded != current and not self.keep_stale:
-            return JobState("stale", f"code fingerprint {recorded} != {current} (the code of this stage or method "
+            return JobState("stale", f"code fingerprint {recorded} != {current} (the code of this step or method "
                                      "changed since it ran)")
         consumed = record["run_info"].get("inputs") or {}
         for dep in job.deps:
@@ -144,11 +133,11 @@ def job_state(plan: Plan, job_id: str, roots: Roots, *, keep_stale: bool = False
 def retire_outputs(job: Any, roots: Roots) -> list[Path]:
     """Move what an untrusted earlier attempt of ``job`` left (a training run directory, a sample folder, a
     reference folder) to ``<runs>/superseded/`` so the re-run starts clean; nothing is deleted."""
-    if job.stage in ("ancestry", "transfer"):
+    if job.step in ("pretrain", "train"):
         targets = [roots.runs / job.run_id]
-    elif job.stage == "prepare":
+    elif job.step == "prepare":
         targets = [roots.reference_dir(job.job_id)]
-    elif job.stage == "sample":
+    elif job.step == "sample":
         record = RecordStore(roots.results).read(job.job_id)
         targets = [roots.artefact(record["outputs"]["samples"]["path"]).parent] if record and record.get(
             "outputs") else []
@@ -163,43 +152,3 @@ def retire_outputs(job: Any, roots: Roots) -> list[Path]:
             shutil.move(str(target), dest)
             moved.append(dest)
     return moved
-
-
-def stale_reason(job_id: str, store: RecordStore, memo: dict[str, str] | None = None) -> str:
-    """Why the success record ``job_id`` (and what it consumed, upstream) is not current: "" when it is.
-
-    From records alone, so a leaderboard can tell: a record made by other code than the checkout's, one made
-    before code fingerprints existed, or one whose input was re-run after it consumed it. Artefacts are not
-    checked here (published results ship without them)."""
-    memo = {} if memo is None else memo
-    if job_id in memo:
-        return memo[job_id]
-    memo[job_id] = ""  # a cycle cannot occur in a plan; this only guards the recursion
-    try:
-        record = store.read(job_id)
-    except MalformedRecordError as err:
-        memo[job_id] = str(err)
-        return memo[job_id]
-    reason = ""
-    if record is None:
-        reason = f"{job_id} has no success record"
-    else:
-        info = record["run_info"]
-        recorded = (info.get("code") or {}).get("fingerprint")
-        try:
-            current = code_fingerprint(info["stage"], info.get("method") or None)["fingerprint"]
-        except Exception as err:  # noqa: BLE001 - e.g. a method no longer registered
-            current = f"unknown ({err})"
-        consumed = info.get("inputs") or {}
-        if recorded is None:
-            reason = f"{job_id} was made by a kindbench without code fingerprints"
-        elif recorded != current:
-            reason = f"{job_id} was made by other code (fingerprint {recorded}, checkout {current})"
-        for dep in info["depends_on"]:
-            if reason:
-                break
-            reason = stale_reason(dep, store, memo)
-            if not reason and consumed.get(dep) != record_digest(store.read(dep)):
-                reason = f"{dep} was re-run after {job_id} consumed it"
-    memo[job_id] = reason
-    return reason

@@ -8,6 +8,7 @@ results from other users).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -33,3 +34,15 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict, *, overwrite: bool = False) -> Path:
+    """Write ``data`` as a record's JSON (indent 2, NaN and inf refused, trailing newline) via ``atomic_path``;
+    refuse to replace an existing file unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"record already exists: {path} (records are immutable; pass --overwrite to replace)")
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path

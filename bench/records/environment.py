@@ -57,3 +57,19 @@ def environment(world_size: int = 1) -> dict[str, Any]:
                                              "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT") if k in os.environ},
         **git_state(),
     }
+
+
+def device_environment(world_size: int, device: str) -> dict[str, Any]:
+    """The numeric stack (versions as the imported modules report them), the device and host of a computation,
+    for the evaluation record's ``env``; the metrics add what they guarantee on top (TF32 off, no autocast)."""
+    import numpy
+    import scipy
+    import timm
+
+    return {
+        "torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None, "device": device,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "python": platform.python_version(), "host": socket.gethostname(),
+        "world_size": world_size,
+    }

@@ -1,7 +1,7 @@
 """Code fingerprints: which source made a record, so a result is never taken for the output of code it did not see.
 
-A job's fingerprint hashes the source of every first-party module its stage can execute: the stage's own module
-(``bench.pipeline.steps.<stage>``), the method's module for stages that build the model, and everything those import,
+A job's fingerprint hashes the source of every first-party module its step can execute: the step's own module
+(``bench.pipeline.steps.<step>``), the method's module for steps that build the model, and everything those import,
 transitively, including imports inside functions (the harness imports lazily). Editing ``baselines/boft.py`` thus
 changes the fingerprint of BOFT's training and sampling jobs and of nothing else; editing a metric changes the
 evaluation jobs only. What is hashed is each file's syntax tree without docstrings: comments, docstrings and layout
@@ -9,7 +9,8 @@ do not change what runs, so editing them leaves results current; any other edit,
 a number, makes them stale (conservative: it re-runs too much, never too little). A module's name is part of the
 hash, so moving a file changes it.
 
-Job ids stay config-addressed; a record whose fingerprint differs from the checkout's is *stale* (``bench.pipeline.status``).
+Job ids stay config-addressed; a record whose fingerprint differs from the checkout's is *stale*
+(``bench.pipeline.status``).
 """
 
 from __future__ import annotations
@@ -23,32 +24,43 @@ from pathlib import Path
 #: First-party packages whose source counts; a method registered from another package adds its own top package.
 FIRST_PARTY = ("bench", "methods", "kind", "baselines")
 
-#: The module that carries out each job stage (the dispatcher ``bench.pipeline.jobs`` only routes and writes records).
-STAGE_MODULES = {"prepare": "bench.pipeline.steps.prepare", "ancestry": "bench.pipeline.steps.training",
-                 "transfer": "bench.pipeline.steps.training", "sample": "bench.pipeline.steps.sampling",
+#: The module that carries out each job step (the dispatcher ``bench.pipeline.jobs`` only routes and writes records).
+STEP_MODULES = {"prepare": "bench.pipeline.steps.prepare", "pretrain": "bench.pipeline.steps.training",
+                 "train": "bench.pipeline.steps.training", "sample": "bench.pipeline.steps.sampling",
                  "evaluate": "bench.pipeline.steps.scoring", "aggregate": "bench.pipeline.steps.aggregation"}
 
-#: Stages whose output depends on the method's code (they build the method's model).
-METHOD_STAGES = frozenset({"ancestry", "transfer", "sample"})
+#: Steps whose output depends on the method's code (they build the method's model).
+MODEL_STEPS = frozenset({"pretrain", "train", "sample"})
 
 
-@functools.lru_cache(maxsize=None)
-def _package_dir(top: str) -> Path | None:
-    spec = importlib.util.find_spec(top)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))).resolve()
+@functools.cache
+def _package_dir(top: str) -> tuple[Path, ...]:
+    """Where top-level package ``top`` lives (every folder of a namespace package), or, for a top-level module
+    (a plugin's ``labmethod.py``), its file; empty if it cannot be found. Found without importing it."""
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):  # ``__main__`` and other modules without a spec
+        return ()
+    if spec is None:
+        return ()
+    if spec.submodule_search_locations:
+        return tuple(Path(location).resolve() for location in spec.submodule_search_locations)
+    if spec.origin and spec.origin.endswith(".py") and Path(spec.origin).is_file():
+        return (Path(spec.origin).resolve(),)
+    return ()
 
 
 def module_file(name: str) -> Path | None:
-    """The source file of first-party module ``name`` (a package's ``__init__.py``), or None if there is none."""
-    base = _package_dir(name.split(".")[0])
-    if base is None:
-        return None
-    path = base.joinpath(*name.split(".")[1:])
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file():
-            return candidate
+    """The source file of module ``name`` of a first-party or plugin package (a package's ``__init__.py``, a
+    top-level module's own file), or None if there is none."""
+    top, _, rest = name.partition(".")
+    for base in _package_dir(top):
+        if base.is_file():  # a top-level module has no submodules
+            return None if rest else base
+        path = base.joinpath(*rest.split(".")) if rest else base
+        for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+            if candidate.is_file():
+                return candidate
     return None
 
 
@@ -69,7 +81,7 @@ def _imports(path: Path, module: str) -> set[str]:
     return _imports_cached(path, module, path.stat().st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _imports_cached(path: Path, module: str, mtime_ns: int) -> frozenset[str]:
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
@@ -107,44 +119,53 @@ def module_closure(roots: tuple[str, ...], packages: tuple[str, ...] = FIRST_PAR
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
-    """Drop the docstring of the module and of every class and function: prose, not behaviour."""
+    """Drop every bare string statement: the docstrings of modules, classes and functions and the attribute
+    docstrings under dataclass fields. They are prose, not behaviour (a string statement computes nothing)."""
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
-                    first.value.value, str):
-                node.body = node.body[1:] or [ast.Pass()]
+        for name in ("body", "orelse", "finalbody"):
+            body = getattr(node, name, None)
+            if not isinstance(body, list) or not body or not isinstance(body[0], ast.stmt):
+                continue
+            kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                            and isinstance(s.value.value, str))]
+            if len(kept) != len(body):
+                setattr(node, name, kept or [ast.Pass()])
     return tree
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source_digest(path: Path, mtime_ns: int) -> str:
     """Hash of what the file does: its syntax tree without docstrings (comments and layout are not in it)."""
     tree = _strip_docstrings(ast.parse(path.read_bytes(), str(path)))
     return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fingerprint(roots: tuple[str, ...], packages: tuple[str, ...]) -> str:
+    closure = module_closure(roots, packages)
+    unseen = [root for root in roots if root not in closure]
+    if unseen:  # never a fingerprint that silently leaves the method's own code out
+        raise FileNotFoundError(f"code fingerprint: no Python source file found for module {unseen[0]!r} (a "
+                                f"method's module, e.g. a plugin's, must be importable from a .py file)")
     digest = hashlib.sha256()
-    for name, path in sorted(module_closure(roots, packages).items()):
+    for name, path in sorted(closure.items()):
         digest.update(f"{name}\0{_source_digest(path, path.stat().st_mtime_ns)}\n".encode())
     return digest.hexdigest()[:16]
 
 
-def stage_roots(stage: str, method: str | None) -> tuple[str, ...]:
-    """The modules whose closure makes the output of a ``stage`` job of ``method``."""
-    roots = [STAGE_MODULES[stage]]
-    if stage in METHOD_STAGES and method:
+def step_roots(step: str, method: str | None) -> tuple[str, ...]:
+    """The modules whose closure makes the output of a ``step`` job of ``method``."""
+    roots = [STEP_MODULES[step]]
+    if step in MODEL_STEPS and method:
         from methods.registry import method_module
 
         roots.append(method_module(method))
     return tuple(roots)
 
 
-def code_fingerprint(stage: str, method: str | None = None) -> dict[str, str]:
-    """``{"fingerprint", "modules"}`` of a ``stage`` job of ``method`` in this checkout (cached per process)."""
-    roots = stage_roots(stage, method)
+def code_fingerprint(step: str, method: str | None = None) -> dict[str, str]:
+    """``{"fingerprint", "modules"}`` of a ``step`` job of ``method`` in this checkout (cached per process)."""
+    roots = step_roots(step, method)
     packages = tuple(sorted(set(FIRST_PARTY) | {r.split(".")[0] for r in roots}))
     return {"fingerprint": _fingerprint(roots, packages), "modules": ",".join(roots)}
 

@@ -1,4 +1,5 @@
-"""Content hashes of files (provenance of weights, references, samples, checkpoints). A leaf: imports nothing of ours."""
+"""Content hashes of files (provenance of weights, references, samples, checkpoints).
+A leaf: imports nothing of ours."""
 
 from __future__ import annotations
 

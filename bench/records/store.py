@@ -1,6 +1,6 @@
-"""The records store: one immutable JSON record per stage job, written atomically on a shared filesystem.
+"""The records store: one immutable JSON record per step job, written atomically on a shared filesystem.
 
-Layout under the store root (DESIGN.md §4, style.md §3.4, schema: ``/work/notes/record_schema.md``)::
+Layout under the store root (docs/harness.md §3.1-3.2; the schema is the TypedDicts below)::
 
     <root>/records/<job_id>.json      status "success"
     <root>/failed/<job_id>.json       status "failed" or "cancelled"
@@ -31,9 +31,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
+from bench.records.fields import check_utc_time, parse_utc, require_keys, utc_now
+
 SCHEMA_VERSION = 1
 STATUSES = ("success", "failed", "cancelled")
-STAGES = ("prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate")
+STEPS = ("prepare", "pretrain", "train", "sample", "evaluate", "aggregate")
 
 # One path component that is safe on every filesystem we meet (no "/", no leading dot, no "..").
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
@@ -51,9 +53,9 @@ class AncestryRef(TypedDict):
 
 
 class RunInfo(TypedDict):
-    job_id: str  # unique id of this stage job; the file name is <job_id>.json
-    run_id: str  # readable prefix + config hash; every stage job of one run shares it
-    stage: str  # one of STAGES
+    job_id: str  # unique id of this step job; the file name is <job_id>.json
+    run_id: str  # readable prefix + config hash; every step job of one run shares it
+    step: str  # one of STEPS
     suite: str  # suite the job was planned from ("tiny", ...)
     benchmark: str  # task x model size; one leaderboard per benchmark ("novel-a--DiT-T-2"); "" for suite-level jobs
     task: str  # downstream task ("novel-a")
@@ -139,9 +141,9 @@ class Record(TypedDict, total=False):
     train_info: TrainInfo  # ancestry/transfer jobs
     sample_info: SampleInfo  # sample jobs
     eval_info: EvalInfo  # evaluate jobs
-    timings: dict[str, float]  # {"stage_wall_s": ...}
+    timings: dict[str, float]  # {"step_wall_s": ...}
     meta_info: dict[str, Any]  # environment: hostname, python, packages, cuda, gpu, world size, SLURM ids, git
-    extra: dict[str, Any]  # stage-specific payload without a block of its own (prepare: reference; aggregate: files)
+    extra: dict[str, Any]  # step-specific payload without a block of its own (prepare: reference; aggregate: files)
     outputs: dict[str, OutputRef]  # files the job produced that later jobs read (bench.pipeline.status checks them)
 
 
@@ -151,8 +153,10 @@ class OutputRef(TypedDict):
 
 
 # Written by bench.pipeline.jobs into run_info beside the required keys (optional for records of older versions):
-#   code: {"fingerprint": str, "modules": str}  hash of the source the job's stage and method ran (bench.records.fingerprint)
-#   inputs: {job_id: digest}                    digest of every record the job consumed (bench.pipeline.status.record_digest)
+#   code: {"fingerprint": str, "modules": str}  hash of the source the job's step and method ran
+#                                               (bench.records.fingerprint)
+#   inputs: {job_id: digest}                    digest of every record the job consumed
+#                                               (bench.records.currency.record_digest)
 #   protocol_settings: dict                     the sample job's SampleConfig / the evaluate job's EvalConfig
 
 
@@ -165,8 +169,8 @@ REQUIRED = {
     "eval_info": tuple(EvalInfo.__annotations__),
     "protocol": tuple(EvalProtocol.__annotations__),
 }
-# A successful job of these stages must carry its stage's block; failed jobs may die before they have one.
-_STAGE_BLOCK = {"ancestry": "train_info", "transfer": "train_info", "sample": "sample_info", "evaluate": "eval_info"}
+# A successful job of these steps must carry its step's block; failed jobs may die before they have one.
+_STEP_BLOCK = {"pretrain": "train_info", "train": "train_info", "sample": "sample_info", "evaluate": "eval_info"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -182,26 +186,9 @@ def is_safe_job_id(job_id: object) -> bool:
     return isinstance(job_id, str) and bool(_SAFE_ID.match(job_id)) and ".." not in job_id
 
 
-def _require(block: Any, keys: Sequence[str], where: str) -> None:
-    if not isinstance(block, dict):
-        raise ValueError(f"{where} must be a JSON object, got {type(block).__name__}")
-    missing = [key for key in keys if key not in block]
-    if missing:
-        raise ValueError(f"{where} lacks {', '.join(missing)}")
-
-
-def _check_time(value: object, where: str) -> None:
-    try:
-        parsed = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"record {where} must be an ISO-8601 timestamp, got {value!r}") from None
-    if parsed.utcoffset() != datetime.timedelta(0):
-        raise ValueError(f"record {where} must be in UTC, got {value!r}")
-
-
-def validate_record(record: Any) -> None:
+def validate_job_record(record: Any) -> None:
     """Raise ``ValueError`` naming the first problem if ``record`` does not follow schema version 1."""
-    _require(record, REQUIRED["record"], "record")
+    require_keys(record, REQUIRED["record"], "record")
     if record["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"record schema_version is {record['schema_version']!r}; this code reads {SCHEMA_VERSION}")
     status = record["status"]
@@ -212,12 +199,12 @@ def validate_record(record: Any) -> None:
     if status != "success" and not (isinstance(record["error"], str) and record["error"].strip()):
         raise ValueError(f"a {status} record needs a one-line error message")
     info = record["run_info"]
-    _require(info, REQUIRED["run_info"], "run_info")
+    require_keys(info, REQUIRED["run_info"], "run_info")
     if not is_safe_job_id(info["job_id"]):
         raise ValueError(f"run_info.job_id {info['job_id']!r} is not safe as a file name "
                          "(letters, digits and ._=+- only, no leading dot, no '..', at most 200 characters)")
-    if info["stage"] not in STAGES:
-        raise ValueError(f"run_info.stage must be one of {STAGES}, got {info['stage']!r}")
+    if info["step"] not in STEPS:
+        raise ValueError(f"run_info.step must be one of {STEPS}, got {info['step']!r}")
     if not isinstance(info["seed"], int) or isinstance(info["seed"], bool):
         raise ValueError(f"run_info.seed must be an integer, got {info['seed']!r}")
     if not isinstance(info["depends_on"], list) or not all(isinstance(j, str) for j in info["depends_on"]):
@@ -229,28 +216,28 @@ def validate_record(record: Any) -> None:
         if not isinstance(outputs, dict):
             raise ValueError("outputs must be an object: name -> {path, sha256}")
         for name, ref in outputs.items():
-            _require(ref, ("path", "sha256"), f"outputs.{name}")
+            require_keys(ref, ("path", "sha256"), f"outputs.{name}")
     for key in ("created_at", "finished_at"):
-        _check_time(info[key], f"run_info.{key}")
+        check_utc_time(info[key], f"record run_info.{key}")
     for name in ("timings", "meta_info"):
         if not isinstance(record[name], dict):
             raise ValueError(f"record {name} must be an object")
-    block = _STAGE_BLOCK.get(info["stage"])
+    block = _STEP_BLOCK.get(info["step"])
     if status == "success" and block is not None and block not in record:
-        raise ValueError(f"a successful {info['stage']} record needs {block}")
+        raise ValueError(f"a successful {info['step']} record needs {block}")
     _validate_blocks(record)
 
 
 def _validate_blocks(record: dict) -> None:
     if "train_info" in record:
-        _require(record["train_info"], REQUIRED["train_info"], "train_info")
-        _require(record["train_info"]["accounting"], REQUIRED["accounting"], "train_info.accounting")
+        require_keys(record["train_info"], REQUIRED["train_info"], "train_info")
+        require_keys(record["train_info"]["accounting"], REQUIRED["accounting"], "train_info.accounting")
     if "sample_info" in record:
-        _require(record["sample_info"], REQUIRED["sample_info"], "sample_info")
+        require_keys(record["sample_info"], REQUIRED["sample_info"], "sample_info")
     if "eval_info" in record:
-        _require(record["eval_info"], REQUIRED["eval_info"], "eval_info")
-        _require(record["eval_info"]["protocol"], REQUIRED["protocol"], "eval_info.protocol")
-        _require(record["eval_info"]["metrics"], (), "eval_info.metrics")
+        require_keys(record["eval_info"], REQUIRED["eval_info"], "eval_info")
+        require_keys(record["eval_info"]["protocol"], REQUIRED["protocol"], "eval_info.protocol")
+        require_keys(record["eval_info"]["metrics"], (), "eval_info.metrics")
         for name, metric in record["eval_info"]["metrics"].items():
             if not isinstance(metric, dict) or "value" not in metric or "higher_is_better" not in metric:
                 raise ValueError(f"eval_info.metrics.{name} must be {{'value': ..., 'higher_is_better': ...}}")
@@ -267,11 +254,6 @@ def _validate_blocks(record: dict) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def utc_now() -> str:
-    """The current time as ISO-8601 UTC with milliseconds ("2025-01-31T12:00:00.123+00:00")."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-
 def one_line(error: BaseException | str) -> str:
     """A one-line error message for a record: ``"RuntimeError: CUDA out of memory"``."""
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
@@ -279,11 +261,12 @@ def one_line(error: BaseException | str) -> str:
     return (text or "unknown error")[:1000]
 
 
-def new_run_info(*, job_id: str, run_id: str, stage: str, suite: str, benchmark: str, task: str, arch: str,
+def new_run_info(*, job_id: str, run_id: str, step: str, suite: str, benchmark: str, task: str, arch: str,
                  method: str, family: str, variant: str, seed: int, config: dict[str, Any], config_hash: str,
                  ancestry: AncestryRef | None = None, depends_on: Sequence[str] = (),
                  git: Mapping[str, Any] | None = None, created_at: str | None = None) -> RunInfo:
-    """The ``run_info`` block, stamped ``created_at`` now. ``git`` defaults to ``bench.records.environment.git_state()``.
+    """The ``run_info`` block, stamped ``created_at`` now. ``git`` defaults to
+    ``bench.records.environment.git_state()``.
 
     ``finished_at`` is filled by ``new_record``.
     """
@@ -293,7 +276,7 @@ def new_run_info(*, job_id: str, run_id: str, stage: str, suite: str, benchmark:
         git = git_state()
     if not is_safe_job_id(job_id):
         raise ValueError(f"job_id {job_id!r} is not safe as a file name")
-    return RunInfo(job_id=job_id, run_id=run_id, stage=stage, suite=suite, benchmark=benchmark, task=task, arch=arch,
+    return RunInfo(job_id=job_id, run_id=run_id, step=step, suite=suite, benchmark=benchmark, task=task, arch=arch,
                    method=method, family=family, variant=variant, seed=seed, config=config, config_hash=config_hash,
                    created_at=created_at or utc_now(), finished_at="", git_sha=git.get("git_sha"),
                    git_dirty=git.get("git_dirty"), ancestry=ancestry, depends_on=list(depends_on))
@@ -304,24 +287,24 @@ def new_record(run_info: RunInfo, *, status: str = "success", error: BaseExcepti
                eval_info: EvalInfo | None = None, timings: dict[str, float] | None = None,
                meta_info: dict[str, Any] | None = None, finished_at: str | None = None,
                extra: dict[str, Any] | None = None) -> Record:
-    """A complete record around ``run_info``: ``finished_at`` now, ``timings.stage_wall_s`` from the two stamps
-    unless given, ``meta_info`` from ``bench.records.environment.environment()`` unless given. Validated before return."""
+    """A complete record around ``run_info``: ``finished_at`` now, ``timings.step_wall_s`` from the two stamps
+    unless given, ``meta_info`` from ``bench.records.environment.environment()`` unless given.
+    Validated before return."""
     if meta_info is None:
         from bench.records.environment import environment  # lazy: provenance imports torch
 
         meta_info = environment()
     info = RunInfo(**{**run_info, "finished_at": finished_at or utc_now()})
     if timings is None:
-        start = datetime.datetime.fromisoformat(info["created_at"].replace("Z", "+00:00"))
-        end = datetime.datetime.fromisoformat(info["finished_at"].replace("Z", "+00:00"))
-        timings = {"stage_wall_s": max((end - start).total_seconds(), 0.0)}
+        start, end = parse_utc(info["created_at"]), parse_utc(info["finished_at"])
+        timings = {"step_wall_s": max((end - start).total_seconds(), 0.0)}
     record = Record(schema_version=SCHEMA_VERSION, run_info=info, status=status,  # type: ignore[typeddict-item]
                     error=None if error is None else one_line(error), timings=timings, meta_info=meta_info)
     for name, block in (("train_info", train_info), ("sample_info", sample_info), ("eval_info", eval_info),
                         ("extra", extra)):
         if block is not None:
             record[name] = block  # type: ignore[literal-required]
-    validate_record(record)
+    validate_job_record(record)
     return record
 
 
@@ -369,7 +352,7 @@ class RecordStore:
         always moves to ``superseded/``.
         """
         try:
-            validate_record(record)
+            validate_job_record(record)
             payload = json.dumps(record, indent=2, allow_nan=False) + "\n"  # NaN/inf anywhere is invalid JSON
         except (ValueError, TypeError) as exc:  # TypeError: a value json cannot encode (a Path, a tensor)
             info = record.get("run_info") if isinstance(record, dict) else None
@@ -502,7 +485,7 @@ def load_record(path: str | os.PathLike) -> Record:
     path = Path(path)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        validate_record(record)
+        validate_job_record(record)
     except ValueError as exc:
         raise MalformedRecordError(f"malformed record {path}: {exc}") from None
     if record["run_info"]["job_id"] != path.stem:

@@ -2,15 +2,16 @@
 
     kindbench leaderboard --records results --out results/leaderboard [--strict]
 
-Everything here is derived from records only (DESIGN.md §4; harness.md §6.4):
+Everything here is derived from records only (docs/harness.md §4.2):
 
 * **Join.** Each successful ``evaluate`` record is one seed-run row: its metrics and protocol come from the record;
   accounting and cost come from the run's training record, found by walking ``depends_on`` upstream (evaluate ->
-  sample -> transfer) and, failing that, by the same ``run_id`` (``transfer``, else ``ancestry``). The sample grid
+  sample -> train) and, failing that, by the same ``run_id`` (``train``, else ``pretrain``). The sample grid
   comes from the ``sample`` record found the same way. A missing training record leaves the cost columns empty.
 * **Aggregate.** Rows with the same (benchmark, protocol, method, variant) are one leaderboard row: metrics as mean
   and sample std (ddof=1, empty for one seed), costs as the mean over seeds.
-* **Stale rows are never ranked.** Every evaluation gets ``bench.pipeline.status.stale_reason``: "" when it and everything
+* **Stale rows are never ranked.** Every evaluation gets
+  ``bench.records.currency.stale_reason``: "" when it and everything
   upstream of it (over ``depends_on``) was made by this checkout's code from the inputs there now; otherwise why not
   (other code, no code fingerprint, an input re-run since). The reason is the ``stale`` column. A stale and a current
   run never share a leaderboard row; stale rows get no rank, best marker or Pareto flag, and the ranks, best markers
@@ -44,9 +45,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import tables
-from bench.pipeline.status import stale_reason
+from bench.records.currency import stale_reason
 from bench.records.store import EvalProtocol, MalformedRecordError, Record, RecordStore
+from bench.report import tables
 
 #: metrics in display order; unknown metrics follow alphabetically
 METRIC_ORDER = ("fid", "sfid", "is", "precision", "recall", "fdd")
@@ -97,32 +98,32 @@ def protocol_id(protocol: dict[str, Any]) -> str:
 
 
 class RecordIndex:
-    """Successful records by job id and by (run id, stage), for walking from an evaluation to its inputs."""
+    """Successful records by job id and by (run id, step), for walking from an evaluation to its inputs."""
 
     def __init__(self, records: Iterable[Record]):
         self.by_job: dict[str, Record] = {}
-        self.by_run_stage: dict[tuple[str, str], list[Record]] = defaultdict(list)
+        self.by_run_step: dict[tuple[str, str], list[Record]] = defaultdict(list)
         for record in records:
             info = record["run_info"]
             self.by_job[info["job_id"]] = record
-            self.by_run_stage[(info["run_id"], info["stage"])].append(record)
+            self.by_run_step[(info["run_id"], info["step"])].append(record)
 
-    def upstream(self, record: Record, stages: Sequence[str]) -> Record | None:
-        """The first of ``stages`` (in that order of preference) that has a successful record upstream of
-        ``record``: the nearest one over ``depends_on``, else the record of that stage with the same run id."""
-        for stage in stages:
-            found = self._nearest(record, stage)
+    def upstream(self, record: Record, steps: Sequence[str]) -> Record | None:
+        """The first of ``steps`` (in that order of preference) that has a successful record upstream of
+        ``record``: the nearest one over ``depends_on``, else the record of that step with the same run id."""
+        for step in steps:
+            found = self._nearest(record, step)
             if found is not None:
                 return found
-        for stage in stages:
-            candidates = self.by_run_stage.get((record["run_info"]["run_id"], stage))
+        for step in steps:
+            candidates = self.by_run_step.get((record["run_info"]["run_id"], step))
             if candidates:
                 return candidates[0]
         return None
 
-    def _nearest(self, record: Record, stage: str) -> Record | None:
+    def _nearest(self, record: Record, step: str) -> Record | None:
         """Breadth-first over depends_on: an evaluation that also lists the ancestry directly still reaches the
-        transfer through its sample, because ``upstream`` asks for the transfer first."""
+        training run through its sample, because ``upstream`` asks for the ``train`` step first."""
         queue, seen = deque(record["run_info"]["depends_on"]), set()
         while queue:
             job_id = queue.popleft()
@@ -130,7 +131,7 @@ class RecordIndex:
                 continue
             seen.add(job_id)
             parent = self.by_job[job_id]
-            if parent["run_info"]["stage"] == stage:
+            if parent["run_info"]["step"] == step:
                 return parent
             queue.extend(parent["run_info"]["depends_on"])
         return None
@@ -149,7 +150,7 @@ def run_row(evaluation: Record, index: RecordIndex, store_root: Path, out_dir: P
     """One seed-run row: identity + protocol + costs (from the training record) + metric values; ``stale`` is
     why the evaluation is not current ("" when it is)."""
     info, protocol = evaluation["run_info"], evaluation["eval_info"]["protocol"]
-    train = index.upstream(evaluation, ("transfer", "ancestry"))  # a run's own transfer before any ancestry
+    train = index.upstream(evaluation, ("train", "pretrain"))  # a run's own training before its ancestry's
     sample = index.upstream(evaluation, ("sample",))
     row: dict[str, Any] = {key: info[key] for key in ("benchmark", "task", "arch", "method", "family", "variant",
                                                       "seed", "run_id", "config_hash", "git_sha", "git_dirty")}
@@ -337,10 +338,10 @@ def agg_columns(metrics: list[str]) -> list[str]:
 
 
 def status_counts(records: list[Record]) -> dict[str, Counter]:
-    """benchmark -> Counter of (stage, status)."""
+    """benchmark -> Counter of (step, status)."""
     counts: dict[str, Counter] = defaultdict(Counter)
     for record in records:
-        counts[record["run_info"]["benchmark"]][(record["run_info"]["stage"], record["status"])] += 1
+        counts[record["run_info"]["benchmark"]][(record["run_info"]["step"], record["status"])] += 1
     return counts
 
 
@@ -364,13 +365,13 @@ def write_status(out_dir: Path, records: list[Record], malformed: list[tuple[Pat
     stale = stale or Counter()
     rows = []
     for benchmark, counter in sorted(status_counts(records).items()):
-        rows += [{"benchmark": benchmark, "stage": stage, "status": status, "count": n}
-                 for (stage, status), n in sorted(counter.items())]
+        rows += [{"benchmark": benchmark, "step": step, "status": status, "count": n}
+                 for (step, status), n in sorted(counter.items())]
         if benchmark in stale:
-            rows.append({"benchmark": benchmark, "stage": "evaluate", "status": "stale", "count": stale[benchmark]})
+            rows.append({"benchmark": benchmark, "step": "evaluate", "status": "stale", "count": stale[benchmark]})
     if malformed:
-        rows.append({"benchmark": "", "stage": "", "status": "malformed", "count": len(malformed)})
-    csv_path = write_csv(out_dir / "status.csv", rows, ["benchmark", "stage", "status", "count"])
+        rows.append({"benchmark": "", "step": "", "status": "malformed", "count": len(malformed)})
+    csv_path = write_csv(out_dir / "status.csv", rows, ["benchmark", "step", "status", "count"])
     md_path = out_dir / "status.md"
     md_path.write_text(tables.status_markdown(status_counts(records), failures(records), malformed, stale))
     return [csv_path, md_path]
@@ -413,7 +414,7 @@ def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike
         raise FileNotFoundError(f"{store_root} holds no records/ or failed/ folder: not a kindbench results tree")
     records, malformed = load_records(RecordStore(store_root), strict)
     success = [r for r in records if r["status"] == "success"]
-    evaluations = [r for r in success if r["run_info"]["stage"] == "evaluate"]
+    evaluations = [r for r in success if r["run_info"]["step"] == "evaluate"]
     directions = metric_directions(evaluations)
     metrics = ordered_metrics(directions)
     index = RecordIndex(success)

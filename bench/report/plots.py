@@ -41,7 +41,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.report.tables import metric_label, protocol_summary  # noqa: E402
+from bench.metrics import metric_label  # noqa: E402
+from bench.report.tables import protocol_summary  # noqa: E402
 
 DPI = 150
 PANEL_SIZE = (3.4, 2.8)  # inches per panel

@@ -14,8 +14,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall",
-                 "fdd": "FDD"}
+from bench.metrics import metric_label
+
 STATUSES = ("success", "failed", "cancelled")
 STALE_TITLE = "Stale rows (made by other code; not ranked)"
 REFRESH_HINT = ("`kindbench run` re-runs stale jobs (`kindbench plan` lists them); then rebuild the leaderboard "
@@ -62,10 +62,6 @@ def fmt_metric(mean: float | None, std: float | None, plus_minus: str) -> str:
     decimals = 2 if abs(mean) >= 10 else 3
     text = f"{mean:.{decimals}f}"
     return text if std is None else f"{text}{plus_minus}{std:.{decimals}f}"
-
-
-def metric_label(name: str) -> str:
-    return METRIC_LABELS.get(name, name)
 
 
 def protocol_summary(row: dict[str, Any]) -> str:
@@ -177,9 +173,9 @@ def stale_markdown(stale: Sequence[dict[str, Any]], metrics: Sequence[str]) -> l
 
 def status_lines(counts: Counter, failed: Sequence[dict[str, Any]], n_stale: int | None = None) -> list[str]:
     """The status table; ``n_stale`` (None: not counted) adds how many successful evaluations are stale."""
-    stages = sorted({stage for stage, _ in counts})
-    body = [[stage] + [str(counts.get((stage, status), 0)) for status in STATUSES] for stage in stages]
-    lines = _md_table(["Stage", *STATUSES], body, right_from=1) + [""]
+    steps = sorted({step for step, _ in counts})
+    body = [[step] + [str(counts.get((step, status), 0)) for status in STATUSES] for step in steps]
+    lines = _md_table(["Step", *STATUSES], body, right_from=1) + [""]
     if n_stale is not None:
         lines += [f"Stale evaluations (made by other code; not ranked): {n_stale} of "
                   f"{counts.get(('evaluate', 'success'), 0)} successful."

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from bench.run.ema import EMA
 from bench.run.engine import DistContext, EngineError, TrainEngine, barrier
+from bench.run.rundir import RunDir
 
 
 class CheckpointError(RuntimeError):
@@ -32,8 +33,8 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpoints:
-    def __init__(self, run_dir: Path, ctx: DistContext, keep: int = 2):
-        self.root = Path(run_dir) / "checkpoints"
+    def __init__(self, run: RunDir, ctx: DistContext, keep: int = 2):
+        self.root = run.checkpoints
         self.ctx = ctx
         self.keep = keep
 

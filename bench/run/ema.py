@@ -2,7 +2,7 @@
 
 Only what the method trains is averaged (DiT's ``update_ema`` averaged every parameter, frozen ones included, a
 TODO in its code): frozen tensors equal the ancestry's. The EMA is held in fp32 because a bf16 tensor updated with
-decay 0.9999 never moves (harness.md §2.2). Values come from ``TrainEngine.full_fp32_params``, which returns the
+decay 0.9999 never moves (docs/harness.md §5.3). Values come from ``TrainEngine.full_fp32_params``, which returns the
 exact fp32 masters under DeepSpeed bf16 and ZeRO-3 (a collective: every rank updates, so every rank holds the same
 EMA and any rank can save it).
 """

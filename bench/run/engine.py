@@ -3,10 +3,10 @@
 ``init_distributed`` reads torchrun's variables, else SLURM's (``srun`` with one task per device), else runs a
 single process. ``build_engine`` wraps a model and its trainable parameter groups for the configured backend behind
 one interface (forward, ``backward``, ``step``, checkpoint save/load, exact fp32 parameter gathering for the EMA),
-so ``bench.run.train`` has one loop for every backend (style.md §3.8 item 8: no per-backend training scripts).
+so ``bench.run.train`` has one loop for every backend (docs/harness.md §9.6: no per-backend training scripts).
 
 The DeepSpeed JSON is generated from the config tree here, never hand-kept, and ``gradient_clipping`` is always
-written explicitly: DeepSpeed >= 0.19.3 clips at 1.0 when the key is absent (harness.md §2.1), DiT never clipped.
+written explicitly: DeepSpeed >= 0.19.3 clips at 1.0 when the key is absent (docs/harness.md §5.2), DiT never clipped.
 """
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ import pickle
 import re
 import socket
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from bench.config.schema import EngineConfig, OptimConfig, ScheduleConfig
+from bench.records.atomic import atomic_path
 
 
 class EngineError(RuntimeError):
@@ -270,7 +272,8 @@ class TrainEngine:
         raise NotImplementedError
 
     def full_fp32_params(self, params: list[nn.Parameter]) -> Iterable[torch.Tensor]:
-        """Exact fp32 values of full (unpartitioned) parameters, in order. A collective on DeepSpeed: all ranks call it."""
+        """Exact fp32 values of full (unpartitioned) parameters, in order. A collective on DeepSpeed:
+        all ranks call it."""
         raise NotImplementedError
 
     def save(self, directory: Path) -> None:
@@ -332,9 +335,8 @@ class DDPEngine(TrainEngine):
         if self.ctx.is_main:
             state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "micro_step": self.micro_step}
-            tmp = directory / "engine.pt.tmp"
-            torch.save(state, tmp)
-            tmp.replace(directory / "engine.pt")
+            with atomic_path(directory / "engine.pt") as tmp:
+                torch.save(state, tmp)
 
     def load(self, directory: Path) -> None:
         path = directory / "engine.pt"
@@ -377,7 +379,7 @@ def _import_deepspeed(device: torch.device):
 
     if device.type == "cpu" and os.environ.get("KINDBENCH_DS_SHM_COMM", "0") != "1":
         # DeepSpeed JIT-compiles a shared-memory all-reduce op (~30 s of g++) on every fresh CPU machine. gloo is
-        # correct without it and CPU runs here are tests, so skip it unless asked (environment.md §2).
+        # correct without it and CPU runs here are tests, so skip it unless asked (docs/harness.md §10.2).
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
 

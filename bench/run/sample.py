@@ -5,7 +5,8 @@
 
 The model is rebuilt from the run's ``config.json`` and ``export.safetensors`` (fp32 EMA) and merged into a
 plain DiT by its method. The sampling settings are this command's own (``SampleConfig`` defaults, then
-``--sample.*``; a suite's sample job passes its protocol): a training run's config holds none. Sample ``i`` takes its label, initial noise and every step's noise from its own generator
+``--sample.*``; a suite's sample job passes its protocol): a training run's config holds none. Sample ``i`` takes its
+label, initial noise and every step's noise from its own generator
 seeded by ``(sample.seed, i)``: the samples do not depend on the world size or on restarts. Work is cut into
 chunks of ``per_proc_batch`` consecutive samples (chunk k goes to rank k mod world), each written atomically to
 ``parts/``; a restart skips finished chunks. Rank 0 then writes the ``.npz`` in index order, a grid PNG and
@@ -17,25 +18,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.run.batching import derive_seed
 from bench.config.schema import ConfigError, RunConfig, SampleConfig, from_dict, section_from_overrides
 from bench.data.grid import save_grid
 from bench.diffusion import GaussianDiffusion, sample
-from bench.run.engine import DistContext, barrier, init_distributed, shutdown
 from bench.metrics.sample_io import to_uint8_dit, write_samples_npz
 from bench.progress import progress_bar
+from bench.records.atomic import atomic_path
+from bench.run.batching import derive_seed
+from bench.run.engine import DistContext, barrier, init_distributed, shutdown
+from bench.run.rundir import RunDir
 from bench.run.train import ancestry_path
 from methods import Task, get_method
-from methods.transfer import load_ancestry
+from methods.transfer import load_export
 
 #: Seed streams (distinct from training's): labels and diffusion noise of sample i.
 LABEL_STREAM, NOISE_STREAM = 0x1AB, 0x5A3
@@ -49,19 +50,20 @@ def sample_tag(cfg: SampleConfig, steps_trained: int, clip_denoised: bool = Fals
 
 def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, RunConfig, dict[str, Any]]:
     """The run's EMA model, rebuilt by its method and merged into a plain DiT, plus its config and export meta."""
-    config_path, export_path = run_dir / "config.json", run_dir / "export.safetensors"
+    run = RunDir(run_dir)
+    config_path, export_path = run.config, run.export
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: is {run_dir} a kindbench run directory?")
     if not export_path.is_file():
         raise FileNotFoundError(f"{export_path} is missing: the run has not finished training")
     cfg = from_dict(json.loads(config_path.read_text()))
     cfg.run.out_dir = str(run_dir.parent)  # the runs root may have moved since training
-    export = load_ancestry(export_path)
+    export = load_export(export_path)
     method = get_method(cfg.method.name, cfg.method.options)
     if cfg.method.stage == "ancestry":
         model = method.build_ancestry(export.arch, export.num_classes)
     else:
-        parent = load_ancestry(ancestry_path(cfg)) if cfg.run.ancestry else None
+        parent = load_export(ancestry_path(cfg)) if cfg.run.ancestry else None
         model = method.build(export.arch, Task(cfg.run.name or cfg.data.split, export.num_classes, cfg.method.stage),
                              parent)
     missing, unexpected = model.load_state_dict(export.state, strict=False)
@@ -120,7 +122,7 @@ def sample_run(run_dir: Path, s: SampleConfig, ctx: DistContext) -> dict[str, An
     model, cfg, meta = load_run_model(run_dir)
     clip = clips_denoised(cfg, s)
     tag = sample_tag(s, int(meta.get("steps", 0)), clip)
-    out_dir = run_dir / "samples" / tag
+    out_dir = RunDir(run_dir).samples(tag)
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     model.to(ctx.device)
@@ -134,9 +136,8 @@ def sample_run(run_dir: Path, s: SampleConfig, ctx: DistContext) -> dict[str, An
                 start = chunks[k]
                 images, labels = draw_chunk(model, cfg, s, range(start, min(start + s.per_proc_batch, s.num_samples)),
                                             ctx.device, decoder)
-                tmp = parts / f".chunk_{k:06d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz"  # unique per writer
-                np.savez(tmp, images=images, labels=labels)
-                tmp.replace(part)
+                with atomic_path(part, suffix=".tmp.npz") as tmp:  # .npz suffix: np.savez would append one
+                    np.savez(tmp, images=images, labels=labels)
             advance(1)
     barrier(ctx)
     npz = out_dir / "samples.npz"

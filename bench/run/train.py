@@ -24,23 +24,32 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bench.run.batching import GlobalBatchPlan, MicroBatch, derive_seed, flip_flags, sample_draws
-from bench.run.checkpoint import CheckpointError, Checkpoints
 from bench.config.schema import ConfigError, RunConfig, load_config, save_resolved
 from bench.data.factory import build_dataset
 from bench.diffusion import GaussianDiffusion
-from bench.run.ema import EMA
-from bench.run.engine import (DistContext, EngineError, TrainEngine, any_rank, barrier, batch_geometry, build_engine,
-                          init_distributed, shutdown)
-from bench.run.preemption import EXIT_REQUEUE, PreemptionWatch
+from bench.records.atomic import atomic_path
 from bench.records.environment import environment
+from bench.run.batching import GlobalBatchPlan, MicroBatch, derive_seed, flip_flags, sample_draws
+from bench.run.checkpoint import CheckpointError, Checkpoints
+from bench.run.ema import EMA
+from bench.run.engine import (
+    DistContext,
+    EngineError,
+    TrainEngine,
+    any_rank,
+    barrier,
+    batch_geometry,
+    build_engine,
+    init_distributed,
+    shutdown,
+)
+from bench.run.preemption import EXIT_REQUEUE, PreemptionWatch
+from bench.run.rundir import RunDir
 from bench.run.trainlog import TrainLog
-from methods import Ancestry, ArchSpec, Method, MethodError, Task, get_method
-from methods.transfer import load_ancestry, save_ancestry
-
+from methods import Export, Method, MethodError, Task, get_method
+from methods.transfer import load_export, save_export
 
 #: File in the run directory saying the last attempt stopped early with a checkpoint (see ``mark_preempted``).
-PREEMPTED_MARKER = "PREEMPTED"
 
 #: Seed stream of model construction (distinct from the data and noise streams of bench.run.batching).
 INIT_STREAM = 0x1417
@@ -59,29 +68,24 @@ class Preempted(Exception):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def arch_spec(cfg: RunConfig) -> ArchSpec:
-    m = cfg.model
-    return ArchSpec(m.arch, m.input_size, m.in_channels, m.learn_sigma, m.class_dropout_prob)
-
-
-def build_model(cfg: RunConfig, num_classes: int) -> tuple[Method, torch.nn.Module, Ancestry | None]:
+def build_model(cfg: RunConfig, num_classes: int) -> tuple[Method, torch.nn.Module, Export | None]:
     """The method's model for this run's stage, built on the CPU (the engine moves it).
 
     Construction is seeded from ``engine.seed``: every rank and every restart builds the same initial weights.
     """
     method = get_method(cfg.method.name, cfg.method.options)
     torch.manual_seed(derive_seed(cfg.engine.seed, INIT_STREAM))
-    arch = arch_spec(cfg)
+    arch = cfg.model.arch_spec()
     if cfg.method.stage == "ancestry":
         method.require_stage("ancestry")
         # An ancestry run may learn from a teacher ancestry (TLEG, SWS, WAVE distil a pre-trained dense DiT).
-        teacher = load_ancestry(ancestry_path(cfg)) if cfg.run.ancestry else None
+        teacher = load_export(ancestry_path(cfg)) if cfg.run.ancestry else None
         if teacher is not None and not method.teacher_methods:
             raise ConfigError(f"run.ancestry is set, but method {method.name!r} pre-trains its ancestry from scratch "
                               "and takes no teacher")
         return method, method.build_ancestry(arch, num_classes, teacher=teacher), teacher
     method.require_stage(cfg.method.stage)
-    ancestry = load_ancestry(ancestry_path(cfg)) if cfg.run.ancestry else None
+    ancestry = load_export(ancestry_path(cfg)) if cfg.run.ancestry else None
     task = Task(cfg.run.name or cfg.data.split, num_classes, cfg.method.stage)
     return method, method.build(arch, task, ancestry), ancestry
 
@@ -193,17 +197,17 @@ def micro_step_loss(cfg: RunConfig, engine: TrainEngine, method: Method, diffusi
 def train(cfg: RunConfig, ctx: DistContext) -> dict[str, Any]:
     """Train (or resume) the run ``cfg`` describes; returns the summary written to ``summary.json``."""
     run_id = cfg.run_id()
-    run_dir = Path(cfg.run.out_dir) / run_id
+    run = RunDir.of(cfg.run.out_dir, run_id)
     watch = PreemptionWatch(cfg.run.max_wall_minutes)  # first: a signal during setup must not kill the job
     try:
-        return _train(cfg, ctx, run_id, run_dir, watch)
+        return _train(cfg, ctx, run_id, run, watch)
     finally:
         watch.close()
 
 
-def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: PreemptionWatch) -> dict[str, Any]:
+def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run: RunDir, watch: PreemptionWatch) -> dict[str, Any]:
     if ctx.is_main:
-        save_resolved(cfg, run_dir / "config.json")
+        save_resolved(cfg, run.config)
     memory = PeakMemory(ctx)
     dataset = build_dataset(cfg.data, cfg.model)
     method, model, ancestry = build_model(cfg, dataset.num_classes)
@@ -214,7 +218,7 @@ def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: 
     model.train()  # label dropout must be live for classifier-free guidance
     engine = build_engine(ctx, model, groups, cfg, micro, accum)
     ema = EMA(trainable_params(engine.module), engine)
-    checkpoints = Checkpoints(run_dir, ctx, cfg.schedule.keep_checkpoints)
+    checkpoints = Checkpoints(run, ctx, cfg.schedule.keep_checkpoints)
 
     start_step = 0
     latest = checkpoints.latest() if cfg.run.resume else None
@@ -228,7 +232,7 @@ def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: 
     sampler = RankMicroBatches(plan, ctx, accum, start_step, steps, cfg.engine.seed, cfg.data.random_flip)
     view = TrainView(dataset, latents=cfg.data.source == "latents")
     batches = iter(make_loader(view, sampler, cfg.data.num_workers))
-    log = TrainLog(run_dir, ctx, steps, start_step, cfg.schedule.global_batch)
+    log = TrainLog(run, ctx, steps, start_step, cfg.schedule.global_batch)
     meta = {"config_hash": cfg.config_hash(), "run_id": run_id}
     t_start = time.perf_counter()
     last_record: dict[str, Any] | None = None
@@ -257,7 +261,7 @@ def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: 
             if stop and done_steps < steps:
                 reason = watch.requested_by or "a peer rank"
                 if ctx.is_main:
-                    mark_preempted(run_dir, done_steps, reason)
+                    mark_preempted(run, done_steps, reason)
                 raise Preempted(reason)
     finally:
         log.close()
@@ -270,16 +274,16 @@ def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run_dir: Path, watch: 
                "ancestry": {"path": ancestry.path, "sha256": ancestry.sha256} if ancestry else None,
                "deepspeed_config": getattr(engine, "ds_config", None), "environment": environment(ctx.world_size)}
     if ctx.is_main:
-        export(run_dir, cfg, method, dataset.num_classes, {**frozen, **ema.state_dict()}, summary)
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        export(run, cfg, method, dataset.num_classes, {**frozen, **ema.state_dict()}, summary)
+        run.preempted.unlink(missing_ok=True)
     barrier(ctx)
     return summary
 
 
-def mark_preempted(run_dir: Path, step: int, reason: str) -> None:
+def mark_preempted(run: RunDir, step: int, reason: str) -> None:
     """Leave ``PREEMPTED`` in the run directory: torchrun reports every non-zero worker exit as 1, so launch
     scripts learn "checkpointed, requeue me" from this file rather than from the exit code alone."""
-    (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "reason": reason, "time": time.time()}))
+    run.preempted.write_text(json.dumps({"step": step, "reason": reason, "time": time.time()}))
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -323,17 +327,16 @@ class PeakMemory:
         return max(peak - self.base_kib, 0) / 2**20
 
 
-def export(run_dir: Path, cfg: RunConfig, method: Method, num_classes: int, state: dict[str, torch.Tensor],
+def export(run: RunDir, cfg: RunConfig, method: Method, num_classes: int, state: dict[str, torch.Tensor],
            summary: dict[str, Any]) -> None:
     """``export.safetensors`` (EMA weights as the method built the model) and ``summary.json``, atomically."""
-    save_ancestry(run_dir / "export.safetensors", state, method=method.name, arch=arch_spec(cfg),
+    save_export(run.export, state, method=method.name, arch=cfg.model.arch_spec(),
                   num_classes=num_classes,
                   meta={"run_id": summary["run_id"], "stage": cfg.method.stage, "steps": summary["steps"],
                         "config_hash": cfg.config_hash(), "method_options": method.config.to_dict(),
                         "ancestry": summary["ancestry"]})
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    tmp.replace(run_dir / "summary.json")
+    with atomic_path(run.summary) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
 
 
 # --------------------------------------------------------------------------------------------------------------

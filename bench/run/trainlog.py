@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,12 +17,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bench.run.engine import DistContext, all_reduce_mean
+from bench.run.rundir import RunDir
 
 
 class TrainLog:
-    def __init__(self, run_dir: Path, ctx: DistContext, total_steps: int, start_step: int, images_per_step: int):
+    def __init__(self, run: RunDir, ctx: DistContext, total_steps: int, start_step: int, images_per_step: int):
         self.ctx = ctx
-        self.path = Path(run_dir) / "train.jsonl"
+        self.path = run.train_log
         self.images_per_step = images_per_step
         self._sums = torch.zeros(3, dtype=torch.float64)
         self._count = 0
@@ -48,7 +48,8 @@ class TrainLog:
 
     def add(self, loss: torch.Tensor, mse: torch.Tensor, vb: torch.Tensor) -> None:
         """Accumulate one micro-batch's mean losses (local; reduced at ``flush``)."""
-        self._sums += torch.stack([loss.detach().double().cpu(), mse.detach().double().cpu(), vb.detach().double().cpu()])
+        self._sums += torch.stack([loss.detach().double().cpu(), mse.detach().double().cpu(),
+                                   vb.detach().double().cpu()])
         self._count += 1
 
     def flush(self, step: int, lr: float, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ def inception_state():
 
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory, inception_state):
-    """Random Inception + DINOv2-S weights under the §8.8 file names (no manifest yet)."""
+    """Random Inception + DINOv2-S weights under the docs/metrics.md §10 file names (no manifest yet)."""
     from bench.metrics.networks import dinov2 as dino
     from bench.metrics.networks.weights import DINOV2_FILES, LAYOUT
 

@@ -1,4 +1,4 @@
-"""World-size independence with real torch.distributed processes (gloo on CPU): metrics.md §8.9, T8.
+"""World-size independence with real torch.distributed processes (gloo on CPU): docs/metrics.md §12, test T8 (§16).
 
 World sizes 1, 2 and 3 must give identical moments (1e-12 relative), identical IS inputs in global order and identical
 precision/recall counts. The slow test runs the whole ``evaluate`` under 1 and 2 ranks on random weights.

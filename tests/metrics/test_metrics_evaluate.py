@@ -1,4 +1,5 @@
-"""End to end on random weights: ``kindbench evaluate`` → record (§8.13), recomputed independently; acceptance."""
+"""End to end on random weights: ``kindbench evaluate`` → record (docs/metrics.md §13), recomputed independently;
+acceptance."""
 
 from __future__ import annotations
 
@@ -8,18 +9,18 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import DINO_ARCH
+from test_metrics_frechet import nuclear_norm_fd  # the FD oracle for N < d
 
 from bench.metrics.acceptance import fixtures
 from bench.metrics.cli import main
-from bench.metrics.scores.frechet import frechet_from_features
 from bench.metrics.networks.inception import load_inception
-from bench.metrics.scores.inception_score import inception_score
-from bench.metrics.scores.precision_recall import precision_recall
 from bench.metrics.record import REQUIRED_KEYS
 from bench.metrics.sample_io import open_samples
+from bench.metrics.scores.frechet import frechet_from_features
+from bench.metrics.scores.inception_score import inception_score
+from bench.metrics.scores.precision_recall import precision_recall
 from bench.metrics.scores.stats import moments_of
-
-from conftest import DINO_ARCH
 
 INCEPTION = "inception/pt_inception-2015-12-05-6726825d.pth"
 
@@ -47,14 +48,6 @@ def record(setup):
             "--batch-size", "4", "--out", str(out), "--save-stats", str(setup["root"] / "stats.npz")]
     assert main(argv) == 0
     return json.loads(out.read_text())
-
-
-def nuclear_norm_fd(x, y):
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    n, m = len(x), len(y)
-    tr_sqrt = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt((n - 1) * (m - 1))
-    dm = x.mean(0) - y.mean(0)
-    return dm @ dm + (xc * xc).sum() / (n - 1) + (yc * yc).sum() / (m - 1) - 2 * tr_sqrt
 
 
 @pytest.fixture(scope="module")

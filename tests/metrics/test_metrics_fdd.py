@@ -1,4 +1,4 @@
-"""FDD plumbing (DINOv2 via timm, dgm-eval preprocessing): metrics.md §8.11 T24-T26."""
+"""FDD plumbing (DINOv2 via timm, dgm-eval preprocessing): docs/metrics.md §16 T24-T26."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DINO_ARCH
 
 from bench.metrics.networks import dinov2 as dino
-
-from conftest import DINO_ARCH
 
 
 def test_t24_pil_bicubic_matches_torchvision():

@@ -1,4 +1,4 @@
-"""Fréchet distance and moments: metrics.md §8.11 T1-T7 (T8, the real multi-process run: the distributed test)."""
+"""Fréchet distance and moments: docs/metrics.md §16 T1-T7 (T8, the real multi-process run: the distributed test)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import scipy
 from scipy.stats import ortho_group
 
-from bench.metrics.scores.frechet import frechet_distance, frechet_from_features
 from bench.metrics.acceptance.oracles import frechet_eigvals, frechet_sqrtm
+from bench.metrics.scores.frechet import frechet_distance, frechet_from_features
 from bench.metrics.scores.stats import MomentAccumulator, moments_of
 
 RNG = np.random.default_rng(1234)

@@ -1,4 +1,5 @@
-"""Inception plumbing with random weights: metrics.md §8.11 T19-T21 and T23 (T22, the sample I/O, has its own file)."""
+"""Inception plumbing with random weights: docs/metrics.md §16 T19-T21 and T23 (T22, the sample I/O, has its own
+file)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.metrics.networks.inception import SPATIAL_DIM, InceptionV3TF, load_inception, spatial_features
-from bench.metrics.sample_io import to_uint8_dit
 from bench.metrics.networks.tf_resize import tf1_bilinear_resize
+from bench.metrics.sample_io import to_uint8_dit
 
 
 def ramp(dtype=torch.float64):

@@ -1,4 +1,4 @@
-"""Sample I/O in the ADM contract: metrics.md §8.11 T22, plus PNG folders, the writer and reader edge cases."""
+"""Sample I/O in the ADM contract: docs/metrics.md §16 T22, plus PNG folders, the writer and reader edge cases."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.metrics.sample_io import (NpzSamples, PngFolderSamples, open_samples, png_folder_to_npz,
-                                     validate_images, write_samples_npz)
+from bench.metrics.sample_io import (
+    NpzSamples,
+    PngFolderSamples,
+    open_samples,
+    png_folder_to_npz,
+    validate_images,
+    write_samples_npz,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Inception Score with ADM semantics: metrics.md §8.11 T9-T13, plus a torch-fidelity cross-check."""
+"""Inception Score with ADM semantics: docs/metrics.md §16 T9-T13, plus a torch-fidelity cross-check."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_t12_order_sensitivity_documented():
     assert abs(sorted_is - 100.0) <= 1e-6  # each 5000-split sees only 100 classes
     perm = np.random.default_rng(0).permutation(len(labels_sorted))
     shuffled_is = inception_score(logits[perm]).value
-    assert 905 < shuffled_is < 916  # ≈ 910.47 (metrics.md §2.5)
+    assert 905 < shuffled_is < 916  # ≈ 910.47 (docs/metrics.md §5)
     # known-sorted labels are refused unless a shuffle seed is given
     with pytest.raises(ValueError, match="sorted by class"):
         inception_score(logits, labels=labels_sorted)

@@ -1,4 +1,4 @@
-"""Offline guard and weights manifest: metrics.md §8.11 T27-T28."""
+"""Offline guard and weights manifest: docs/metrics.md §16 T27-T28."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from bench.metrics.networks import weights as W
 from bench.metrics.cli import main
+from bench.metrics.networks import weights as W
+from bench.records.hashing import file_sha256
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ def test_t28_manifest_pins_and_detects_modification(tmp_path):
     first = wd.verified("inception")
     assert first.pinned_now and first.official is False  # pinned on first use; not the published file
     manifest = json.loads((tmp_path / "MANIFEST.json").read_text())
-    assert manifest[first.relpath]["sha256"] == W.sha256_file(f) and manifest[first.relpath]["bytes"] == 13000
+    assert manifest[first.relpath]["sha256"] == file_sha256(f) and manifest[first.relpath]["bytes"] == 13000
     again = wd.verified("inception")
     assert not again.pinned_now and again.sha256 == first.sha256
     data = bytearray(f.read_bytes())
@@ -95,7 +96,7 @@ def test_t28_manifest_pins_and_detects_modification(tmp_path):
     report = {r["key"]: r for r in wd.verify_all(pin=False)}
     assert report["inception"]["status"] == "MISMATCH" and report["adm_ref"]["status"] == "missing"
     assert [r["status"] for r in wd.verify_all(pin=False, repin=True) if r["key"] == "inception"] == ["pinned"]
-    assert wd.verified("inception").sha256 == W.sha256_file(f)
+    assert wd.verified("inception").sha256 == file_sha256(f)
 
 
 def test_t28_verify_cli(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""ADM precision/recall, blocked: metrics.md §8.11 T14-T18, the fp16 emulation and a torch-fidelity cross-check."""
+"""ADM precision/recall, blocked: docs/metrics.md §16 T14-T18, the fp16 emulation and a torch-fidelity cross-check."""
 
 from __future__ import annotations
 

@@ -7,13 +7,12 @@ import os
 
 import numpy as np
 import pytest
+from conftest import DINO_ARCH
 from PIL import Image
 
 from bench.metrics.cli import main
 from bench.metrics.reference.statistics import ImageFolderSource, center_crop_arr, load_reference, save_reference
 from bench.metrics.scores.stats import moments_of
-
-from conftest import DINO_ARCH
 
 INCEPTION = "inception/pt_inception-2015-12-05-6726825d.pth"
 

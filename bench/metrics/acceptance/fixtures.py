@@ -15,10 +15,10 @@ import torch
 
 from bench.metrics.networks import dinov2 as dino
 from bench.metrics.networks.inception import InceptionV3TF, load_inception, random_inception_state_dict
+from bench.metrics.networks.weights import DINOV2_FILES, LAYOUT
 from bench.metrics.reference.statistics import save_reference
 from bench.metrics.sample_io import write_samples_npz
 from bench.metrics.scores.stats import moments_of
-from bench.metrics.networks.weights import DINOV2_FILES, LAYOUT
 
 
 def synthetic_images(n: int, size: int = 64, seed: int = 0, shift: float = 0.0) -> np.ndarray:
@@ -68,7 +68,7 @@ def write_cleanfid_standin(inception_weights: str | os.PathLike, out: str | os.P
 
 def write_random_weights(root: str | os.PathLike, *, seed: int = 0,
                          dinov2_arch: str | None = "vit_small_patch14_dinov2", clean_fid: bool = False) -> Path:
-    """Fill ``root`` with random weights under the real file names (§8.8 layout)."""
+    """Fill ``root`` with random weights under the real file names (docs/metrics.md §10 layout)."""
     root = Path(root)
     inception = root / LAYOUT["inception"].paths[0]
     inception.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Library-style Fréchet formulas, kept only as test oracles (metrics.md §8.4 step 5).
+"""Library-style Fréchet formulas, kept only as test oracles (docs/metrics.md §4.4).
 
 They are deliberately the slow, general routes: the non-symmetric product Σ₁Σ₂ and either ``scipy.linalg.sqrtm``
 (ADM / TTUR / clean-fid, without the ``disp`` argument that scipy >= 1.18 removed) or ``Σ Re √eigvals``

@@ -1,7 +1,8 @@
-"""Acceptance procedures with real weights (metrics.md §8.12), as functions the CLI runs.
+"""Acceptance procedures with real weights (docs/metrics.md §15.2), as functions the CLI runs.
 
 * **A1** ADM oracle: ``admnet_guided_upsampled_imagenet256.npz`` against ``VIRTUAL_imagenet256_labeled.npz``
-  must reproduce the ADM README numbers within the §8.2 tolerances; P/R is also run with ``adm_fp16``.
+  must reproduce the ADM README numbers within the tolerances of docs/metrics.md §15.1; P/R is also run with
+  ``adm_fp16``.
 * **A2** DiT-XL/2 (256 px, cfg 1.5, 250 steps, 50k random-label samples) must land in the engineering band.
 * **A3** FDD parity: our timm DINOv2 path against the torch.hub DINOv2 code (``--dinov2-repo``, a local clone
   loaded with ``source='local'``), timm's own pos-embed resampling (P20) and the antialiased-torch resize (P21).
@@ -19,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.metrics.networks import dinov2 as dino
 from bench.metrics.evaluate import EvalOptions, evaluate
-from bench.metrics.scores.frechet import frechet_distance
+from bench.metrics.networks import dinov2 as dino
 from bench.metrics.networks.numerics import strict_fp32
-from bench.metrics.record import write_json_atomic
+from bench.metrics.networks.weights import resolve_weights_dir
 from bench.metrics.reference.statistics import load_reference
 from bench.metrics.sample_io import open_samples
+from bench.metrics.scores.frechet import frechet_distance
 from bench.metrics.scores.stats import moments_of
-from bench.metrics.networks.weights import resolve_weights_dir
+from bench.records.atomic import write_json_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Target:
 
 
 # ADM README (evaluations/README.md), ImageNet-256, admnet_guided_upsampled vs VIRTUAL_imagenet256_labeled;
-# tolerances from metrics.md §8.2.
+# tolerances from docs/metrics.md §15.1.
 A1_TARGETS = {
     "fid": Target(3.9425574, abs_tol=0.01),
     "sfid": Target(6.1404337, abs_tol=0.01),
@@ -65,7 +66,8 @@ A1_TARGETS_128 = {
     "precision": Target(0.78138, abs_tol=0.003),
     "recall": Target(0.5929, abs_tol=0.005),
 }
-# DiT-XL/2 256, cfg 1.5: an engineering band around 2.21 (PyTorch re-evaluation) .. 2.27 (paper), §8.12 (E).
+# DiT-XL/2 256, cfg 1.5: an engineering band around 2.21 (PyTorch re-evaluation) .. 2.27 (paper);
+# an estimate, docs/metrics.md §15.2.
 A2_TARGETS = {
     "fid": Target(low=2.16, high=2.32),
     "is": Target(low=278.24 * 0.97, high=278.24 * 1.03),

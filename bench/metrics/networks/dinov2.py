@@ -1,4 +1,4 @@
-"""DINOv2 features for FDD, built with timm and matched to dgm-eval (metrics.md §5, §8.7).
+"""DINOv2 features for FDD, built with timm and matched to dgm-eval (docs/metrics.md §7).
 
 * Model: timm ``vit_large_patch14_dinov2`` at ``img_size=224``, ``num_classes=0``: the output is the CLS token after
   the final LayerNorm (1024-d), as the torch.hub model returns.

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import fcntl
 import hashlib
 import json
@@ -60,10 +59,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.data.synthetic import HUES, NUM_SYNTHETIC_CLASSES, SHAPES, SYNTHETIC_DOMAINS, TEXTURES, render_images
-from bench.records.atomic import atomic_path
 from bench.metrics.networks.numerics import strict_fp32
 from bench.metrics.sample_io import validate_images
-from bench.metrics.networks.weights import sha256_file
+from bench.records.atomic import atomic_path, write_json_atomic
+from bench.records.fields import utc_now
+from bench.records.hashing import file_sha256
 
 EXTRACTOR_NAME = "kindbench-synthetic-cnn-v1"
 EXTRACTOR_VERSION = 1
@@ -356,10 +356,9 @@ def _save(path: Path, trained: TrainedWeights, key: str, recipe: DomainRecipe) -
     }
     with atomic_path(path, suffix=".tmp.safetensors") as tmp:
         save_file(trained.state_dict, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    timing = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    timing = {"created_at": utc_now(),
               "train_wall_s": round(trained.wall_s, 2), "host": platform.node(), "python": platform.python_version()}
-    with atomic_path(_sidecar(path)) as tmp:
-        tmp.write_text(json.dumps(timing, indent=2) + "\n")
+    write_json_atomic(_sidecar(path), timing, overwrite=True)
 
 
 def _read(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -372,7 +371,8 @@ def _read(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict]:
             state = {name: f.get_tensor(name) for name in f.keys()}
         metadata = json.loads(raw) if raw is not None else {}
     except Exception as err:  # safetensors raises its own error types for bad headers and truncated data
-        raise CorruptExtractorError(f"cached domain extractor {path} is unreadable ({type(err).__name__}: {err})")
+        reason = f"{type(err).__name__}: {err}"
+        raise CorruptExtractorError(f"cached domain extractor {path} is unreadable ({reason})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FILE_FORMAT or metadata.get("cache_key") != key:
         found = metadata.get("cache_key", "") if isinstance(metadata, dict) else ""
         raise CorruptExtractorError(f"cached domain extractor {path} has foreign or missing metadata "
@@ -411,7 +411,7 @@ class DomainExtractor:
         self.path = path
         self.metadata = metadata
         self.name: str = metadata["name"]
-        self.sha256: str = sha256_file(path)
+        self.sha256: str = file_sha256(path)
         self.feature_dim: int = model.feature_dim
         self.num_classes: int = model.classifier.out_features
         self.accuracy: float = float(metadata["accuracy"])
@@ -429,7 +429,7 @@ class DomainExtractor:
         except (OSError, ValueError):
             return {}
 
-    def to(self, device: str | torch.device) -> "DomainExtractor":
+    def to(self, device: str | torch.device) -> DomainExtractor:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self
@@ -499,7 +499,8 @@ def load_domain_extractor(cache_dir: str | os.PathLike | None = None, *, train_i
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m bench.metrics.networks.domain [--cache-dir DIR]``: train (or find) the extractor and print its provenance.
+    """``python -m bench.metrics.networks.domain [--cache-dir DIR]``: train (or find) the extractor and print its
+    provenance.
 
     Run it once before launching many jobs on a fresh cache, so they load the file instead of queueing on the lock.
     """

@@ -1,4 +1,4 @@
-"""Sharded feature extraction over a sample source (metrics.md §8.9).
+"""Sharded feature extraction over a sample source (docs/metrics.md §12).
 
 Each rank reads only its contiguous index range, runs the extractors in strict float32, accumulates float64
 moments per feature space (``pool`` 2048, ``spatial`` 2023, ``dinov2`` D) and keeps per-sample ``pool`` and
@@ -15,8 +15,8 @@ import os
 import numpy as np
 import torch
 
-from bench.metrics.networks import dinov2 as dino
 from bench.metrics import distributed as D
+from bench.metrics.networks import dinov2 as dino
 from bench.metrics.networks.inception import InceptionV3TF
 from bench.metrics.networks.numerics import strict_fp32
 from bench.metrics.sample_io import SampleSource, open_samples

@@ -1,4 +1,4 @@
-"""Inception-v3 with the 2015 TensorFlow graph's semantics, as used by the ADM evaluator (metrics.md §2.1–2.2).
+"""Inception-v3 with the 2015 TensorFlow graph's semantics, as used by the ADM evaluator (docs/metrics.md §3.1–3.2).
 
 One forward gives the three ADM features:
 

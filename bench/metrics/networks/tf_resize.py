@@ -1,4 +1,4 @@
-"""TensorFlow-1 legacy bilinear resize (``align_corners=False``, no half-pixel centres), metrics.md §2.1.
+"""TensorFlow-1 legacy bilinear resize (``align_corners=False``, no half-pixel centres), docs/metrics.md §3.1.
 
 The 2015 Inception graph resizes its input with this rule:
 

@@ -1,6 +1,6 @@
-"""Offline weights and reference files: one directory, a fixed layout, a sha256 manifest (metrics.md §8.8).
+"""Offline weights and reference files: one directory, a fixed layout, a sha256 manifest (docs/metrics.md §10).
 
-Resolution: ``--weights-dir DIR``, else ``$KINDBENCH_WEIGHTS_DIR`` (``$METRICS_WEIGHTS_DIR``, the spec's name, is
+Resolution: ``--weights-dir DIR``, else ``$KINDBENCH_WEIGHTS_DIR`` (``$METRICS_WEIGHTS_DIR``, an older name, is
 accepted too), else an error listing every expected file and where to get it. Nothing here ever downloads.
 
 Trust on first use: the first time a file is opened its sha256 is pinned in ``MANIFEST.json``; every later open
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import fcntl
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from bench.records.atomic import atomic_path
+from bench.records.fields import utc_now
+from bench.records.hashing import file_sha256
 
 ENV_VARS = ("KINDBENCH_WEIGHTS_DIR", "METRICS_WEIGHTS_DIR")
 MANIFEST = "MANIFEST.json"
@@ -141,16 +141,8 @@ class VerifiedFile:
                 "pinned_now": self.pinned_now}
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def offline_environment(root: Path | None) -> None:
-    """Make stray library calls fail fast instead of reaching the network (§8.8)."""
+    """Make stray library calls fail fast instead of reaching the network (docs/metrics.md §10)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     if root is not None:
@@ -209,7 +201,7 @@ class WeightsDir:
         if found is None:
             raise MissingWeightsError(f"missing {key!r} in {self.root}\n" + expected_files_text(self.root, [key]))
         path, rel = found
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         size = path.stat().st_size
         pinned_now = False
         with self._locked():
@@ -221,7 +213,7 @@ class WeightsDir:
                                                "restore the file or re-pin deliberately with `weights verify --repin`")
             elif pin:
                 data[rel] = {"sha256": digest, "bytes": size, "url": entry(key).source,
-                             "added": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                             "added": utc_now()}
                 self._write_manifest(data)
                 pinned_now = True
         prefix = entry(key).published_sha256_prefix
@@ -235,7 +227,7 @@ class WeightsDir:
             rel = str(path.relative_to(self.root))
         except ValueError:
             raise ValueError(f"{path} is not inside the weights directory {self.root}") from None
-        digest, size = sha256_file(path), path.stat().st_size
+        digest, size = file_sha256(path), path.stat().st_size
         with self._locked():
             data = self.manifest()
             if rel in data and data[rel]["sha256"] != digest:
@@ -243,7 +235,7 @@ class WeightsDir:
             pinned_now = rel not in data
             if pinned_now:
                 data[rel] = {"sha256": digest, "bytes": size, "url": "built locally",
-                             "added": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                             "added": utc_now()}
                 self._write_manifest(data)
         return VerifiedFile("custom", path, rel, digest, size, pinned_now, None)
 

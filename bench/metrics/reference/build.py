@@ -1,4 +1,4 @@
-"""Build and version our own reference statistics (metrics.md §8.7, §8.8).
+"""Build and version our own reference statistics (docs/metrics.md §9, §10).
 
 * ``prepare_adm_reference``: the small derived extract of ADM's reference batch (float64 mu/sigma/mu_s/sigma_s
   plus the 10k ``ref_pool`` features computed once with our Inception), so later evaluations skip the 2 GB file.

@@ -6,13 +6,13 @@
 * ``save_reference``: writes such a file atomically with its provenance (source, crop, resize, extractor, weights
   sha256, image-list hash, N) and returns its sha256 for the manifest and the records.
 * ``ImageFolderSource``: any class-folder image dataset as a sample source, ADM ``center_crop_arr`` applied, so
-  reference statistics for ImageFolder datasets (and the FDD ImageNet reference, §8.7) use the training crop.
+  reference statistics for ImageFolder datasets (and the FDD ImageNet reference, docs/metrics.md §9.4)
+  use the training crop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import os
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.records.atomic import atomic_path
 from bench.metrics.sample_io import NpzSamples, SampleSource
 from bench.metrics.scores.stats import Moments
-from bench.metrics.networks.weights import sha256_file
+from bench.records.atomic import atomic_path
+from bench.records.fields import utc_now
+from bench.records.hashing import file_sha256
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG", ".PNG", ".JPG")
 
@@ -72,7 +73,7 @@ def load_reference(path: str | os.PathLike, *, sha256: str | None = None) -> Ref
         raise ValueError(f"{path}: no reference statistics (expected mu/sigma and optionally mu_s/sigma_s); "
                          f"keys are {keys}")
     ref_pool = np.asarray(data["ref_pool"], dtype=np.float32) if "ref_pool" in keys else None
-    return Reference(path=path, sha256=sha256 or sha256_file(path), keys=keys, moments=moments,
+    return Reference(path=path, sha256=sha256 or file_sha256(path), keys=keys, moments=moments,
                      provenance=provenance, ref_pool=ref_pool)
 
 
@@ -96,12 +97,11 @@ def save_reference(path: str | os.PathLike, moments: dict[str, Moments], provena
         arrays["ref_pool"] = np.asarray(ref_pool, dtype=np.float32)
     if images is not None:
         arrays["arr_0"] = images
-    prov = dict(provenance, space=space, n=moments[space].n,
-                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    prov = dict(provenance, space=space, n=moments[space].n, created=utc_now())
     arrays["provenance"] = np.array(json.dumps(prov, sort_keys=True))
     with atomic_path(path, suffix=".tmp.npz") as tmp:  # .npz suffix: np.savez would append one otherwise
         np.savez(tmp, **arrays)
-    return sha256_file(path)
+    return file_sha256(path)
 
 
 def center_crop_arr(pil_image, image_size: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""clean-FID and KID as extra columns, computed through clean-fid's own API (metrics.md §4).
+"""clean-FID and KID as extra columns, computed through clean-fid's own API (docs/metrics.md §8).
 
 * Network: ``cleanfid.inception_torchscript.InceptionV3W(<weights>/inception, download=False)``, the NVIDIA
   TorchScript ``inception-2015-12-05.pt`` from the weights directory; never clean-fid's hard-coded ``/tmp`` path

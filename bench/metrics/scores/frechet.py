@@ -1,4 +1,4 @@
-"""Fréchet distance between two Gaussians, float64 and symmetric-eigen based (metrics.md §8.4).
+"""Fréchet distance between two Gaussians, float64 and symmetric-eigen based (docs/metrics.md §4.2).
 
     d² = ‖μ₁−μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁Σ₂)
 
@@ -8,7 +8,7 @@ of any symmetric matrix congruent to it, so we never form the non-symmetric prod
 
 * ``cholesky`` (default): Σ₁ = L Lᵀ, then eig(Σ₁Σ₂) = eig(Lᵀ Σ₂ L). One Cholesky and one ``eigvalsh``. If Σ₁ is
   only semidefinite (N ≤ d samples), the roles swap (tr √(Σ₁Σ₂) = tr √(Σ₂Σ₁)) and Σ₂ is factored instead.
-* ``eigh`` (the spec's route, and the fallback when neither is positive definite): Σ₁ = V diag(w) Vᵀ with w
+* ``eigh`` (the textbook route, and the fallback when neither is positive definite): Σ₁ = V diag(w) Vᵀ with w
   clipped at 0, A = Σ₁^{1/2}, eig(Σ₁Σ₂) = eig(A Σ₂ A). About twice the cost of ``cholesky``.
 
 Both clip eigenvalues below zero (rounding, rank deficiency; pitfall P6) and report the most negative one.

@@ -1,4 +1,4 @@
-"""Inception Score with ADM semantics (metrics.md §2.5, §8.5).
+"""Inception Score with ADM semantics (docs/metrics.md §5).
 
 Contiguous splits of ``split_size`` (5000) rows in file order, the last one possibly shorter; per split
 IS_s = exp(mean_i KL(p_i ‖ p̄)); IS = mean_s IS_s. Natural log, no shuffling. Unlike ADM's float32 formula,

@@ -1,4 +1,4 @@
-"""Improved Precision/Recall (Kynkäänniemi et al. 2019), ADM evaluator variant, blocked (metrics.md §2.6, §8.6).
+"""Improved Precision/Recall (Kynkäänniemi et al. 2019), ADM evaluator variant, blocked (docs/metrics.md §6).
 
 * Squared Euclidean distances D(u, v) = max(‖u‖² − 2u·v + ‖v‖², 0).
 * Radius of a point = its (k+1)-th smallest distance within its own set, itself included (k = 3: ADM's
@@ -14,7 +14,7 @@ hits, an OR) all-reduced, so the counts do not depend on the world size.
 ``distance``: ``fp32`` (default, KPR semantics) or ``adm_fp16``, an emulation of ADM's TensorFlow float16 path
 (fp16 inputs and norms, exact fp16 products accumulated in fp32, every subsequent operation rounded to fp16 in TF's
 order (‖u‖² − 2UVᵀ) + ‖v‖², and an fp32 recompute of any block with a non-finite entry). Which variant lands
-closer to ADM's numbers is open until acceptance A1 (§8.6).
+closer to ADM's numbers is open until acceptance A1 (docs/metrics.md §15.2).
 """
 
 from __future__ import annotations

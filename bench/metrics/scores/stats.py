@@ -1,4 +1,4 @@
-"""Float64 feature moments as sufficient statistics: accumulate, merge exactly, convert to (μ, Σ) (§8.9).
+"""Float64 feature moments as sufficient statistics (docs/metrics.md §4.1): accumulate, merge exactly, get (μ, Σ).
 
 Each rank keeps n, s = Σx and S = Σxxᵀ in float64 on its own device; ranks merge by summing them (all_reduce), so
 the result depends on the world size only through float64 summation order (≈1e-15). Raw moments are safe in
@@ -43,7 +43,7 @@ class MomentAccumulator:
         self.sum += x.sum(0)
         self.outer += x.T @ x
 
-    def merge_(self, other: "MomentAccumulator") -> "MomentAccumulator":
+    def merge_(self, other: MomentAccumulator) -> MomentAccumulator:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge moments of dimension {other.dim} into {self.dim}")
         self.n += other.n.to(self.n.device)
@@ -51,7 +51,7 @@ class MomentAccumulator:
         self.outer += other.outer.to(self.outer.device)
         return self
 
-    def all_reduce_(self) -> "MomentAccumulator":
+    def all_reduce_(self) -> MomentAccumulator:
         """Sum the three tensors over all ranks of the default process group (no-op when not distributed)."""
         import torch.distributed as dist
 

@@ -1,8 +1,8 @@
-"""The job stages, one module each: what a planned job of that stage computes, and which files it leaves.
+"""The job steps, one module each: what a planned job of that step computes, and which files it leaves.
 
-Each module exposes ``run(job, roots, ctx, store) -> StageResult``. A stage module is the root of its jobs' code
-fingerprint (``bench.records.fingerprint``), so it imports only what the stage executes; ``bench.pipeline.jobs`` routes jobs here and
-writes their records.
+Each module exposes ``run(job, roots, ctx, store) -> StepResult``. A step module is the root of its jobs' code
+fingerprint (``bench.records.fingerprint``), so it imports only what the step executes; ``bench.pipeline.jobs`` routes
+jobs here and writes their records.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Roots:
 
 
 @dataclass
-class StageResult:
+class StepResult:
     blocks: dict[str, Any]
     """Record blocks (``train_info``, ``sample_info``, ``eval_info``, ``extra``)."""
     outputs: dict[str, str] = field(default_factory=dict)

@@ -1,18 +1,18 @@
-"""The ``aggregate`` stage: leaderboards and plots, derived only from the records of the results tree."""
+"""The ``aggregate`` step: leaderboards and plots, derived only from the records of the results tree."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bench.pipeline.steps import Roots, StageResult
+from bench.pipeline.steps import Roots, StepResult
 
-if TYPE_CHECKING:  # types only: the record plumbing and the plan are not part of what a stage computes
-    from bench.run.engine import DistContext
+if TYPE_CHECKING:  # types only: the record plumbing and the plan are not part of what a step computes
     from bench.pipeline.plan import Job
     from bench.records.store import RecordStore
+    from bench.run.engine import DistContext
 
 
-def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StageResult:
+def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StepResult:
     from bench.report.leaderboard import build_leaderboards
     from bench.report.plots import make_plots
 
@@ -20,4 +20,4 @@ def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StageRe
     plots = make_plots(roots.results / "leaderboard", roots.results / "plots")
     rel = [str(p.resolve().relative_to(roots.results)) if p.resolve().is_relative_to(roots.results) else str(p)
            for p in [*tables, *plots]]
-    return StageResult({"extra": {"aggregate": {"tables": rel[: len(tables)], "plots": rel[len(tables):]}}})
+    return StepResult({"extra": {"aggregate": {"tables": rel[: len(tables)], "plots": rel[len(tables):]}}})

@@ -1,19 +1,19 @@
-"""The ``evaluate`` stage: score a sample job's images against its task's reference with the suite's metric
+"""The ``evaluate`` step: score a sample job's images against its task's reference with the suite's metric
 protocol (``EvalConfig``); the numbers carry that protocol and the ids and checksums of what they compare."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bench.pipeline.steps import Roots, StageResult
+from bench.pipeline.steps import Roots, StepResult
 
-if TYPE_CHECKING:  # types only: the record plumbing and the plan are not part of what a stage computes
-    from bench.run.engine import DistContext
+if TYPE_CHECKING:  # types only: the record plumbing and the plan are not part of what a step computes
     from bench.pipeline.plan import Job
     from bench.records.store import RecordStore
+    from bench.run.engine import DistContext
 
 
-def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StageResult:
+def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StepResult:
     sample_rec, prepare_rec = store.read(job.info["sample_job"]), store.read(job.info["prepare_job"])
     if sample_rec is None or prepare_rec is None:
         raise FileNotFoundError(f"evaluate {job.job_id}: the sample or prepare record is missing")
@@ -23,8 +23,8 @@ def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StageRe
     protocol = job.info["eval"]
     s = sample_rec["sample_info"]
     if protocol["extractor"] == "synthetic":
-        from bench.metrics.networks.domain import load_domain_extractor
         from bench.metrics.domain_eval import evaluate_domain
+        from bench.metrics.networks.domain import load_domain_extractor
 
         extractor = load_domain_extractor(protocol["cache_dir"] or None)
         result = evaluate_domain(samples, reference_path, extractor,
@@ -45,4 +45,4 @@ def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StageRe
                     **result["protocol"], "cfg_scale": s["cfg_scale"], "sampler": s["scheduler"],
                     "num_steps": s["num_steps"], "clip_denoised": bool(s.get("clip_denoised", False)),
                     "samples_sha256": sample_rec["outputs"]["samples"]["sha256"]}
-    return StageResult({"eval_info": {"metrics": metrics, "protocol": protocol_out}})
+    return StepResult({"eval_info": {"metrics": metrics, "protocol": protocol_out}})

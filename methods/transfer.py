@@ -15,6 +15,7 @@ the file may hold nothing the model lacks. Mismatches are reported all at once, 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -79,6 +80,7 @@ def save_export(path: str | os.PathLike, model_state: Mapping[str, torch.Tensor]
         "meta": json.dumps(dict(meta or {}), sort_keys=True),
     }
     tensors = _plain_tensors(model_state)
+    metadata["tensors_sha256"] = tensors_sha256(tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -89,6 +91,17 @@ def save_export(path: str | os.PathLike, model_state: Mapping[str, torch.Tensor]
     finally:
         tmp.unlink(missing_ok=True)
     return file_sha256(path)
+
+
+def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: written into an export's metadata
+    and checked on every load, so a bit-rotted or edited export is an error instead of a silently different model."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 def _require_file(path: Path, what: str) -> None:
@@ -141,6 +154,10 @@ def load_export(path: str | os.PathLike) -> Export:
     sha256 = file_sha256(path)
     metadata, state = _read_safetensors(path)
     method, arch, num_classes, meta = _parse_metadata(path, metadata)
+    recorded = metadata.get("tensors_sha256")  # absent in exports written before checksums: nothing to compare
+    if recorded is not None and tensors_sha256(state) != recorded:
+        raise MethodError(f"export {path} is corrupt: its tensors do not match the checksum written with them "
+                          "(bit rot or an edit after export); re-run the run that exports it")
     return Export(method=method, arch=arch, num_classes=num_classes, state=state, sha256=sha256, path=str(path),
                     meta=meta)
 

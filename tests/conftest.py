@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-# Nothing downloads in tests: hub lookups fail at once instead of retrying for 20-50 s (docs/harness.md §10.3).
+# Nothing downloads in tests: hub lookups fail at once instead of retrying for 20-50 s (docs/harness.md §11.3).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

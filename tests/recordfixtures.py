@@ -235,6 +235,18 @@ def concurrent_writer(root: str, worker: int, barrier, results) -> None:
         store.write(record)
 
 
+def racing_writer(root: str, role: str, job_ids: list[str], barrier) -> None:
+    """A job and its retry racing: ``role`` "failed" writes a failure of every job id (a crashed attempt), "success"
+    its success, both right after a shared barrier."""
+    store = RecordStore(root)
+    barrier.wait(120)
+    for job_id in job_ids:
+        try:
+            store.write(simple_record(job_id, status="failed" if role == "failed" else "success"))
+        except FileExistsError:
+            pass  # the success was there first: a failure (or a second success) is refused
+
+
 def big_writer(root: str, n: int, blob_mb: float, done) -> None:
     """Write ``n`` big records, and rewrite one job id with force each time, while a reader polls."""
     store = RecordStore(root)

@@ -107,3 +107,34 @@ def test_missing_export_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.run.sample", "--run-dir", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "config.json is missing" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_corrupt_chunk_of_an_earlier_call_is_drawn_again(trained_run, tmp_path):
+    run = _copy_run(trained_run, tmp_path / "c")
+    _sample(run)
+    npz = _npz(run)
+    with np.load(npz) as f:
+        arr = f["arr_0"]
+    part = npz.parent / "parts" / "chunk_000001.npz"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # a crash or a full disk mid-write
+    npz.unlink()
+    _sample(run)
+    with np.load(npz) as f:
+        assert np.array_equal(f["arr_0"], arr)
+
+
+def test_a_model_with_nan_weights_is_an_error_not_black_images(trained_run, tmp_path):
+    from methods.transfer import load_export, save_export
+
+    run = _copy_run(trained_run, tmp_path / "nan")
+    export = load_export(run / "export.safetensors")  # a run whose training diverged exports such weights
+    key = next(k for k in export.state if k.endswith("final_layer.linear.weight"))
+    export.state[key] = export.state[key].clone().fill_(float("nan"))
+    save_export(run / "export.safetensors", export.state, method=export.method, arch=export.arch,
+                num_classes=export.num_classes, meta=export.meta)
+    proc = subprocess.run([sys.executable, "-m", "bench.run.sample", "--run-dir", str(run), *SAMPLE], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and "not finite" in last, proc.stderr[-3000:]
+    assert not list(run.glob("samples/*/samples.npz"))

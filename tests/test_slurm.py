@@ -390,3 +390,10 @@ def test_a_failed_transfer_cancels_only_its_dependants_and_resubmitting_complete
     assert slurm.main(["submit", "--suite", str(suite), "--runs", str(tmp_path / "runs"),
                        "--results", str(tmp_path / "results")]) == 0
     assert "nothing to submit" in capsys.readouterr().out
+
+
+def test_the_batch_script_and_the_repository_are_found_from_the_package():
+    from bench.records import environment
+
+    assert (slurm.REPO / "slurm" / "job.sbatch").is_file() and (slurm.REPO / "pyproject.toml").is_file()
+    assert (environment._REPO / "pyproject.toml").is_file()

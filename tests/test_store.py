@@ -8,7 +8,16 @@ import multiprocessing
 import time
 
 import pytest
-from recordfixtures import GIT, N_WRITERS, PER_WRITER, big_writer, check_complete, concurrent_writer, simple_record
+from recordfixtures import (
+    GIT,
+    N_WRITERS,
+    PER_WRITER,
+    big_writer,
+    check_complete,
+    concurrent_writer,
+    racing_writer,
+    simple_record,
+)
 
 from bench.records.store import (
     SCHEMA_VERSION,
@@ -191,6 +200,25 @@ def test_fifty_concurrent_writers_lose_nothing(tmp_path):
     assert records["contested--evaluate"]["eval_info"]["metrics"]["fid"]["value"] == winners[0]
     assert not [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")], "temp files left behind"
     assert not (tmp_path / "superseded").exists()
+
+
+def test_a_job_is_never_both_succeeded_and_failed_after_a_race(tmp_path):
+    """A failure and a success of the same job written at the same moment: the success wins, the failure is kept
+    under superseded/ only (a leaderboard must never list a job that succeeded as failed)."""
+    ctx = multiprocessing.get_context("spawn")
+    job_ids = [f"race{k:02d}--evaluate" for k in range(40)]
+    barrier = ctx.Barrier(8)
+    procs = [ctx.Process(target=racing_writer, args=(str(tmp_path), role, job_ids, barrier))
+             for role in ("failed", "success") * 4]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0] * len(procs)
+    store = RecordStore(tmp_path)
+    both = [j for j in job_ids if store.read(j) is not None and store.failed(j) is not None]
+    assert not both, f"success and failure records of the same job: {both}"
+    assert all(store.read(j) is not None for j in job_ids)
 
 
 def test_readers_never_see_half_written_records(tmp_path):

@@ -22,7 +22,7 @@ def test_tiny_suite_end_to_end_and_rerun_is_a_no_op(tmp_path):
     assert first.returncode == 0, first.stderr[-4000:]
     summary = json.loads((tmp_path / "results/last_run.json").read_text())
     assert summary["outcomes"]["failed"] == 0 and summary["outcomes"]["blocked"] == 0
-    assert set(summary["stage_seconds"]) == {"prepare", "ancestry", "transfer", "sample", "evaluate", "aggregate"}
+    assert set(summary["step_seconds"]) == {"prepare", "pretrain", "train", "sample", "evaluate", "aggregate"}
 
     from bench.pipeline.executor import build_plan
 

@@ -116,6 +116,28 @@ def test_sigusr1_checkpoints_and_next_start_resumes(tmp_path):
     assert latest == stopped_at + 1
 
 
+def test_ctrl_c_checkpoints_like_sigterm(tmp_path):
+    """An interactive run interrupted with Ctrl-C keeps its progress: SIGINT checkpoints at the next step."""
+    out = tmp_path / "runs"
+    cmd = train_command(1) + TINY_RUN + [f"--run.out_dir={out}", "--schedule.steps=100000",
+                                         "--schedule.ckpt_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*/train.jsonl")):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, stderr[-2000:]
+    (run_dir,) = out.iterdir()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if (p / "DONE").exists()], "no checkpoint written"
+    assert "Traceback" not in stderr
+
+
+def test_run_id_must_be_a_plain_name(run_train):
+    _one_line_error(run_train("--run.id=../escaped"), 2, "run.id '../escaped' must be a plain name")
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 

@@ -249,3 +249,20 @@ def test_released_checkpoint_errors(tmp_path):
 def test_infer_arch_needs_dit_keys():
     with pytest.raises(MethodError, match="not a dense DiT state dict: no x_embedder.proj.weight"):
         infer_dit_arch({"pos_embed": torch.zeros(1, 16, 64)})
+
+
+def test_a_bit_rotted_export_is_an_error(tmp_path):
+    """One value of an export changed after it was written (a bad disk, an edit): loading it fails in one line."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "export.safetensors"
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
+    save_export(path, state, method="scratch", arch=ArchSpec("DiT-T/2"), num_classes=4)
+    assert torch.equal(load_export(path).state["w"], state["w"])
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["w"][0, 1] = 4.3e9
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(MethodError, match="is corrupt: its tensors do not match the checksum"):
+        load_export(path)

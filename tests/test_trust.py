@@ -236,6 +236,7 @@ def test_make_plan_is_pure_and_budgets_are_resolved_before_it(tmp_path, monkeypa
     (["sample.num_steps=many"], "sample.num_steps"),
     (["sample.num_step=3"], "did you mean 'sample.num_steps'"),
     (["schedule.step=3"], "did you mean 'schedule.steps'"),
+    (["sample.scheduler=ddpn"], "sample.scheduler must be one of ddpm, ddim, dpm++"),
 ])
 def test_protocol_and_config_mistakes_in_set_are_one_line_errors(sets, message):
     from bench.config.suite import SuiteError
@@ -256,3 +257,27 @@ def test_suite_lists_are_lists(tmp_path, line, message):
     (tmp_path / "s.toml").write_text(text)
     with pytest.raises(SuiteError, match=message):
         load_suite(str(tmp_path / "s.toml"))
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ('in_channels = 3', 'in_channels = 0', "model.in_channels must be positive"),  # [defaults.model]
+    ('source = "synthetic"', 'source = "synthetc"', "data.source"),  # [defaults.data]
+    ('lr = 1e-3', 'lr = "fast"', "'optim.lr' expects float"),  # [defaults.optim]
+    ('steps = 3', 'steps = 3\nwarmup = 2', "unknown config key 'schedule.warmup'"),  # [defaults.schedule]
+    ('scheduler = "ddpm"', 'scheduler = "ddpn"', "sample.scheduler must be one of"),  # [protocol.sample]
+    ('ref_per_class = 4', 'ref_per_class = 4\nbogus = 1', "unknown config key 'eval.bogus'"),  # [protocol.eval]
+    ('method = "scratch"', 'method = "scratch"\noptions = { bogus = 1 }', "unknown option 'bogus'"),  # ancestries
+    ('stage = "transfer"', 'stage = "transfr"', "stage must be one of"),  # [tasks.*]
+    ('name = "lora"', 'name = "lora"\noptions = { rnk = 4 }', "unknown option 'rnk'"),  # [[methods]] options
+    ('name = "lora"', 'name = "lorra"', "unknown method 'lorra'"),  # [[methods]] name
+])
+def test_the_suite_loader_rejects_a_bad_setting_in_any_section_before_anything_runs(tmp_path, old, new, message):
+    """One mistake per section of a suite: ``kindbench plan`` refuses in one line, before a job is planned."""
+    text = Path(MINI).read_text()
+    assert old in text
+    (tmp_path / "bad.toml").write_text(text.replace(old, new, 1))
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "plan", "--suite", str(tmp_path / "bad.toml")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -239,6 +239,10 @@ class SampleConfig:
     DPM-Solver++) of an undertrained pixel model diverge far outside the image range."""
 
     def __post_init__(self) -> None:
+        from bench.diffusion.sampling import SCHEDULERS
+
+        _check(self.scheduler in SCHEDULERS, f"sample.scheduler must be one of {', '.join(SCHEDULERS)}, "
+                                             f"got {self.scheduler!r}")
         _check(self.clip_denoised in {"auto", "true", "false"}, "sample.clip_denoised must be auto, true or false")
         _check(self.label_mode in {"uniform", "balanced"}, "sample.label_mode must be uniform or balanced")
         _check(self.guide_channels >= 0, "sample.guide_channels must be >= 0")
@@ -309,7 +313,8 @@ class RunConfig:
         return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
     def run_id(self) -> str:
-        """Readable prefix + config hash, e.g. ``scratch--pretrain--DiT-T-2--s0--3f9a1c2e`` (docs/harness.md §2.2)."""
+        """Readable prefix + config hash, e.g. ``scratch--ancestry-dense--DiT-T-2--s0--3f9a1c2e``
+        (docs/harness.md §2.2)."""
         if self.run.id:
             return self.run.id
         arch = self.model.arch.replace("/", "-")
@@ -344,6 +349,10 @@ class RunSection:
     def __post_init__(self) -> None:
         _check(self.max_wall_minutes >= 0 and self.stop_after_steps >= 0,
                "run.max_wall_minutes and run.stop_after_steps must be >= 0")
+        # an id is a directory name under run.out_dir: never a path that leaves it
+        _check(not self.id or (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", self.id) is not None
+                               and ".." not in self.id and len(self.id) <= 200),
+               f"run.id {self.id!r} must be a plain name (letters, digits and ._=+-, no '/', no '..')")
 
     HASHED: typing.ClassVar[frozenset[str]] = frozenset({"name", "ancestry"})
 

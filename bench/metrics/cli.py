@@ -26,6 +26,16 @@ from pathlib import Path
 import torch
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (a batch size of 0 would loop forever or divide by 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 def _add_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-dir", default=None,
                    help="offline weights/reference directory (default: $KINDBENCH_WEIGHTS_DIR)")
@@ -50,7 +60,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--is-shuffle-seed", type=int, default=None)
     p.add_argument("--class-sampling", choices=("random", "balanced", "unknown"), default="random")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--extras", nargs="*", choices=("clean-fid",), default=[],
@@ -74,7 +84,7 @@ def _add_acceptance(sub) -> None:
     p.add_argument("--fdd-ref", type=Path, default=None)
     p.add_argument("--dinov2-repo", default=None, help="A3: local clone of facebookresearch/dinov2 for torch.hub")
     p.add_argument("--n", type=int, default=5000, help="A3: number of images")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default=None)
 
@@ -93,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adm-ref", type=Path, default=None, help="default: refs/VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("--out", type=Path, default=None, help="default: refs/adm_imagenet256_stats.npz")
     _add_weights(p)
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--device", default=None)
     p = sub.add_parser("build-ref", help="reference statistics for any image folder or npz")
     p.add_argument("--images", type=Path, required=True, help="image folder (ADM centre crop applied) or .npz")
@@ -105,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fdd-arch", default="vit_large_patch14_dinov2")
     p.add_argument("--fdd-resize", choices=("pil_bicubic_uint8", "torch_antialias"), default="pil_bicubic_uint8")
     _add_weights(p)
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default=None)
     p = sub.add_parser("make-fixtures", help="random weights + synthetic reference/samples for offline plumbing")

@@ -257,9 +257,12 @@ def evaluate(opts: EvalOptions) -> dict:
 def _warn_about_inputs(source, ref: Reference) -> None:
     ref_images = ref.images()
     if ref_images is not None:
-        if ref_images.shape[1:] != source.shape[1:]:
-            warnings.warn(f"sample size {source.shape[1:]} differs from the reference images {ref_images.shape[1:]}")
+        mismatch = ref_images.shape[1:] != source.shape[1:]
         ref_images.close()
+        if mismatch:  # an FID across resolutions measures the resize, not the model
+            raise ValueError(f"samples are {tuple(source.shape[1:])} but the reference images are "
+                             f"{tuple(ref_images.shape[1:])}: score samples against a reference of their own "
+                             "resolution")
     if any(k in getattr(source, "extra_keys", []) for k in ("mu", "sigma", "mu_s", "sigma_s")):
         warnings.warn("the sample npz carries mu/sigma keys: ADM's evaluator would use those stale statistics "
                       "instead of arr_0; we ignore them and compute from arr_0")

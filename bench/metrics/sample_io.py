@@ -12,6 +12,7 @@ import os
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -90,12 +91,17 @@ def _member_data_offset(fh, info: zipfile.ZipInfo) -> int:
 class NpzSamples(SampleSource):
     """Streaming reader of ``arr_0`` (or ``key``) inside an ADM-style ``.npz``."""
 
-    def __init__(self, path: str | os.PathLike, key: str = "arr_0", *, image_size: int | None = None):
+    def __init__(self, path: str | os.PathLike, key: str = "arr_0", *, image_size: int | None = None,
+                 verify: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"sample file not found: {self.path}")
         self.key = key
-        self._zip = zipfile.ZipFile(self.path)
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ValueError(f"{self.path} is not a readable .npz ({err}): it is truncated or not a zip file; "
+                             "re-create it") from None
         names = self._zip.namelist()
         member = f"{key}.npy"
         if member not in names:
@@ -124,6 +130,18 @@ class NpzSamples(SampleSource):
         self._stream_pos = 0
         self._header_len = header_len
         self._item_bytes = int(np.prod(self.shape[1:]))
+        if verify:
+            self._verify_crc(member)
+
+    def _verify_crc(self, member: str) -> None:
+        """Read the member once through zipfile, which checks its CRC-32 at the end: the fast reads below (a
+        memory map of the stored bytes) would otherwise score flipped bytes as if they were images."""
+        try:
+            with self._zip.open(member) as f:
+                while f.read(1 << 24):
+                    pass
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as err:
+            raise ValueError(f"{self.path}: {member} is corrupt ({err}); re-create the file") from None
 
     def _read_compressed(self, start: int, stop: int) -> np.ndarray:
         if self._stream is None or start < self._stream_pos:
@@ -157,14 +175,14 @@ class NpzSamples(SampleSource):
         self._zip.close()
 
     def fresh(self) -> NpzSamples:
-        # A forked worker must not share the zip file handle (and its offset) with its parent.
-        return NpzSamples(self.path, self.key)
+        # A forked worker must not share the zip file handle (and its offset) with its parent; the parent verified.
+        return NpzSamples(self.path, self.key, verify=False)
 
     def __getstate__(self):
         return {"path": self.path, "key": self.key}
 
     def __setstate__(self, state):
-        self.__init__(state["path"], state["key"])
+        self.__init__(state["path"], state["key"], verify=False)
 
 
 class PngFolderSamples(SampleSource):

@@ -40,7 +40,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 # On CPU, scaled_dot_product_attention runs aten._scaled_dot_product_flash_attention_for_cpu, which FlopCounterMode
 # has no formula for (only the CUDA flash/efficient/cudnn kernels are registered), so attention would silently
-# count 0 (docs/harness.md §10.4). On the meta device SDPA decomposes to bmm, which is counted; these formulas make
+# count 0 (docs/harness.md §11.4). On the meta device SDPA decomposes to bmm, which is counted; these formulas make
 # the counter right on real CPU tensors too. Passed per counter (custom_mapping), never registered globally.
 def _cpu_sdpa_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)

@@ -37,7 +37,7 @@ from bench.pipeline.plan import STEPS, Job, Plan
 from bench.pipeline.status import JobState, plan_states
 from bench.records.atomic import atomic_path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # bench/pipeline/slurm.py -> the repository
 TEMPLATE = REPO / "slurm" / "job.sbatch"
 #: Steps that train and may be preempted: requeued on USR1, resumed from their checkpoint.
 REQUEUED_STEPS = {"pretrain", "train", "sample"}

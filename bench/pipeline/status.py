@@ -100,6 +100,10 @@ class _Checker:
                 return JobState("missing", f"{name} {path} does not exist")
             if cached_sha256(path) != out["sha256"]:
                 return JobState("changed", f"{name} {path} differs from the sha256 its record holds")
+        if job.step in ("pretrain", "train") and job.config:
+            moved = data_changed(job.config, record)
+            if moved:
+                return JobState("changed", moved)
         recorded = (record["run_info"].get("code") or {}).get("fingerprint")
         current = code_fingerprint(job.step, job.info.get("method") or None)["fingerprint"]
         if recorded != current and not self.keep_stale:
@@ -114,6 +118,27 @@ class _Checker:
             if consumed.get(dep) != digest:
                 return JobState("changed", f"input {dep} is not the one this job consumed")
         return JobState("done")
+
+
+def data_changed(config: dict[str, Any], record: dict[str, Any]) -> str:
+    """Why a training record's data is not the data its config now names ("" when it is). Data paths are not part
+    of a run's id, so one job id can come to point at other data (another ``$KINDBENCH_LATENTS``): the data's
+    identity is recomputed only when its paths differ from those the record saw."""
+    from bench.config.schema import from_dict
+    from bench.data.identity import data_identity, same_data_place
+
+    data = from_dict(config).data
+    recorded = (record.get("train_info") or {}).get("data") or {}
+    if same_data_place(recorded, data):
+        return ""
+    try:
+        current = data_identity(data)["sha256"]
+    except (OSError, ValueError) as err:
+        return f"its data cannot be read where the config points ({err})"
+    if current != recorded.get("sha256"):
+        return (f"the data the config names (sha256 {current[:12]}) is not the data this run trained on "
+                f"(sha256 {str(recorded.get('sha256'))[:12]})")
+    return ""
 
 
 def plan_states(plan: Plan, roots: Roots, *, keep_stale: bool = False, force: bool = False) -> dict[str, JobState]:

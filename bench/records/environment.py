@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 _PACKAGES = ("torch", "deepspeed", "diffusers", "peft", "timm", "clean-fid", "numpy", "scipy", "safetensors")
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]  # bench/records/environment.py -> the repository
 
 
 def git_state() -> dict[str, Any]:

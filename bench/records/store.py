@@ -427,7 +427,13 @@ class RecordStore:
                 path.unlink(missing_ok=True)
 
     def _retire_others(self, job_id: str, written: Path, force: bool) -> None:
-        """After a write, the job id lives in one folder only: a stale failure (or a forced-over success) moves."""
+        """After a write, the job id lives in one folder only: a stale failure (or a forced-over success) moves.
+
+        A failure published while a concurrent writer published the job's success (each checked before the other
+        wrote) moves too: whichever of the two writers looks last sees both and retires the failure."""
+        if not force and written.parent == self.failed_dir and self.path(job_id, "success").exists():
+            self._keep_superseded(written, job_id, "retried", copy=False)
+            return
         for status in ("failed", "success"):
             other = self.path(job_id, status)
             if other == written or not other.exists():

@@ -379,7 +379,7 @@ def _import_deepspeed(device: torch.device):
 
     if device.type == "cpu" and os.environ.get("KINDBENCH_DS_SHM_COMM", "0") != "1":
         # DeepSpeed JIT-compiles a shared-memory all-reduce op (~30 s of g++) on every fresh CPU machine. gloo is
-        # correct without it and CPU runs here are tests, so skip it unless asked (docs/harness.md §10.2).
+        # correct without it and CPU runs here are tests, so skip it unless asked (docs/harness.md §11.2).
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
 

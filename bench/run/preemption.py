@@ -1,9 +1,11 @@
-"""Preemption: SIGUSR1/SIGTERM (or a wall-clock budget) -> checkpoint at the next step, exit with ``EXIT_REQUEUE``.
+"""Preemption: SIGUSR1/SIGTERM/SIGINT (or a wall-clock budget) -> checkpoint at the next step, exit with
+``EXIT_REQUEUE``.
 
 SLURM sends ``--signal=B:USR1@N`` before the time limit or on preemption; the batch script forwards it to the
 trainer and requeues the job when the trainer exits with ``EXIT_REQUEUE``. The handler only sets a flag: the
 checkpoint is written by the training loop at an optimizer-step boundary, after every rank has agreed to stop
-(a collective), so no rank is left waiting in a collective that the others abandoned.
+(a collective), so no rank is left waiting in a collective that the others abandoned. Ctrl-C (SIGINT) is a stop
+request like SIGTERM, so an interactive run keeps its progress; a second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 #: (75 = EX_TEMPFAIL in sysexits.h: "temporary failure, the user is invited to retry".)
 EXIT_REQUEUE = 75
 
-_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionWatch:
@@ -28,8 +30,11 @@ class PreemptionWatch:
         for sig in _SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        self.requested_by = signal.Signals(signum).name
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.requested_by == name:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the checkpoint
+        self.requested_by = self.requested_by or name
 
     def request(self, reason: str) -> None:
         """Ask for a stop from inside the program (a step budget); the first reason wins."""

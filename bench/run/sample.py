@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from bench.progress import progress_bar
 from bench.records.atomic import atomic_path
 from bench.run.batching import derive_seed
 from bench.run.engine import DistContext, barrier, init_distributed, shutdown
-from bench.run.rundir import RunDir
+from bench.run.rundir import RunDir, RunDirBusy
 from bench.run.train import ancestry_path
 from methods import Task, get_method
 from methods.transfer import load_export
@@ -108,7 +109,23 @@ def draw_chunk(model: torch.nn.Module, cfg: RunConfig, s: SampleConfig, indices:
                diffusion=diffusion, clip_denoised=clips_denoised(cfg, s))
     with torch.no_grad():
         images = decoder(x)
+    if not torch.isfinite(images).all():  # uint8 conversion would turn NaN into black images that score as real
+        raise ValueError(f"samples {indices.start}..{indices.stop - 1} are not finite (NaN or inf): the run's "
+                         "weights or the sampler diverged; no images were written")
     return to_uint8_dit(images.permute(0, 2, 3, 1)), labels.numpy()
+
+
+def _readable_part(part: Path) -> bool:
+    """A finished chunk of an earlier call: it exists and reads back whole (zip CRCs checked), else it is redrawn."""
+    if not part.exists():
+        return False
+    try:
+        with np.load(part) as data:
+            data["images"], data["labels"]  # noqa: B018 - reading them checks the CRC of each member
+        return True
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        part.unlink(missing_ok=True)
+        return False
 
 
 def sample_config(overrides: list[str]) -> SampleConfig:
@@ -122,17 +139,30 @@ def sample_run(run_dir: Path, s: SampleConfig, ctx: DistContext) -> dict[str, An
     model, cfg, meta = load_run_model(run_dir)
     clip = clips_denoised(cfg, s)
     tag = sample_tag(s, int(meta.get("steps", 0)), clip)
-    out_dir = RunDir(run_dir).samples(tag)
+    with RunDir(run_dir).exclusive(f"sampler-{tag}", ctx.rank):  # a second sampler of these settings refuses
+        npz = _draw_all(RunDir(run_dir), model, cfg, s, ctx, tag)
+    out_dir = npz.parent
+    return {"npz": str(npz), "labels": str(out_dir / "labels.npy"), "grid_png": str(out_dir / "grid.png"),
+            "num_samples": s.num_samples, "scheduler": s.scheduler, "num_steps": s.num_steps,
+            "cfg_scale": s.cfg_scale, "guide_channels": s.guide_channels, "label_mode": s.label_mode,
+            "seed": s.seed, "tag": tag, "per_sample_seeding": True, "world_size": ctx.world_size,
+            "clip_denoised": clip, "config": dataclasses.asdict(s)}
+
+
+def _draw_all(run: RunDir, model: torch.nn.Module, cfg: RunConfig, s: SampleConfig, ctx: DistContext,
+              tag: str) -> Path:
+    """Every rank draws its chunks (reusing readable ones of an earlier call); rank 0 joins them into the .npz."""
+    out_dir = run.samples(tag)
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     model.to(ctx.device)
     decoder = _decoder(cfg, s, ctx.device)
     chunks = range(0, s.num_samples, s.per_proc_batch)
     mine = [k for k in range(len(chunks)) if k % ctx.world_size == ctx.rank]
-    with progress_bar(len(mine) if ctx.is_main else 0, f"sampling {run_dir.name}") as advance:
+    with progress_bar(len(mine) if ctx.is_main else 0, f"sampling {run.path.name}") as advance:
         for k in mine:
             part = parts / f"chunk_{k:06d}.npz"
-            if not part.exists():
+            if not _readable_part(part):
                 start = chunks[k]
                 images, labels = draw_chunk(model, cfg, s, range(start, min(start + s.per_proc_batch, s.num_samples)),
                                             ctx.device, decoder)
@@ -149,11 +179,7 @@ def sample_run(run_dir: Path, s: SampleConfig, ctx: DistContext) -> dict[str, An
         first = np.concatenate([np.load(f)["images"] for f in files[: max(1, 64 // s.per_proc_batch + 1)]])[:64]
         save_grid(first, out_dir / "grid.png", nrow=8)
     barrier(ctx)
-    return {"npz": str(npz), "labels": str(out_dir / "labels.npy"), "grid_png": str(out_dir / "grid.png"),
-            "num_samples": s.num_samples, "scheduler": s.scheduler, "num_steps": s.num_steps,
-            "cfg_scale": s.cfg_scale, "guide_channels": s.guide_channels, "label_mode": s.label_mode,
-            "seed": s.seed, "tag": tag, "per_sample_seeding": True, "world_size": ctx.world_size,
-            "clip_denoised": clip, "config": dataclasses.asdict(s)}
+    return npz
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_distributed(RunConfig().engine)
     try:
         record = sample_run(args.run_dir, settings, ctx)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, RunDirBusy) as err:
         print(f"kindbench sample: error: {err}", file=sys.stderr)
         return 1
     finally:

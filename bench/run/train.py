@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bench.config.schema import ConfigError, RunConfig, load_config, save_resolved
 from bench.data.factory import build_dataset
+from bench.data.identity import data_identity
 from bench.diffusion import GaussianDiffusion
-from bench.records.atomic import atomic_path
+from bench.records.atomic import atomic_path, write_json_atomic
 from bench.records.environment import environment
 from bench.run.batching import GlobalBatchPlan, MicroBatch, derive_seed, flip_flags, sample_draws
 from bench.run.checkpoint import CheckpointError, Checkpoints
@@ -44,7 +45,7 @@ from bench.run.engine import (
     shutdown,
 )
 from bench.run.preemption import EXIT_REQUEUE, PreemptionWatch
-from bench.run.rundir import RunDir
+from bench.run.rundir import RunDir, RunDirBusy
 from bench.run.trainlog import TrainLog
 from methods import Export, Method, MethodError, Task, get_method
 from methods.transfer import load_export, save_export
@@ -200,12 +201,33 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict[str, Any]:
     run = RunDir.of(cfg.run.out_dir, run_id)
     watch = PreemptionWatch(cfg.run.max_wall_minutes)  # first: a signal during setup must not kill the job
     try:
-        return _train(cfg, ctx, run_id, run, watch)
+        with run.exclusive("trainer", ctx.rank):
+            return _train(cfg, ctx, run_id, run, watch)
     finally:
         watch.close()
 
 
+class DataMismatch(ValueError):
+    """The run directory holds a run of other data than this config names (its id leaves data paths out)."""
+
+
+def claim_data(run: RunDir, identity: dict[str, Any], ctx: DistContext) -> None:
+    """Refuse to continue (or call finished) a run on other data than it started on; record the data of a new run."""
+    path = run.data_identity
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before.get("sha256") != identity["sha256"]:
+            where = lambda ident: ident.get("resolved") or ident.get("section")  # noqa: E731
+            raise DataMismatch(f"run directory {run.path} holds a run of other data ({where(before)}, sha256 "
+                               f"{str(before.get('sha256'))[:12]}) than this config names ({where(identity)}, sha256 "
+                               f"{identity['sha256'][:12]}): give this run another run.name, or move {run.path} away")
+    elif ctx.is_main:
+        write_json_atomic(path, identity)
+
+
 def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run: RunDir, watch: PreemptionWatch) -> dict[str, Any]:
+    identity = data_identity(cfg.data)  # first: nothing of another dataset's run may be resumed or overwritten
+    claim_data(run, identity, ctx)
     if ctx.is_main:
         save_resolved(cfg, run.config)
     memory = PeakMemory(ctx)
@@ -267,6 +289,7 @@ def _train(cfg: RunConfig, ctx: DistContext, run_id: str, run: RunDir, watch: Pr
         log.close()
 
     summary = {"run_id": run_id, "status": "success", "method": cfg.method.name, "stage": cfg.method.stage,
+               "data": identity,
                "steps": steps, "resumed_from_step": start_step, "wall_s": time.perf_counter() - t_start,
                "images_seen": steps * cfg.schedule.global_batch, "micro_batch": micro, "grad_accum": accum,
                "final": last_record, "accounting": accounting, "peak_mem_gb": memory.peak_gb(),
@@ -377,6 +400,13 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     return args.config, overrides
 
 
+def one_line_error(err: BaseException) -> str:
+    """The message of ``err`` on one line. An error raised in a DataLoader worker arrives re-raised as "Caught X in
+    DataLoader worker process N" followed by the worker's traceback: its last line is the original message."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    return lines[-1].strip() if lines[0].startswith("Caught ") and len(lines) > 1 else lines[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config_path, overrides = parse_args(argv)
@@ -392,9 +422,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kindbench train: stop requested ({why}); checkpoint written, exiting {EXIT_REQUEUE} for requeue",
                   file=sys.stderr)
         return EXIT_REQUEUE
-    except (ConfigError, MethodError, CheckpointError, EngineError, NonFiniteLoss, FileNotFoundError,
-            ValueError) as err:
-        print(f"kindbench train: error: {err}", file=sys.stderr)
+    except (ConfigError, MethodError, CheckpointError, EngineError, NonFiniteLoss, OSError, ValueError,
+            RunDirBusy) as err:  # OSError: an unreadable image, a full disk (its message names the file)
+        print(f"kindbench train: error: {one_line_error(err)}", file=sys.stderr)
         return 1
     finally:
         shutdown(ctx)

@@ -209,3 +209,13 @@ def test_png_folder_gives_the_same_record(setup, record, tmp_path):
     png = json.loads(out.read_text())
     for key in ("fid", "sfid", "is", "precision", "recall"):
         assert png[key] == record[key], key
+
+
+def test_samples_of_another_resolution_than_the_reference_are_refused(setup, capsys):
+    samples = fixtures.write_synthetic_samples(setup["root"] / "samples_48.npz", n=10, size=48, seed=2)
+    argv = ["evaluate", str(samples), "--ref", str(setup["ref"]), "--weights-dir", str(setup["wd"]), "--fdd", "off",
+            "--batch-size", "4", "--out", str(setup["root"] / "mismatch.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "samples are (48, 48, 3) but the reference images are (32, 32, 3)" in err[-1]
+    assert not (setup["root"] / "mismatch.json").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -59,7 +60,12 @@ def _read_state_dict(path: str | os.PathLike) -> dict:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # truncated or not a torch file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"DINOv2 weights {path} are unreadable ({reason}): the file is truncated or corrupt; "
+                         "copy it again") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state

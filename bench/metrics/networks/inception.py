@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -140,7 +141,12 @@ def load_inception(weights_path: str | os.PathLike, device: torch.device | str =
     """Build the network and load a local state dict strictly (never downloads)."""
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"Inception weights not found: {weights_path}")
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # truncated or not a torch file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"Inception weights {weights_path} are unreadable ({reason}): the file is truncated or "
+                         "corrupt; copy it again (the weights dir's sha256 manifest pins the right bytes)") from None
     if not isinstance(state, dict):
         raise ValueError(f"{weights_path}: expected a state dict, got {type(state).__name__}")
     model = InceptionV3TF()

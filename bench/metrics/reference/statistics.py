@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ class Reference:
     """Cached pool features of the P/R reference images, valid for ``provenance['inception_sha256']``."""
 
     def images(self) -> NpzSamples | None:
-        return NpzSamples(self.path) if "arr_0" in self.keys else None
+        return NpzSamples(self.path, verify=False) if "arr_0" in self.keys else None  # its sha256 is checked
 
 
 def _moments(data, mu_key: str, sigma_key: str, n: int) -> Moments:
@@ -58,21 +59,25 @@ def load_reference(path: str | os.PathLike, *, sha256: str | None = None) -> Ref
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference file not found: {path}")
-    with zipfile.ZipFile(path) as zf:
-        keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
-    data = np.load(path, allow_pickle=False)  # lazy: members are read on access
-    provenance = json.loads(str(data["provenance"])) if "provenance" in keys else {"source": "external (ADM)"}
-    n = int(provenance.get("n", -1))
-    moments = {}
-    if "mu" in keys and "sigma" in keys:
-        space = provenance.get("space", "pool")
-        moments[space] = _moments(data, "mu", "sigma", n)
-    if "mu_s" in keys and "sigma_s" in keys:
-        moments["spatial"] = _moments(data, "mu_s", "sigma_s", n)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
+        data = np.load(path, allow_pickle=False)  # lazy: members are read (and CRC-checked) on access
+        provenance = json.loads(str(data["provenance"])) if "provenance" in keys else {"source": "external (ADM)"}
+        n = int(provenance.get("n", -1))
+        moments = {}
+        if "mu" in keys and "sigma" in keys:
+            space = provenance.get("space", "pool")
+            moments[space] = _moments(data, "mu", "sigma", n)
+        if "mu_s" in keys and "sigma_s" in keys:
+            moments["spatial"] = _moments(data, "mu_s", "sigma_s", n)
+        ref_pool = np.asarray(data["ref_pool"], dtype=np.float32) if "ref_pool" in keys else None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"reference {path} is not a readable .npz ({err}): it is truncated or corrupt; rebuild "
+                         "or re-download it") from None
     if not moments:
         raise ValueError(f"{path}: no reference statistics (expected mu/sigma and optionally mu_s/sigma_s); "
                          f"keys are {keys}")
-    ref_pool = np.asarray(data["ref_pool"], dtype=np.float32) if "ref_pool" in keys else None
     return Reference(path=path, sha256=sha256 or file_sha256(path), keys=keys, moments=moments,
                      provenance=provenance, ref_pool=ref_pool)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from bench.config.schema import from_dict
-from bench.data.identity import data_identity
 from bench.pipeline.steps import Roots, StepResult
 from bench.run.rundir import RunDir, export_ref
 from bench.run.train import train
@@ -34,7 +33,7 @@ def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StepRes
         "resumed_from_step": summary["resumed_from_step"],
         # every field of the method's Config, defaults included: the record says what ran, not what was typed
         "method_options": get_method(cfg.method.name, cfg.method.options).config.to_dict(),
-        "data": data_identity(cfg.data)}
+        "data": summary["data"]}
     ancestry = summary.get("ancestry") or {}
     return StepResult({"train_info": info}, {"export": export_ref(summary["run_id"])},
                        ancestry_sha256=ancestry.get("sha256", ""))

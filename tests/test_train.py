@@ -10,6 +10,7 @@ import math
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,7 +92,8 @@ def test_resume_in_a_new_process_is_exact(run_train):
     assert straight.losses() == second.losses()  # the resumed log continues the same curve, no duplicates
 
 
-def test_sigusr1_checkpoints_and_next_start_resumes(tmp_path):
+def _signal_a_long_run(tmp_path, signum) -> tuple[list[str], Path, str]:
+    """Start a (practically endless) run, send ``signum`` once it logs, and check it checkpointed for requeue."""
     out = tmp_path / "runs"
     cmd = train_command(1) + TINY_RUN + [f"--run.out_dir={out}", "--schedule.steps=100000",
                                          "--schedule.ckpt_every=100000"]
@@ -100,10 +102,15 @@ def test_sigusr1_checkpoints_and_next_start_resumes(tmp_path):
     while time.time() < deadline and not list(out.glob("*/train.jsonl")):
         time.sleep(0.2)
     assert proc.poll() is None, proc.stderr.read()
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_REQUEUE, stderr[-2000:]
     (run_dir,) = out.iterdir()
+    return cmd, run_dir, stderr
+
+
+def test_sigusr1_checkpoints_and_next_start_resumes(tmp_path):
+    cmd, run_dir, _ = _signal_a_long_run(tmp_path, signal.SIGUSR1)
     done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "DONE").exists())
     assert len(done) == 1
     stopped_at = int(done[0])
@@ -118,18 +125,7 @@ def test_sigusr1_checkpoints_and_next_start_resumes(tmp_path):
 
 def test_ctrl_c_checkpoints_like_sigterm(tmp_path):
     """An interactive run interrupted with Ctrl-C keeps its progress: SIGINT checkpoints at the next step."""
-    out = tmp_path / "runs"
-    cmd = train_command(1) + TINY_RUN + [f"--run.out_dir={out}", "--schedule.steps=100000",
-                                         "--schedule.ckpt_every=100000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("*/train.jsonl")):
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read()
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_REQUEUE, stderr[-2000:]
-    (run_dir,) = out.iterdir()
+    _, run_dir, stderr = _signal_a_long_run(tmp_path, signal.SIGINT)
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if (p / "DONE").exists()], "no checkpoint written"
     assert "Traceback" not in stderr
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from bench.metrics.networks.weights import load_torch_state
 
 IMAGE_SIZE = 224
 PATCH = 14
@@ -60,15 +61,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict:
         from safetensors.torch import load_file
 
         return load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # truncated or not a torch file
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"DINOv2 weights {path} are unreadable ({reason}): the file is truncated or corrupt; "
-                         "copy it again") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state
+    return load_torch_state(path, "DINOv2 weights")
 
 
 def build_dinov2(weights_path: str | os.PathLike | None, arch: str = DEFAULT_ARCH, *, image_size: int = IMAGE_SIZE,

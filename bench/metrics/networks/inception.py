@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torchvision.models import inception as tv
 
 from bench.metrics.networks.tf_resize import tf1_bilinear_resize
+from bench.metrics.networks.weights import load_torch_state
 
 INPUT_SIZE = 299
 POOL_DIM = 2048
@@ -141,14 +141,7 @@ def load_inception(weights_path: str | os.PathLike, device: torch.device | str =
     """Build the network and load a local state dict strictly (never downloads)."""
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"Inception weights not found: {weights_path}")
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # truncated or not a torch file
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"Inception weights {weights_path} are unreadable ({reason}): the file is truncated or "
-                         "corrupt; copy it again (the weights dir's sha256 manifest pins the right bytes)") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{weights_path}: expected a state dict, got {type(state).__name__}")
+    state = load_torch_state(weights_path, "Inception weights")
     model = InceptionV3TF()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]

@@ -271,3 +271,21 @@ def resolve_weights_dir(cli_value: str | os.PathLike | None = None) -> WeightsDi
     wd = WeightsDir(value)
     offline_environment(wd.root)
     return wd
+
+
+def load_torch_state(path: str | os.PathLike, what: str) -> dict:
+    """A local ``torch.save``d state dict (``weights_only``: no code runs). A truncated or foreign file is a
+    ``ValueError`` naming it (``what``: "Inception weights", ...) instead of a zip or pickle traceback."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{what} {path} are unreadable ({reason}): the file is truncated or corrupt; copy it again "
+                         "(the weights dir's sha256 manifest pins the right bytes)") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state

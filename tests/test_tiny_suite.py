@@ -29,9 +29,9 @@ def test_tiny_suite_end_to_end_and_rerun_is_a_no_op(tmp_path):
     plan = build_plan("tiny", [s for s in SMOKE if s != "--set"])[1]
     records = {p.stem for p in (tmp_path / "results/records").glob("*.json")}
     assert records == set(plan.jobs)
-    for benchmark in {j.info["benchmark"] for j in plan.by_stage("evaluate")}:
+    for benchmark in {j.info["benchmark"] for j in plan.by_step("evaluate")}:
         csv = (tmp_path / "results/leaderboard" / benchmark / "leaderboard.csv").read_text()
-        expected = {j.info["method"] for j in plan.by_stage("evaluate") if j.info["benchmark"] == benchmark}
+        expected = {j.info["method"] for j in plan.by_step("evaluate") if j.info["benchmark"] == benchmark}
         assert expected, benchmark
         for method in expected:  # a method may run on some tasks only (kind_fulltransfer: the domain task)
             assert f",{method}," in csv or csv.startswith(method), (benchmark, method)

@@ -46,6 +46,7 @@ from methods.transfer import load_into
 
 TRAIN_MODES = ("sigma", "all")
 SIGMA_INITS = ("random", "identical", "interpolate", "copy")
+CLASS_TABLES = ("auto", "inherit", "redraw")
 _DOWNSTREAM = ("transfer", "descend", "domain")
 
 
@@ -56,9 +57,15 @@ class FineConfig(MethodConfig):
     targets: tuple[str, ...] = BLOCK_TYPES
     """Block matrix types factorised with shared U, V (FINE: all five). Only the ancestry stage uses it: a descendant
     factorises exactly what its ancestry factorised."""
-    reinit: tuple[str, ...] = ("y_embedder",)
-    """Modules re-initialised for a new label space (and trained in phase 1 next to σ). Use ``[]`` for a
-    descendant on the ancestry's own classes. Ignored when continuing from a phase-1 export of the same task."""
+    class_table: str = "auto"
+    """The class embeddings of a descendant: ``auto`` keeps the ancestry's table when the task's label space is the
+    ancestry's (``Task.label_space`` equal to the export's recorded one, as in FINE's ImageNet-1K depth protocol)
+    and draws a new one otherwise (or when either is unknown); ``inherit`` always keeps it (same class count
+    required); ``redraw`` always draws a new one. A drawn table is trained in phase 1 next to σ. Ignored when
+    continuing from a phase-1 export of the same task."""
+    reinit: tuple[str, ...] = ()
+    """Other modules re-initialised in a descendant (and trained in phase 1 next to σ); the class table is
+    ``class_table``'s. Ignored when continuing from a phase-1 export of the same task."""
     rank: int = 0
     """Rank r of the shared factors; 0 means r = d, the hidden size (ours, docs/methods.md §3.3; the paper is
     silent). Only the ancestry stage uses it: a descendant takes the rank of its ancestry's factors."""
@@ -80,6 +87,10 @@ class FineConfig(MethodConfig):
         if unknown or len(set(self.targets)) != len(self.targets):
             raise MethodError(f"fine targets must be distinct block matrix types of {BLOCK_TYPES}; got {self.targets}")
         check_reinit_names(self.reinit)
+        if "y_embedder" in self.reinit:
+            raise MethodError("fine re-draws the class table through class_table = \"redraw\", not reinit")
+        if self.class_table not in CLASS_TABLES:
+            raise MethodError(f"fine class_table must be one of {CLASS_TABLES}; got {self.class_table!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise MethodError(f"fine rank must be a non-negative int (0 = hidden size); got {self.rank!r}")
         if self.train not in TRAIN_MODES:
@@ -118,7 +129,8 @@ class FineMethod(Method):
 
     # ---- building -------------------------------------------------------------------------------------------
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None) -> DiT:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None, *,
+                       label_space: str | None = None) -> DiT:
         """Without ``teacher``: FINE's factorised DiT, to pre-train. With a ``fine`` ``teacher``: phase 1 of a
         descendant of ``arch`` (as ``build`` with ``train = "sigma"``), so a suite can run phase 1 as an ancestry
         job (``teacher`` = the pre-trained FINE ancestry, ``arch`` = the target size) and phase 2 as the
@@ -127,7 +139,7 @@ class FineMethod(Method):
             self.require_stage("ancestry")
             if self.config.train != "sigma":
                 raise MethodError("a fine ancestry with a teacher is FINE's phase 1: it needs train = \"sigma\"")
-            return self.build(arch, Task("fine-phase-1", num_classes, "descend"), teacher)
+            return self.build(arch, Task("fine-phase-1", num_classes, "descend", label_space), teacher)
         model = super().build_ancestry(arch, num_classes)  # DiT's init: the weights the SVD starts from
         factorise(model, self.config.targets, self.config.rank)
         _mark(model, "ancestry", {n for n, _ in model.named_parameters()}, ())
@@ -148,10 +160,12 @@ class FineMethod(Method):
                               f"continues it at the same depth and classes ({old_depth} blocks, "
                               f"{ancestry.num_classes} classes), got {new_depth} blocks and "
                               f"{task.num_classes} classes")
-        reinit = () if continuing else self.config.reinit
+        reinit = () if continuing else self.config.reinit + (("y_embedder",) if self._redraws_classes(task, ancestry)
+                                                             else ())
         if "y_embedder" not in reinit and task.num_classes != ancestry.num_classes:
             raise MethodError(f"task {task.name!r} has {task.num_classes} classes but the ancestry has "
-                              f"{ancestry.num_classes}; add 'y_embedder' to fine's reinit for a new label space")
+                              f"{ancestry.num_classes}; a new label space needs class_table = \"auto\" or "
+                              f"\"redraw\"")
 
         # σ as trained when continuing phase 1; otherwise by the sigma_init rule
         rule = "copy" if continuing else self.config.sigma_init
@@ -172,6 +186,15 @@ class FineMethod(Method):
             materialise(model)  # the dense weights are functions of inherited U, V: they count as inherited
         _mark(model, self.config.train, new, reinit)
         return model
+
+    def _redraws_classes(self, task: Task, ancestry: Export) -> bool:
+        """Whether the descendant draws a new class table (``class_table``)."""
+        rule = self.config.class_table
+        if rule != "auto":
+            return rule == "redraw"
+        recorded = ancestry.meta.get("label_space") if isinstance(ancestry.meta, dict) else None
+        same = bool(task.label_space) and task.label_space == recorded and task.num_classes == ancestry.num_classes
+        return not same
 
     def _descendant_blocks(self, per_block: dict[str, list[torch.Tensor]], targets: list[str],
                            new_depth: int, rule: str) -> dict[str, torch.Tensor]:

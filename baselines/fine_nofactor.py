@@ -5,9 +5,13 @@ the source block initialise the matching block of the target, which is then trai
 Nothing is shared across blocks, which is exactly what the ablation removes from FINE.
 
 A target of another depth takes, for each of its blocks, the source block nearest in relative depth
-(``fine_depth.nearest_layer``), with that block's biases. At the default r = d (docs/methods.md §3.3, shared with FINE)
-the truncation keeps every component, so the initialisation is the depth-mapped source weights up to SVD round-off;
-a smaller ``rank`` truncates each matrix to its top-r subspace.
+(``fine_depth.nearest_layer``), with that block's biases.
+
+The rank is the ablation's budget. At r = d every component is kept and the "ablation" is a plain copy of the
+depth-mapped dense weights (transfer initialisation, another baseline). By default (``rank = 0``) the ablation
+transfers as many numbers as FINE does: FINE's shared factors at its default rank d hold d(m + n) numbers per matrix
+type for all blocks together, so each of the L target blocks keeps r = round(d / L) components (d(m + n) / L each).
+What differs from FINE is then only the sharing, which is what the ablation isolates (docs/methods.md §3.4).
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ class FineNoFactorConfig(MethodConfig):
     reinit: tuple[str, ...] = ("y_embedder",)
     """Modules re-initialised for a new label space; ``[]`` for a descendant on the ancestry's own classes."""
     rank: int = 0
-    """Singular triplets kept per matrix; 0 means r = d, the hidden size, i.e. all of them (ours, §3.3 of
-    docs/methods.md)."""
+    """Singular triplets kept per matrix; 0 means FINE's budget, r = round(d / target depth) (see the module
+    docstring; ours, docs/methods.md §3.4); d keeps them all (a plain weight copy)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,15 +81,16 @@ class FineNoFactorMethod(DenseMethod):
             source = nearest_layer(layer, new_depth, old_depth)
             for name, layers in per_block.items():
                 value = layers[source]
-                state[f"blocks.{layer}.{name}"] = self._truncate(value) if name in weights else value.clone()
+                state[f"blocks.{layer}.{name}"] = self._truncate(value, new_depth) if name in weights \
+                    else value.clone()
         model = arch.build(task.num_classes)
         load_into(model, state, skip=reinit)
         reinit_modules(model, reinit)
         return model
 
-    def _truncate(self, weight: torch.Tensor) -> torch.Tensor:
-        full = min(weight.shape)
-        rank = self.config.rank or full
+    def _truncate(self, weight: torch.Tensor, depth: int) -> torch.Tensor:
+        full = min(weight.shape)  # the hidden size d for every block matrix of a DiT
+        rank = self.config.rank or max(1, round(full / depth))
         if rank > full:
             raise MethodError(f"fine_nofactor rank {rank} exceeds {full} for a {tuple(weight.shape)} matrix")
         u, sigma, v = svd_factors(weight, rank)

@@ -205,7 +205,8 @@ class LigoMethod(DenseMethod):
     ancestry_methods = ("ligo",)
     teacher_methods = DENSE_METHODS
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None) -> GrownDiT:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None, *,
+                       label_space: str | None = None) -> GrownDiT:
         """The operator phase: a ``GrownDiT`` of ``arch`` grown from ``teacher`` (the small dense DiT)."""
         self.require_stage("ancestry")
         if teacher is None:

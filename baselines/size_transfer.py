@@ -228,7 +228,8 @@ class SizeTransferMethod(DenseMethod):
         model.blocks = self.make_blocks(model.blocks[0], model.depth, state)
         return model
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None) -> DiT:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None, *,
+                       label_space: str | None = None) -> DiT:
         self.require_stage("ancestry")
         self.teacher = None
         if teacher is not None:

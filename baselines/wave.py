@@ -300,7 +300,8 @@ class WaveMethod(Method):
 
     # ---- building -------------------------------------------------------------------------------------------
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None) -> nn.Module:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None, *,
+                       label_space: str | None = None) -> nn.Module:
         """Template consolidation (dense ``teacher``, or none: random templates trained by the diffusion loss), or
         with a ``wave`` teacher WAVE's initialisation phase: that ancestry's templates at this ``arch``."""
         self.require_stage("ancestry")

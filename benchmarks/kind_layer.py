@@ -3,7 +3,7 @@ KIND DiT vs the dense DiT, with peak memory.
 
 What is compared (one flavour at a time):
 
-* training: a stock DiT vs ``get_method("kind").build_ancestry`` with the default options (q, k, v, o, fc1, fc2
+* training: a stock DiT vs KIND's ``build_ancestry`` at ``ranks = "full"`` (q, k, v, o, fc1, fc2
   decomposed, q/k/v split, N_G = N_T = d/2, random class gate with K_act = N_T/2, null class = learngenes only),
   once per tailor compute (``--tailor-compute``: ``masked`` evaluates every tailor and masks it, ``grouped``
   evaluates each gate group's active tailors only; both are exact). One KIND model serves every compute: its
@@ -91,7 +91,7 @@ def build(cfg: dict, model_name: str) -> torch.nn.Module:
                          num_classes=cfg["num_classes"])
     with torch.device("meta"):
         if model_name.startswith("kind-") and model_name != "kind-merged":
-            method = get_method("kind", {"tailor_compute": model_name.removeprefix("kind-")})
+            method = get_method("kind", {"ranks": "full", "tailor_compute": model_name.removeprefix("kind-")})
             model = method.build_ancestry(arch_spec(cfg), cfg["num_classes"])
             path = cfg["kind_path"]
         elif model_name == "kind-merged":
@@ -114,7 +114,7 @@ def prepare(cfg: dict) -> dict:
     from methods import get_method
 
     torch.manual_seed(0)
-    method = get_method("kind")
+    method = get_method("kind", {"ranks": "full"})
     start = time.perf_counter()
     model = method.build_ancestry(arch_spec(cfg), cfg["num_classes"])
     build_s = time.perf_counter() - start
@@ -352,13 +352,15 @@ def gmacs(arch_name: str, args: argparse.Namespace) -> dict[str, float]:
     arch = ArchSpec(name=arch_name, input_size=args.input_size, in_channels=args.in_channels)
     dense = build_dit(arch_name, input_size=args.input_size, in_channels=args.in_channels,
                       num_classes=args.num_classes, device="meta")
-    n_learngenes = parse_flavour(arch_name).hidden_size // 2  # the defaults: N_G = N_T = d/2, K_act = N_T/2
+    n_learngenes = parse_flavour(arch_name).hidden_size // 2  # the full-rank preset: N_G = N_T = d/2, K_act = N_T/2
     with torch.device("meta"):
-        masked = get_method("kind").build_ancestry(arch, args.num_classes)
-        as_class = get_method("kind", {"gate": "none", "n_tailors": n_learngenes // 2}).build_ancestry(
+        full = {"ranks": "full"}
+        masked = get_method("kind", full).build_ancestry(arch, args.num_classes)
+        as_class = get_method("kind", {**full, "gate": "none", "n_tailors": n_learngenes // 2}).build_ancestry(
             arch, args.num_classes)
         # N_T >= 1 is required, so the learngenes-only cost is extrapolated: MACs are linear in N_T.
-        one_tailor = get_method("kind", {"gate": "none", "n_tailors": 1}).build_ancestry(arch, args.num_classes)
+        one_tailor = get_method("kind", {**full, "gate": "none", "n_tailors": 1}).build_ancestry(
+            arch, args.num_classes)
     class_gmacs, one_gmacs = forward_gmacs(as_class), forward_gmacs(one_tailor)
     per_tailor = (class_gmacs - one_gmacs) / (n_learngenes // 2 - 1)
     return {"dense": forward_gmacs(dense), "masked": forward_gmacs(masked), "class": class_gmacs,
@@ -392,7 +394,7 @@ def render_markdown(rows: list[dict], args: argparse.Namespace, device: str, com
     lines = [f"# KIND layer cost: gated factorised training and merged sampling vs dense DiT ({device})", "",
              f"Command: `{command}`", "", *machine, f"- load average at the end: {load_end:.2f}", "",
              f"Setup: {args.input_size}x{args.input_size}x{args.in_channels} latents, {args.num_classes} classes, "
-             f"learned sigma. KIND with default options (q/k/v/o/fc1/fc2 decomposed, q/k/v split, N_G = N_T = d/2, "
+             f"learned sigma. KIND at the full-rank preset (q/k/v/o/fc1/fc2 decomposed, q/k/v split, N_G = N_T = d/2, "
              f"random class gate K_act = N_T/2, null label = learngenes only; the default tailor compute `auto` is "
              f"`grouped` on a CPU and `masked` on a GPU). Tailor compute `masked`: every tailor "
              f"evaluated for every sample, then masked; `grouped`: samples grouped by gate row, each group's active "

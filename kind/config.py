@@ -15,6 +15,33 @@ from methods.surgery import check_reinit_names
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 ADALN = "adaLN_modulation.1"
+RANK_PRESETS = ("paper", "full")
+
+
+def paper_ranks(width: int) -> tuple[int, int]:
+    """(N_G, N_T) of the ``paper`` preset for a DiT of hidden size ``width``.
+
+    KIND (ICML 2025, abstract) states 45.4M trainable parameters on DiT-L/2 and a saving of at least 35.4 GFLOPs;
+    its hyper-parameter table is unavailable. Our accounting (``bench.models.accounting``, DiT's convention: forward
+    GMACs of one image) pins both down on DiT-L/2 (d = 1024, 24 blocks, 256 tokens, q, k, v, o, fc1, fc2 decomposed,
+    adaLN not):
+
+    * trainable downstream = N_T tailors x 442,512 parameters each (u, sigma, v of the six matrices in 24 blocks)
+      + 2.6M (461 + 1 class embeddings, final layer): 45.4M gives N_T = 96.7, so N_T = 96 = 3d/32 (45.09M, 0.7%
+      below the stated figure; 97 would be 0.3% above, we keep the multiple of 16);
+    * forward GMACs at total rank r = N_G + N_T: the decomposed matrices cost 24 x 256 x 18d x r MACs instead of
+      24 x 256 x 12d^2; saving >= 35.4 of the dense model's 80.7 GMACs needs r <= 370, so r = 368 = 23d/64
+      (45.06 GMACs, a saving of 35.63), and N_G = 272.
+
+    The same fractions of the width give the preset at every size (DiT-B/2: 204 + 72).
+    """
+    n_tailors = max(1, round(3 * width / 32))
+    return max(1, round(23 * width / 64) - n_tailors), n_tailors
+
+
+def full_ranks(width: int) -> tuple[int, int]:
+    """(N_G, N_T) of the ``full`` preset: d/2 each, N_G + N_T = d (full rank for d x d matrices)."""
+    return width // 2, width // 2
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -40,12 +67,20 @@ class KindConfig(MethodConfig):
     split_qkv: bool = True
     """Decompose q, k and v as three matrices inside ``attn.qkv`` (DivControl's S); False keeps qkv fused
     [§2.2]."""
+    ranks: str = "paper"
+    """(N_G, N_T) of the ancestry when ``n_learngenes`` / ``n_tailors`` are unset, as a fraction of the width d.
+    ``paper``: N_T = round(3d/32), N_G = round(23d/64) - N_T (272 + 96 on DiT-L/2, 204 + 72 on DiT-B/2): the
+    setting that meets KIND's stated 45.4M trainable parameters on DiT-L/2 (461 novel classes) and its saving of
+    at least 35.4 GFLOPs, with the downstream model run factorised at rank N_G + N_T (derivation:
+    ``paper_ranks`` and docs/methods.md §2.4). ``full``: N_G = N_T = d/2, full rank for d x d matrices (our
+    earlier default, kept as an ablation). Downstream stages take the ancestry's ranks whatever this says."""
     n_learngenes: int | None = None
-    """N_G, learngene components per matrix. None: d/2 in the ancestry, the ancestry's value downstream
+    """N_G, learngene components per matrix. None: from ``ranks`` in the ancestry, the ancestry's value downstream
     [ours, §2.4]."""
     n_tailors: int | None = None
-    """N_T, tailor components per matrix. None: d/2 in the ancestry (N_G + N_T = d, full rank for d x d),
-    the ancestry's value downstream [ours: KIND's Table 6 is unavailable, §2.4]."""
+    """N_T, tailor components per matrix. None: from ``ranks`` in the ancestry; downstream the ancestry's value
+    (the ``domain`` stage's fresh tailors too: its N_T, or the N_T its learngenes file records; an error when
+    neither is known) [ours: KIND's Table 6 is unavailable, §2.4]."""
 
     # ---- class gate (ancestry) ------------------------------------------------------------------------------
     gate: str = "random"
@@ -120,6 +155,7 @@ class KindConfig(MethodConfig):
         _optional_count("gate_active", self.gate_active, 1)
         _optional_count("descend_depth", self.descend_depth, 1)
         _optional_count("descend_tailors", self.descend_tailors, 0)
+        _choice("ranks", self.ranks, RANK_PRESETS)
         _choice("gate", self.gate, GATE_POLICIES)
         _choice("null_gate", self.null_gate, NULL_GATES)
         _choice("tailor_compute", self.tailor_compute, TAILOR_COMPUTE)
@@ -138,6 +174,11 @@ class KindConfig(MethodConfig):
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.descend_classes):
             raise MethodError("kind descend_classes must be non-negative class ids")
         check_reinit_names(self.reinit)
+
+    def ancestry_ranks(self, width: int) -> tuple[int, int]:
+        """(N_G, N_T) an ancestry of hidden size ``width`` is built with: the explicit counts, else ``ranks``."""
+        preset = paper_ranks(width) if self.ranks == "paper" else full_ranks(width)
+        return self.n_learngenes or preset[0], self.n_tailors or preset[1]
 
     @property
     def all_targets(self) -> tuple[str, ...]:

@@ -2,8 +2,8 @@
 
 Every method answers ``count(model)`` the same way: parameters as built (total, trainable), split into those whose
 values came from the ancestry and those the method initialised fresh, the bytes of ``state_to_save``, and forward
-GMACs of the model as trained and after ``merge``. Methods only say which parameters are new; the convention
-(DiT's GMACs: one image, forward only, no CFG doubling) lives in ``bench.models.accounting``.
+GMACs of the model as trained and as sampled (``sampling_model``). Methods only say which parameters are new; the
+convention (DiT's GMACs: one image, forward only, no CFG doubling) lives in ``bench.models.accounting``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def method_accounting(method: Method, model: nn.Module, new_params: Iterable[str
     """The ``Accounting`` of ``model`` built by ``method``, given the names of the parameters it initialised fresh.
 
     Every other parameter counts as inherited from the ancestry (for a method that takes no ancestry, pass every
-    parameter name as new). The merged GMACs are measured on ``method.merge`` of a deep copy, so ``model`` is left
-    as it is.
+    parameter name as new). The sampled GMACs are measured on ``method.sampling_model`` of a deep copy, so
+    ``model`` is left as it is.
     """
     params = dict(model.named_parameters())
     new = set(new_params)
@@ -37,7 +37,7 @@ def method_accounting(method: Method, model: nn.Module, new_params: Iterable[str
         raise MethodError(f"{method.name}: accounting names parameters the model does not have: {unknown[:5]}")
     counts = count_params(model)
     params_new = sum(params[name].numel() for name in new)
-    merged = method.merge(copy.deepcopy(model))
+    sampled = method.sampling_model(copy.deepcopy(model))
     return Accounting(
         params_total=counts["total"],
         params_trainable=counts["trainable"],
@@ -45,5 +45,5 @@ def method_accounting(method: Method, model: nn.Module, new_params: Iterable[str
         params_new=params_new,
         stored_bytes=state_bytes(method.state_to_save(model)),
         gmacs_fwd_trained=forward_gmacs(model),
-        gmacs_fwd_merged=forward_gmacs(merged),
+        gmacs_fwd_sampled=forward_gmacs(sampled),
     )

@@ -63,6 +63,10 @@ class Task:
     num_classes: int
     stage: str = "transfer"
     """``transfer`` (new classes, same size), ``descend`` (other model size) or ``domain`` (large domain shift)."""
+    label_space: str | None = None
+    """Digest of which classes the task's labels name (``bench.data.identity.label_space``; exports record their
+    run's as ``meta["label_space"]``), or None when unknown: a method may keep its ancestry's class table when the
+    two are equal."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -104,8 +108,8 @@ class Accounting:
     """Bytes of ``state_to_save``: what must be stored on top of the ancestry to reproduce the model."""
     gmacs_fwd_trained: float
     """Forward GMACs per image of the model as trained (factorised/adapter path)."""
-    gmacs_fwd_merged: float
-    """Forward GMACs per image after ``merge`` (what sampling costs)."""
+    gmacs_fwd_sampled: float
+    """Forward GMACs per image of ``sampling_model`` (what sampling costs; the merged DiT for most methods)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,12 +189,14 @@ class Method(abc.ABC):
     """Ancestry methods whose export ``build_ancestry`` accepts as a ``teacher`` (an ancestry pre-trained by
     distillation, as TLEG, SWS and WAVE do); empty means the ancestry stage takes no teacher."""
 
-    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None) -> nn.Module:
+    def build_ancestry(self, arch: ArchSpec, num_classes: int, teacher: Export | None = None, *,
+                       label_space: str | None = None) -> nn.Module:
         """The model this method pre-trains in the ``ancestry`` stage. Default: a stock DiT (dense ancestry).
 
         ``teacher`` (only for methods with ``teacher_methods``) is a pre-trained ancestry to learn from; a method
         keeps what it needs of it (e.g. a frozen teacher DiT used by ``extra_loss``) on itself, never inside the
-        returned model, so it is neither trained, averaged by the EMA nor exported."""
+        returned model, so it is neither trained, averaged by the EMA nor exported. ``label_space`` is the run's
+        (``Task.label_space``), for a method whose ancestry run builds from a teacher on the teacher's classes."""
         self.require_stage("ancestry")
         if teacher is not None:
             raise MethodError(f"method {self.name!r} pre-trains its ancestry without a teacher")
@@ -260,6 +266,14 @@ class Method(abc.ABC):
     def merge(self, model: nn.Module) -> DiT:
         """Fold the method back into a plain DiT for sampling; merged and unmerged outputs agree (tested)."""
 
+    def sampling_model(self, model: nn.Module) -> nn.Module:
+        """The model the sampler runs, made from ``model`` in place: ``merge(model)``, a plain DiT, unless a method
+        keeps a form that is cheaper or the only exact one (KIND: a gated model stays unmerged, so every sample uses
+        its own class's tailors). Whatever it returns computes, for every label, what ``merge`` computes for that
+        label's gate (tested) and offers DiT's sampling interface (``forward_with_cfg``, ``num_classes``,
+        ``in_channels``, ``input_size``, ``learn_sigma``)."""
+        return self.merge(model)
+
     @abc.abstractmethod
     def count(self, model: nn.Module) -> Accounting:
-        """Parameters and forward GMACs of ``model`` as trained and after merge."""
+        """Parameters and forward GMACs of ``model`` as trained and as sampled (``sampling_model``)."""

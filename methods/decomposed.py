@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from methods.surgery import plain_linear
 
 __all__ = ["DecomposedLinear", "SplitDecomposedLinear", "factored_is_cheaper", "factored_linear", "low_rank_step_macs",
-           "svd_factors"]
+           "spread_null_directions", "svd_factors"]
 
 _FACTORS = ("U", "sigma", "V")
 LOW_RANK_PATHS = ("formed", "factored")
@@ -93,6 +93,50 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
     dtype = weight.dtype
     return u[:, :rank].to(dtype), s[:rank].to(dtype), vh[:rank].T.to(dtype)
+
+
+def _null_components(sigma: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Boolean mask of the components whose singular value is zero at numerical precision (``matrix_rank``'s rule)."""
+    top = float(sigma.abs().max()) if sigma.numel() else 0.0
+    tol = top * max(shape) * torch.finfo(torch.float64 if sigma.dtype == torch.float64 else sigma.dtype).eps
+    return sigma.abs() <= tol
+
+
+def _orthonormal_complement(basis: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` random orthonormal columns orthogonal to the orthonormal columns of ``basis`` (float64)."""
+    draw = torch.randn(basis.shape[0], count, dtype=torch.float64)
+    if basis.shape[1]:
+        draw = draw - basis @ (basis.T @ draw)
+    q, _ = torch.linalg.qr(draw)
+    return q
+
+
+@torch.no_grad()
+def spread_null_directions(u: torch.Tensor, sigma: torch.Tensor,
+                           v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD factors whose zero-singular-value components point in random directions instead of LAPACK's.
+
+    The singular vectors of a zero singular value are arbitrary; LAPACK returns coordinate vectors. For DiT's
+    zero-initialised adaLN (``decompose_adaln``), a (6d, d) zero matrix, that puts every U column on the first d
+    output rows: the factors could only ever reach the first of adaLN's six modulation chunks (shift) until U
+    rotated away, one sigma step at a time. Drawing those components' U and V columns as random orthonormal
+    directions (orthogonal to the non-degenerate ones, global torch RNG) spreads them over every output row and
+    input; sigma stays zero, so the layer still equals ``weight``. Full-rank weights are returned unchanged and draw
+    no random numbers.
+    """
+    if sigma.device.type == "meta":  # shapes only (parameter counting): there are no values to inspect
+        return u, sigma, v
+    null = _null_components(sigma, (u.shape[0], v.shape[0]))
+    count = int(null.sum())
+    if not count:
+        return u, sigma, v
+    keep = ~null
+    u64, v64 = u.double(), v.double()
+    u64[:, null] = _orthonormal_complement(u64[:, keep], count)
+    v64[:, null] = _orthonormal_complement(v64[:, keep], count)
+    sigma = sigma.clone()
+    sigma[null] = 0
+    return u64.to(u.dtype), sigma, v64.to(v.dtype)
 
 
 def _normalise_groups(rank: int | Mapping[str, int]) -> tuple[tuple[str, int], ...]:
@@ -236,7 +280,7 @@ class DecomposedLinear(nn.Module):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a DecomposedLinear "
                              f"({self.out_features}, {self.in_features})")
-        u, sigma, v = svd_factors(weight, self.rank)
+        u, sigma, v = spread_null_directions(*svd_factors(weight, self.rank))
         for group, _ in self.groups:
             part = self.group_slice(group)
             getattr(self, self.param_name(group, "U")).copy_(u[:, part])

@@ -121,7 +121,7 @@ def train_info(numbers: dict, loss_curve: str | None) -> dict:
             "accounting": {"params_total": numbers["total"], "params_trainable": numbers["trainable"],
                            "params_inherited": numbers["total"] - numbers["trainable"],
                            "params_new": numbers["trainable"], "stored_bytes": 4 * numbers["trainable"],
-                           "gmacs_fwd_trained": numbers["gmacs"], "gmacs_fwd_merged": 0.04},
+                           "gmacs_fwd_trained": numbers["gmacs"], "gmacs_fwd_sampled": 0.04},
             "train_gmacs_total": numbers["gmacs"] * 3 * numbers["images"]}
 
 

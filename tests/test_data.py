@@ -285,3 +285,16 @@ def test_class_balanced_subset_keeps_every_class_evenly_and_deterministically():
     image, label = subset[1]
     np.testing.assert_array_equal(np.asarray(image), np.asarray(full[int(subset.indices[1])][0]))
     assert label == subset.labels[1]
+
+
+def test_the_label_space_names_the_classes_not_the_domain_or_the_subset():
+    """FINE keeps an ancestry's class table when the label spaces agree (``bench.data.identity.label_space``)."""
+    from bench.config.schema import DataConfig
+    from bench.data.identity import label_space
+
+    pretrain = label_space(DataConfig(split="pretrain"))
+    assert len(pretrain) == 64
+    assert label_space(DataConfig(split="pretrain", subset_fraction=0.25, per_class=8)) == pretrain
+    assert label_space(DataConfig(split="novel-a", domain="sketch")) == label_space(DataConfig(split="novel-a"))
+    assert label_space(DataConfig(split="novel-a")) != pretrain
+    assert label_space(DataConfig(source="latents", latent_dir="/nonexistent/cache")) == ""  # unknown, not a guess

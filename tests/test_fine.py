@@ -262,7 +262,7 @@ def test_phase_two_continues_phase_one_as_a_dense_dit(fine_ancestry, tmp_path):
 
 def test_phase_one_as_an_ancestry_job_with_a_teacher(fine_ancestry, tmp_path):
     """The plan's way to chain runs: phase 1 is an ancestry of method fine whose teacher is the FINE ancestry."""
-    method = get_method("fine", {"reinit": ()})
+    method = get_method("fine", {"class_table": "inherit"})
     torch.manual_seed(4)
     model = method.build_ancestry(_arch(2), CLASSES, teacher=fine_ancestry)
     method.mark_trainable(model)  # as the trainer does, once, after build_ancestry
@@ -287,8 +287,12 @@ def test_build_errors(fine_ancestry, dense_ancestry):
         get_method("fine").build(_arch(2), task, dense_ancestry)
     with pytest.raises(MethodError, match="hidden_size"):
         get_method("fine").build(ArchSpec(name="DiT-T/2-d2-w128", input_size=8, in_channels=4), task, fine_ancestry)
-    with pytest.raises(MethodError, match="add 'y_embedder'"):
-        get_method("fine", {"reinit": ()}).build(_arch(2), Task("new", 3, "transfer"), fine_ancestry)
+    with pytest.raises(MethodError, match="a new label space needs class_table"):
+        get_method("fine", {"class_table": "inherit"}).build(_arch(2), Task("new", 3, "transfer"), fine_ancestry)
+    with pytest.raises(MethodError, match="through class_table"):
+        get_method("fine", {"reinit": ("y_embedder",)})
+    with pytest.raises(MethodError, match="class_table must be one of"):
+        get_method("fine", {"class_table": "keep"})
     with pytest.raises(MethodError, match="train must be one of"):
         get_method("fine", {"train": "both"})
     with pytest.raises(MethodError, match="sigma_init must be one of"):
@@ -325,7 +329,7 @@ def test_depth_mapping_helpers():
 
 def test_nofactor_descendant_takes_per_layer_top_r_svd(dense_ancestry):
     arch, task = _arch(2), Task("descend", CLASSES, "descend")
-    full = get_method("fine_nofactor", {"reinit": ()}).build(arch, task, dense_ancestry)
+    full = get_method("fine_nofactor", {"reinit": (), "rank": 64}).build(arch, task, dense_ancestry)  # r = d: a copy
     for layer, source in enumerate([0, 3]):
         for target in BLOCK_TYPES:
             torch.testing.assert_close(full.blocks[layer].get_submodule(target).weight,
@@ -435,9 +439,12 @@ def test_two_phase_recipe_through_the_trainer(run_train, tmp_path):
     assert ancestry.returncode == 0, ancestry.stderr[-3000:]
     exported = load_file(str(ancestry.run_dir / "export.safetensors"))
     assert "fine_U_attn_qkv" in exported and not any(k.endswith("attn.qkv.weight") for k in exported)
-    phase1 = run_train(*common, "--method.stage=descend", "--model.arch=DiT-T/2-d1", "--method.options.reinit=[]",
+    phase1 = run_train(*common, "--method.stage=descend", "--model.arch=DiT-T/2-d1",
                        f"--run.ancestry={ancestry.run_dir / 'export.safetensors'}", out="p1")
     assert phase1.returncode == 0, phase1.stderr[-3000:]
+    # the same data, so the same label space: class_table = "auto" keeps the ancestry's class table (frozen in phase 1)
+    table = "y_embedder.embedding_table.weight"
+    assert torch.equal(load_file(str(phase1.run_dir / "export.safetensors"))[table], exported[table])
     phase2 = run_train(*common, "--method.stage=descend", "--model.arch=DiT-T/2-d1",
                        "--method.options.train=\"all\"", f"--run.ancestry={phase1.run_dir / 'export.safetensors'}",
                        out="p2")
@@ -447,3 +454,40 @@ def test_two_phase_recipe_through_the_trainer(run_train, tmp_path):
     assert summary["accounting"]["params_trainable"] < summary["accounting"]["params_total"] / 5
     final = load_file(str(phase2.run_dir / "export.safetensors"))
     assert "blocks.0.attn.qkv.weight" in final and "fine_U_attn_qkv" not in final
+
+
+def test_the_class_table_is_kept_exactly_when_the_label_space_is_the_ancestrys(fine_ancestry, tmp_path):
+    """FINE's depth protocol trains every size on ImageNet-1K: phase 1 must not re-draw the class table."""
+    recorded = _save(tmp_path, _randomised(get_method("fine").build_ancestry(ANCESTOR, CLASSES)), "fine", ANCESTOR,
+                     "labelled", meta={"label_space": "imagenet-1k-digest"})
+    table = recorded.state["y_embedder.embedding_table.weight"]
+
+    def phase_one(options, label_space, via_ancestry=False):
+        method = get_method("fine", options)
+        if via_ancestry:  # the suite's way: an ancestry job with the FINE ancestry as its teacher
+            model = method.build_ancestry(_arch(2), CLASSES, teacher=recorded, label_space=label_space)
+        else:
+            model = method.build(_arch(2), Task("descend", CLASSES, "descend", label_space), recorded)
+        method.mark_trainable(model)
+        return model
+
+    for via_ancestry in (False, True):
+        same = phase_one({}, "imagenet-1k-digest", via_ancestry)
+        assert torch.equal(same.y_embedder.embedding_table.weight, table)
+        assert not same.y_embedder.embedding_table.weight.requires_grad  # inherited: frozen in phase 1, as U, V
+        for other in ("another-digest", None):  # another or an unknown label space: a new table, trained
+            drawn = phase_one({}, other, via_ancestry)
+            assert not torch.equal(drawn.y_embedder.embedding_table.weight, table)
+            assert drawn.y_embedder.embedding_table.weight.requires_grad
+    redrawn = phase_one({"class_table": "redraw"}, "imagenet-1k-digest")
+    assert not torch.equal(redrawn.y_embedder.embedding_table.weight, table)
+    assert torch.equal(phase_one({"class_table": "inherit"}, None).y_embedder.embedding_table.weight, table)
+
+
+def test_the_nofactor_ablation_keeps_fines_budget_not_a_copy(dense_ancestry):
+    """At r = d the "w/o factorize" ablation would be a plain weight copy; by default each of the L target blocks
+    keeps round(d / L) triplets, FINE's number of transferred values at its default rank d."""
+    for depth in (2, 3):
+        model = get_method("fine_nofactor").build(_arch(depth), Task("descend", CLASSES, "descend"), dense_ancestry)
+        weight = model.blocks[0].mlp.fc1.weight
+        assert torch.linalg.matrix_rank(weight, rtol=1e-4).item() == round(64 / depth)

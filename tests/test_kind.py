@@ -1,6 +1,8 @@
 """KIND (kind/): decomposition exactness, diversion by the class gate, merges, recombination and component files.
 
-All on CPU with the tiny DiT-T/2 (2 blocks, width 64) at 8x8 inputs; N_G = N_T = 32 by default (full rank 64).
+All on CPU with the tiny DiT-T/2 (2 blocks, width 64) at 8x8 inputs, with the ``full`` rank preset (N_G = N_T = 32,
+full rank 64) unless a test says otherwise: exactness against the dense DiT needs full rank. The ``paper`` preset
+(the default) has its own tests.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ CLASSES = 10
 NULL = CLASSES  # DiT's null-class id
 
 
+def full_rank(name: str = "kind", options: dict | None = None):
+    """A KIND-family method with the ``full`` rank preset unless ``options`` names one."""
+    return get_method(name, {"ranks": "full", **(options or {})})
+
+
 def perturb(model: nn.Module, seed: int = 5, scale: float = 0.1) -> nn.Module:
     """Random values everywhere DiT starts at zero (adaLN, final layer), so gradients and outputs are non-trivial."""
     generator = torch.Generator().manual_seed(seed)
@@ -48,7 +55,7 @@ def perturb(model: nn.Module, seed: int = 5, scale: float = 0.1) -> nn.Module:
 
 def ancestry_model(options: dict | None = None, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return perturb(get_method("kind", options).build_ancestry(TINY, CLASSES))
+    return perturb(full_rank("kind", options).build_ancestry(TINY, CLASSES))
 
 
 def inputs(n: int = 4, seed: int = 7):
@@ -64,7 +71,7 @@ def ancestry(tmp_path_factory):
     model = ancestry_model()
     path = tmp_path_factory.mktemp("kind") / "export.safetensors"
     save_export(path, model.state_dict(), method="kind", arch=TINY, num_classes=CLASSES,
-                  meta={"method_options": get_method("kind").config.to_dict()})
+                  meta={"method_options": full_rank("kind").config.to_dict()})
     return load_export(path)
 
 
@@ -123,7 +130,7 @@ def test_at_init_every_decomposed_layer_equals_the_dense_layer_it_came_from():
     torch.manual_seed(11)
     stock = TINY.build(CLASSES)
     torch.manual_seed(11)
-    model = get_method("kind").build_ancestry(TINY, CLASSES)  # same seed: the same DiT weights before surgery
+    model = full_rank("kind").build_ancestry(TINY, CLASSES)  # same seed: the same DiT weights before surgery
     replaced = decomposed_targets(model)
     assert sorted(replaced) == sorted(f"blocks.{b}.{p}" for b in range(2)
                                       for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
@@ -141,7 +148,7 @@ def test_ungated_decomposed_dit_equals_the_dense_dit_end_to_end():
     torch.manual_seed(11)
     stock = perturb(TINY.build(CLASSES))
     torch.manual_seed(11)
-    model = get_method("kind", {"gate": "none"}).build_ancestry(TINY, CLASSES)
+    model = full_rank("kind", {"gate": "none"}).build_ancestry(TINY, CLASSES)
     dense_state = {k: v for k, v in stock.state_dict().items() if k in model.state_dict()}
     model.load_state_dict(dense_state, strict=False)  # the same perturbed adaLN/final layer/embedders
     for name, layer in decomposed_targets(model).items():  # and the same perturbed decomposed weights
@@ -157,13 +164,13 @@ def test_ungated_decomposed_dit_equals_the_dense_dit_end_to_end():
 
 
 def test_module_paths_and_names_stay_dit_s():
-    model = get_method("kind").build_ancestry(TINY, CLASSES)
+    model = full_rank("kind").build_ancestry(TINY, CLASSES)
     names = {n for n, _ in model.named_parameters()}
     assert {"blocks.0.attn.qkv.bias", "blocks.0.attn.qkv.q.kind_learngene_U", "blocks.1.attn.qkv.v.kind_tailor_sigma",
             "blocks.1.mlp.fc2.kind_tailor_V", "blocks.0.attn.proj.bias", "y_embedder.embedding_table.weight",
             "blocks.0.adaLN_modulation.1.weight"} <= names
     assert "y_embedder.embedding_table.kind_gate" in model.state_dict()
-    fused = get_method("kind", {"split_qkv": False, "decompose_adaln": True}).build_ancestry(TINY, CLASSES)
+    fused = full_rank("kind", {"split_qkv": False, "decompose_adaln": True}).build_ancestry(TINY, CLASSES)
     names = {n for n, _ in fused.named_parameters()}
     assert "blocks.0.attn.qkv.kind_learngene_U" in names and "blocks.0.adaLN_modulation.1.kind_tailor_U" in names
     assert "final_layer.adaLN_modulation.1.weight" in names  # only block matrices are decomposed
@@ -172,11 +179,11 @@ def test_module_paths_and_names_stay_dit_s():
 
 def test_ranks_must_fit_the_matrices():
     with pytest.raises(MethodError, match="exceeds the rank of blocks.0.attn.qkv"):
-        get_method("kind", {"n_learngenes": 40, "n_tailors": 40}).build_ancestry(TINY, CLASSES)
+        full_rank("kind", {"n_learngenes": 40, "n_tailors": 40}).build_ancestry(TINY, CLASSES)
     with pytest.raises(MethodError, match="matches no Linear inside the DiT blocks"):
-        get_method("kind", {"targets": ("final_layer.linear",)}).build_ancestry(TINY, CLASSES)
+        full_rank("kind", {"targets": ("final_layer.linear",)}).build_ancestry(TINY, CLASSES)
     with pytest.raises(MethodError, match="matches no nn.Linear"):
-        get_method("kind", {"targets": ("attn.qvk",)}).build_ancestry(TINY, CLASSES)
+        full_rank("kind", {"targets": ("attn.qvk",)}).build_ancestry(TINY, CLASSES)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -218,7 +225,7 @@ def test_a_mixed_batch_gives_each_sample_its_own_gate():
         alone = model(x[i:i + 1], t[i:i + 1], y[i:i + 1])
         torch.testing.assert_close(together[i:i + 1], alone, rtol=0, atol=1e-5)
         # Independently of the gated forward: the DiT merged with exactly this sample's gate.
-        merged = get_method("kind").merge(copy.deepcopy(model), gate=int(y[i]))
+        merged = full_rank("kind").merge(copy.deepcopy(model), gate=int(y[i]))
         torch.testing.assert_close(together[i:i + 1], merged(x[i:i + 1], t[i:i + 1], y[i:i + 1]), rtol=0, atol=1e-5)
     assert (together[0] - model(x[:1], t[:1], torch.tensor([6]))[0]).abs().max() > 1e-3  # the gate matters
 
@@ -265,7 +272,7 @@ def test_the_gate_follows_the_effective_label_after_dropout_and_force_drop():
 
 def test_cfg_sampling_uses_the_class_gate_for_cond_and_the_null_gate_for_uncond():
     model = ancestry_model().eval()
-    method = get_method("kind")
+    method = full_rank("kind")
     x, t = inputs(2)
     y = torch.tensor([4, 7])
     with torch.no_grad():
@@ -420,7 +427,7 @@ def test_tailor_groups_list_only_groups_with_active_tailors():
 def test_tailor_compute_choice_and_its_errors():
     context = GateContext()
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert context.tailor_compute == "auto" and get_method("kind").config.tailor_compute == "auto"
+    assert context.tailor_compute == "auto" and full_rank("kind").config.tailor_compute == "auto"
     assert context.grouped(cpu) and not context.grouped(cuda)  # auto: grouped on CPUs, masked on GPUs
     context.tailor_compute = "masked"
     assert not context.grouped(cpu)
@@ -435,7 +442,7 @@ def test_tailor_compute_choice_and_its_errors():
     with pytest.raises(MethodError, match="tailor_compute must be one of"):
         set_tailor_compute(model, "fast")
     with pytest.raises(MethodError, match="no class gate"):
-        set_tailor_compute(get_method("kind_nogate").build_ancestry(TINY, CLASSES), "grouped")
+        set_tailor_compute(full_rank("kind_nogate").build_ancestry(TINY, CLASSES), "grouped")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -445,7 +452,7 @@ def test_tailor_compute_choice_and_its_errors():
 
 def test_gated_ancestry_merges_exactly_for_every_class():
     model = ancestry_model().eval()
-    method = get_method("kind")
+    method = full_rank("kind")
     x, t = inputs(2)
     for label in [*range(CLASSES), NULL]:
         y = torch.full((2,), label)
@@ -457,7 +464,7 @@ def test_gated_ancestry_merges_exactly_for_every_class():
 
 def test_merging_a_gated_model_needs_a_gate():
     model = ancestry_model()
-    method = get_method("kind")
+    method = full_rank("kind")
     with pytest.raises(MethodError, match="exact for one gate only"):
         method.merge(copy.deepcopy(model))
     with pytest.raises(MethodError, match="merge gate must be a class id"):
@@ -470,13 +477,15 @@ def test_merging_a_gated_model_needs_a_gate():
 
 
 def test_ancestry_accounting_counts_factorised_and_merged_macs(ancestry):
-    method = get_method("kind")
+    method = full_rank("kind")
     model = ancestry_model()
     method.mark_trainable(model)  # as the trainer does, once, after build_ancestry
     acc = method.count(model)
     assert acc.params_inherited == 0 and acc.params_new == acc.params_total
-    assert acc.gmacs_fwd_trained > acc.gmacs_fwd_merged  # full rank: r (m + n) > m n for every matrix
     summary = method.summary(model)
+    assert acc.gmacs_fwd_trained > summary["gmacs_fwd_merged"]  # full rank: r (m + n) > m n for every matrix
+    # a gated ancestry samples unmerged (a merge is exact for one gate only), at its factorised cost
+    assert acc.gmacs_fwd_sampled == pytest.approx(acc.gmacs_fwd_trained) == summary["gmacs_fwd_sampled"]
     learngene_params = sum(p.numel() for layer in kind_layers(model).values()
                            for p in layer.group_parameters(LEARNGENE).values())
     assert summary["learngene_params"] == learngene_params
@@ -497,7 +506,7 @@ def factors(model: nn.Module, group: str) -> dict[str, torch.Tensor]:
 
 
 def test_transfer_freezes_learngenes_trains_all_tailors_without_a_gate(ancestry):
-    method = get_method("kind")
+    method = full_rank("kind")
     model = method.build(TINY, Task("novel", 6, "transfer"), ancestry)
     method.mark_trainable(model)  # as the trainer does, once, after build
     assert gate_table(model) is None
@@ -509,12 +518,12 @@ def test_transfer_freezes_learngenes_trains_all_tailors_without_a_gate(ancestry)
     assert all(("kind_tailor" in n) or n.startswith(("y_embedder.", "final_layer.")) for n in trainable)
     assert not any("kind_learngene" in n for n in trainable)
     assert {n for n in trainable if "kind_tailor" in n} == set(factors(model, TAILOR))
-    gated = get_method("kind", {"transfer_gate": "classes"}).build(TINY, Task("novel", 6, "transfer"), ancestry)
+    gated = full_rank("kind", {"transfer_gate": "classes"}).build(TINY, Task("novel", 6, "transfer"), ancestry)
     assert gate_table(gated).shape == (7, 32) and gate_table(gated)[6].sum() == 0
 
 
 def test_transfer_options_change_the_trainables(ancestry):
-    method = get_method("kind", {"train_learngene_sigma": True, "train_dense": True})
+    method = full_rank("kind", {"train_learngene_sigma": True, "train_dense": True})
     model = method.build(TINY, Task("novel", 6, "transfer"), ancestry)
     method.mark_trainable(model)  # as the trainer does, once, after build
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -526,28 +535,28 @@ def test_transfer_options_change_the_trainables(ancestry):
 
 def test_domain_shift_keeps_learngenes_and_draws_fresh_tailors(ancestry):
     torch.manual_seed(21)
-    model = get_method("kind").build(TINY, Task("celeba", 1, "domain"), ancestry)
-    get_method("kind").mark_trainable(model)  # as the trainer does, once, after build
+    model = full_rank("kind").build(TINY, Task("celeba", 1, "domain"), ancestry)
+    full_rank("kind").mark_trainable(model)  # as the trainer does, once, after build
     for key, value in factors(model, LEARNGENE).items():
         torch.testing.assert_close(value, ancestry.state[key], rtol=0, atol=0)
     # Fresh tailors are the SVD components N_G..N_G+N_T-1 of a freshly initialised DiT (same seed).
     torch.manual_seed(21)
-    fresh = get_method("kind").build_ancestry(TINY, 1)
+    fresh = full_rank("kind").build_ancestry(TINY, 1)
     for key, value in factors(model, TAILOR).items():
         torch.testing.assert_close(value, factors(fresh, TAILOR)[key], rtol=0, atol=0)
         assert not torch.equal(value, ancestry.state[key])
     torch.testing.assert_close(model.blocks[0].adaLN_modulation[1].weight,
                                ancestry.state["blocks.0.adaLN_modulation.1.weight"])
-    acc = get_method("kind").count(model)
+    acc = full_rank("kind").count(model)
     tailor_params = sum(v.numel() for v in factors(model, TAILOR).values())
     assert acc.params_new == tailor_params + sum(p.numel() for p in model.y_embedder.parameters())
 
 
 def test_whole_model_transfer_variant_inherits_the_tailors(ancestry):
-    model = get_method("kind_fulltransfer").build(TINY, Task("celeba", 1, "domain"), ancestry)
+    model = full_rank("kind_fulltransfer").build(TINY, Task("celeba", 1, "domain"), ancestry)
     for key, value in factors(model, TAILOR).items():
         torch.testing.assert_close(value, ancestry.state[key], rtol=0, atol=0)
-    strict_method = get_method("kind", {"domain_dense": "fresh", "train_dense": True})
+    strict_method = full_rank("kind", {"domain_dense": "fresh", "train_dense": True})
     strict = strict_method.build(TINY, Task("celeba", 1, "domain"), ancestry)
     strict_method.mark_trainable(strict)  # as the trainer does, once, after build
     assert torch.all(strict.blocks[0].adaLN_modulation[1].weight == 0)  # DiT's adaLN-Zero init, not inherited
@@ -555,7 +564,7 @@ def test_whole_model_transfer_variant_inherits_the_tailors(ancestry):
 
 
 def test_gate_off_variant_pretrains_every_tailor_with_every_class():
-    method = get_method("kind_nogate")
+    method = full_rank("kind_nogate")
     model = method.build_ancestry(TINY, CLASSES)
     assert gate_table(model) is None and method.config.gate == "none"
     perturb(model)(*inputs(4), torch.full((4,), 3)).square().mean().backward()
@@ -570,7 +579,7 @@ def test_gate_off_variant_pretrains_every_tailor_with_every_class():
 
 
 def test_descend_keeps_fewer_tailors_and_blocks(ancestry):
-    method = get_method("kind", {"descend_depth": 1, "descend_tailors": 8})
+    method = full_rank("kind", {"descend_depth": 1, "descend_tailors": 8})
     model = method.build(TINY, Task("deploy", 6, "descend"), ancestry)
     method.mark_trainable(model)  # as the trainer does, once, after build
     assert len(model.blocks) == 1 and model.depth == 1
@@ -581,8 +590,8 @@ def test_descend_keeps_fewer_tailors_and_blocks(ancestry):
     keep = strength.topk(8).indices.sort().values
     torch.testing.assert_close(layer.kind_tailor_sigma, source["sigma"][keep], rtol=0, atol=0)
     torch.testing.assert_close(layer.kind_tailor_U, source["U"][:, keep], rtol=0, atol=0)
-    full = get_method("kind").build(TINY, Task("novel", 6, "transfer"), ancestry)
-    get_method("kind").mark_trainable(full)  # as the trainer does, once, after build
+    full = full_rank("kind").build(TINY, Task("novel", 6, "transfer"), ancestry)
+    full_rank("kind").mark_trainable(full)  # as the trainer does, once, after build
     assert method.count(model).gmacs_fwd_trained < method.count(full).gmacs_fwd_trained / 1.5
     x, t = inputs(2)
     with torch.no_grad():  # still a working, mergeable DiT
@@ -597,7 +606,7 @@ def test_descend_selection_rules(ancestry):
     gate = ancestry.state["y_embedder.embedding_table.kind_gate"]
     expected = (gate[1] + gate[2]).clamp(max=1).nonzero().flatten()
     assert all(torch.equal(v, expected) for v in by_class.values())
-    model = get_method("kind", {"descend_select": "classes", "descend_classes": (1, 2), "descend_depth": 2,
+    model = full_rank("kind", {"descend_select": "classes", "descend_classes": (1, 2), "descend_depth": 2,
                                 "descend_blocks": "even"}).build(TINY, Task("deploy", 6, "descend"), ancestry)
     assert model.blocks[0].attn.proj.n_tailors == len(expected)
 
@@ -612,11 +621,11 @@ def test_descend_selection_rules(ancestry):
 ])
 def test_descend_fails_clearly_where_shapes_cannot_fit(ancestry, options, arch, message):
     with pytest.raises(MethodError, match=message):
-        get_method("kind", options).build(arch, Task("deploy", 6, "descend"), ancestry)
+        full_rank("kind", options).build(arch, Task("deploy", 6, "descend"), ancestry)
 
 
 def test_ancestry_checks(ancestry, tmp_path):
-    method = get_method("kind")
+    method = full_rank("kind")
     with pytest.raises(MethodError, match="needs an ancestry"):
         method.build(TINY, Task("novel", 6, "transfer"), None)
     with pytest.raises(MethodError, match="same architecture"):
@@ -626,8 +635,8 @@ def test_ancestry_checks(ancestry, tmp_path):
     with pytest.raises(MethodError, match="not a KIND ancestry"):
         method.build(TINY, Task("novel", 6, "transfer"), load_export(tmp_path / "dense.safetensors"))
     with pytest.raises(MethodError, match="keep 'y_embedder' in kind's reinit"):
-        get_method("kind", {"reinit": ()}).build(TINY, Task("novel", 6, "transfer"), ancestry)
-    same_labels = get_method("kind", {"reinit": ()}).build(TINY, Task("same", CLASSES, "transfer"), ancestry)
+        full_rank("kind", {"reinit": ()}).build(TINY, Task("novel", 6, "transfer"), ancestry)
+    same_labels = full_rank("kind", {"reinit": ()}).build(TINY, Task("same", CLASSES, "transfer"), ancestry)
     torch.testing.assert_close(same_labels.y_embedder.embedding_table.weight,
                                ancestry.state["y_embedder.embedding_table.weight"])
 
@@ -655,9 +664,9 @@ def test_component_files_round_trip_and_describe_themselves(ancestry, tmp_path):
     y = torch.tensor([0, 4])
     for stage in ("transfer", "descend"):
         torch.manual_seed(0)
-        a = get_method("kind").build(TINY, Task("t", 6, stage), joined).eval()
+        a = full_rank("kind").build(TINY, Task("t", 6, stage), joined).eval()
         torch.manual_seed(0)
-        b = get_method("kind").build(TINY, Task("t", 6, stage), ancestry).eval()
+        b = full_rank("kind").build(TINY, Task("t", 6, stage), ancestry).eval()
         with torch.no_grad():
             torch.testing.assert_close(a(x, t, y), b(x, t, y), rtol=0, atol=0)
 
@@ -666,14 +675,14 @@ def test_learngenes_alone_serve_the_domain_stage_only(ancestry, tmp_path):
     files = extract(ancestry, tmp_path)
     genes = ancestry_from_components(files.learngenes)
     assert infer_layout(genes.state).n_tailors is None
-    model = get_method("kind").build(TINY, Task("mri", 2, "domain"), load_export(files.learngenes))
+    model = full_rank("kind").build(TINY, Task("mri", 2, "domain"), load_export(files.learngenes))
     assert model.blocks[0].mlp.fc2.n_tailors == 32  # N_T recorded in the file's metadata
     for key, value in factors(model, LEARNGENE).items():
         torch.testing.assert_close(value, ancestry.state[key], rtol=0, atol=0)
     with pytest.raises(MethodError, match="needs the ancestry's tailors, but it holds learngenes only"):
-        get_method("kind").build(TINY, Task("novel", 6, "transfer"), genes)
+        full_rank("kind").build(TINY, Task("novel", 6, "transfer"), genes)
     with pytest.raises(MethodError, match="a tailors file"):
-        get_method("kind").build(TINY, Task("novel", 6, "transfer"), load_export(files.tailors))
+        full_rank("kind").build(TINY, Task("novel", 6, "transfer"), load_export(files.tailors))
 
 
 def test_component_files_refuse_mismatched_pairs_and_wrong_parts(ancestry, tmp_path):
@@ -691,14 +700,14 @@ def test_component_files_refuse_mismatched_pairs_and_wrong_parts(ancestry, tmp_p
 def test_component_files_load_into_other_depth_and_rank_where_they_fit(ancestry, tmp_path):
     files = extract(ancestry, tmp_path)
     joined = ancestry_from_components(files.learngenes, files.tailors)
-    shallow = get_method("kind", {"descend_depth": 1, "descend_tailors": 4, "descend_select": "index"}).build(
+    shallow = full_rank("kind", {"descend_depth": 1, "descend_tailors": 4, "descend_select": "index"}).build(
         TINY, Task("deploy", 6, "descend"), joined)
     torch.testing.assert_close(shallow.blocks[0].attn.qkv.k.kind_tailor_U,
                                ancestry.state["blocks.0.attn.qkv.k.kind_tailor_U"][:, :4], rtol=0, atol=0)
     with pytest.raises(MethodError, match="KIND cannot add blocks|cannot keep 4 of 2 blocks"):
-        get_method("kind", {"descend_depth": 4}).build(TINY, Task("deploy", 6, "descend"), joined)
+        full_rank("kind", {"descend_depth": 4}).build(TINY, Task("deploy", 6, "descend"), joined)
     with pytest.raises(MethodError, match="cannot change width|only the depth"):
-        get_method("kind").build(ArchSpec(name="DiT-M/2", input_size=8), Task("deploy", 6, "descend"), joined)
+        full_rank("kind").build(ArchSpec(name="DiT-M/2", input_size=8), Task("deploy", 6, "descend"), joined)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -707,7 +716,7 @@ def test_component_files_load_into_other_depth_and_rank_where_they_fit(ancestry,
 
 
 def test_orthogonality_regulariser_is_zero_at_init_and_trains_the_factors():
-    method = get_method("kind", {"ortho_reg": 0.5})
+    method = full_rank("kind", {"ortho_reg": 0.5})
     torch.manual_seed(0)
     model = method.build_ancestry(TINY, CLASSES)
     assert method.extra_loss(model, {}).item() == pytest.approx(0.0, abs=1e-8)  # SVD factors are orthonormal
@@ -716,7 +725,7 @@ def test_orthogonality_regulariser_is_zero_at_init_and_trains_the_factors():
     assert loss.item() > 0
     loss.backward()
     assert model.blocks[0].mlp.fc1.kind_tailor_U.grad.abs().sum() > 0
-    assert get_method("kind").extra_loss(model, {}).item() == 0.0  # default ortho_reg = 0
+    assert full_rank("kind").extra_loss(model, {}).item() == 0.0  # default ortho_reg = 0
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -734,18 +743,18 @@ def test_orthogonality_regulariser_is_zero_at_init_and_trains_the_factors():
 ])
 def test_config_validation(options, message):
     with pytest.raises(MethodError, match=message):
-        get_method("kind", options)
+        full_rank("kind", options)
 
 
 def test_class_groups_must_match_the_classes():
     with pytest.raises(MethodError, match="class_groups lists 3 classes but the model has 10"):
-        get_method("kind", {"class_groups": (0, 1, 0)}).build_ancestry(TINY, CLASSES)
+        full_rank("kind", {"class_groups": (0, 1, 0)}).build_ancestry(TINY, CLASSES)
     with pytest.raises(MethodError, match="at least one tailor per gate group"):
-        get_method("kind", {"gate": "disjoint", "n_tailors": 8, "n_learngenes": 8}).build_ancestry(TINY, 20)
+        full_rank("kind", {"gate": "disjoint", "n_tailors": 8, "n_learngenes": 8}).build_ancestry(TINY, 20)
 
 
 def test_a_second_gate_install_replaces_the_first():
-    model = get_method("kind").build_ancestry(TINY, CLASSES)
+    model = full_rank("kind").build_ancestry(TINY, CLASSES)
     install_gate(model, torch.ones(CLASSES + 1, 32))
     assert isinstance(model.y_embedder.embedding_table, GateEmbedding)
     assert torch.all(gate_table(model) == 1)
@@ -793,3 +802,97 @@ def test_deepspeed_zero3_bf16_two_ranks_train_kind(run_train):
                        "--data.split=novel-a", nproc=2, out="transfer")
     assert second.returncode == 0, second.stderr
     assert all(torch.isfinite(torch.tensor(v)) for v in second.losses())
+
+
+# --------------------------------------------------------------------------------------------------------------
+#                              The paper's rank preset and the two once-silent rules
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_the_paper_preset_meets_the_papers_trainable_count_and_flops_saving_on_dit_l():
+    """KIND (ICML 2025): 45.4M trainable parameters on DiT-L/2 and a saving of at least 35.4 GFLOPs (DiT's
+    convention: forward GMACs of one image), here against the dense DiT-L/2 of the same task (80.7 GMACs)."""
+    from bench.models.accounting import forward_gmacs, forward_gmacs_for_arch
+    from kind.config import paper_ranks
+    from methods.budget import build_for_count
+
+    arch = ArchSpec(name="DiT-L/2", input_size=32, in_channels=4)
+    method = get_method("kind")  # the default is the paper preset
+    assert method.config.ranks == "paper" and paper_ranks(1024) == (272, 96)
+    model = build_for_count(method, arch, 461)  # transfer stage on the meta device, marked trainable
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert abs(trainable - 45.4e6) <= 0.01 * 45.4e6, trainable
+    dense = forward_gmacs_for_arch("DiT-L/2", input_size=32, in_channels=4, num_classes=461)
+    assert dense == pytest.approx(80.7, abs=0.05)
+    assert dense - forward_gmacs(model) >= 35.4
+    # the downstream model samples factorised, so the saving is what sampling costs too
+    assert method.count(model).gmacs_fwd_sampled == pytest.approx(forward_gmacs(model))
+
+
+def test_the_presets_scale_with_the_width_and_explicit_counts_win():
+    from kind.config import paper_ranks
+
+    assert paper_ranks(768) == (204, 72)
+    assert kind_ranks_of(get_method("kind").build_ancestry(TINY, CLASSES)) == paper_ranks(64) == (17, 6)
+    assert kind_ranks_of(full_rank().build_ancestry(TINY, CLASSES)) == (32, 32)
+    assert kind_ranks_of(get_method("kind", {"n_tailors": 8}).build_ancestry(TINY, CLASSES)) == (17, 8)
+    with pytest.raises(MethodError, match="ranks must be one of"):
+        get_method("kind", {"ranks": "half"})
+
+
+def kind_ranks_of(model: nn.Module) -> tuple[int, int]:
+    from kind.layers import kind_ranks
+
+    return kind_ranks(model)
+
+
+def test_fresh_domain_tailors_without_a_known_count_are_an_error_naming_the_option(ancestry, tmp_path):
+    files = extract(ancestry, tmp_path)
+    genes = load_export(files.learngenes)
+    genes.meta.pop("kind")  # a learngenes file that does not record the N_T it was trained with
+    with pytest.raises(MethodError, match="set method.options.n_tailors"):
+        full_rank("kind").build(TINY, Task("mri", 2, "domain"), genes)
+    model = full_rank("kind", {"n_tailors": 5}).build(TINY, Task("mri", 2, "domain"), genes)
+    assert model.blocks[0].mlp.fc2.n_tailors == 5  # and never N_G (32) by a silent fallback
+
+
+def test_decomposed_adaln_factors_reach_every_modulation_chunk_and_start_at_zero():
+    """adaLN-Zero: the SVD of a zero matrix has no directions; LAPACK's coordinate vectors would put every U column
+    on the first of the six chunks (shift_msa). The rule: random orthonormal directions, sigma = 0."""
+    torch.manual_seed(4)
+    model = full_rank("kind", {"decompose_adaln": True, "gate": "none"}).build_ancestry(TINY, CLASSES)
+    width = model.hidden_size
+    for block in model.blocks:
+        layer = block.adaLN_modulation[1]
+        u, sigma, v = layer.factors()
+        assert torch.all(sigma == 0) and torch.all(layer.merged_weight() == 0)  # the block starts as the identity
+        for chunk in range(6):
+            rows = u[chunk * width:(chunk + 1) * width]
+            assert rows.norm() > 0.5, chunk  # every chunk gets a share of the directions (about sqrt(r/6))
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(v.T @ v, torch.eye(v.shape[1]), atol=1e-5, rtol=0)
+    # sigma learns at once, in every chunk's direction
+    x, t = inputs()
+    perturb_final = model.final_layer
+    with torch.no_grad():
+        for param in perturb_final.parameters():
+            param.add_(0.1 * torch.randn(param.shape))
+    model(x, t, torch.tensor([0, 1, 2, 3])).square().mean().backward()
+    grad = model.blocks[0].adaLN_modulation[1].kind_learngene_sigma.grad
+    assert grad is not None and (grad != 0).float().mean() > 0.9
+
+
+def test_full_rank_weights_keep_their_exact_svd_and_draw_no_random_numbers():
+    from methods.decomposed import spread_null_directions, svd_factors
+
+    weight = torch.randn(12, 8, dtype=torch.float64)
+    factors = svd_factors(weight, 8)
+    state = torch.get_rng_state()
+    spread = spread_null_directions(*factors)
+    assert torch.equal(torch.get_rng_state(), state)
+    for a, b in zip(factors, spread):
+        assert torch.equal(a, b)
+    low_rank = weight[:, :3] @ torch.randn(3, 8, dtype=torch.float64)  # rank 3: five null components
+    u, sigma, v = spread_null_directions(*svd_factors(low_rank, 8))
+    torch.testing.assert_close((u * sigma) @ v.T, low_rank)
+    torch.testing.assert_close(u.T @ u, torch.eye(8, dtype=torch.float64))

@@ -272,7 +272,12 @@ class EvalConfig:
     weights_dir: str = ""
     """Inception/DINOv2 weights (empty: ``$KINDBENCH_WEIGHTS_DIR``)."""
     fdd: str = "auto"
-    """FDD (DINOv2 Frechet distance): ``auto`` (when its weights are present), ``true`` or ``false``."""
+    """FDD (DINOv2 Frechet distance): ``auto`` (when its weights and reference are present), ``true`` (an error when
+    they are missing) or ``false``."""
+    fdd_reference: str = ""
+    """DINOv2 reference statistics FDD compares against (``kindbench metrics build-ref --extractor dinov2``); empty:
+    the ImageNet-train one in the weights folder (``refs/fdd_imagenet256_train_dinov2_vitl14.npz``), right for
+    ImageNet tasks only."""
 
     def __post_init__(self) -> None:
         _check(self.extractor in {"synthetic", "inception"},

@@ -11,7 +11,10 @@ A suite file only *overrides* the config defaults (``bench/config/schema.py``); 
     [ancestries.<name>]  method, options, overrides, arch (optional: pin one size),
                          teacher (optional: another ancestry this one distils from, e.g. TLEG from a dense DiT)
     [tasks.<name>]       stage = transfer|domain|descend, overrides (data split/domain, other model size, ...),
-                         num_classes (optional: the class count, for budget matching before the data is placed)
+                         num_classes (optional: the class count, for budget matching before the data is placed),
+                         eval (optional: ``[protocol.eval]`` keys for this task only, e.g. its own reference batch
+                         ``eval = { reference = "${KINDBENCH_REFS}/celebahq-256.npz" }``; they win over the
+                         suite's ``[protocol.eval]`` and ``--set eval.*`` for this task)
     [[methods]]          name (registry key), variant, ancestry, tasks (default: all), options, overrides, family,
                          budget = "kind" (set the method's rank option so that it trains as many parameters as
                          KIND does on the same task, at plan time: computed by ``methods.budget``, never typed in)
@@ -50,6 +53,10 @@ class AncestrySpec:
     overrides: dict[str, Any]
     arch: str | None = None
     teacher: str | None = None
+    evaluate: dict[str, Any] | None = None
+    """Set: the ancestry is sampled and scored too (benchmark ``ancestry--<arch>``, variant = its name), under the
+    suite's metric protocol with these ``eval`` keys on top (``evaluate = true``: none; a table: e.g. the reference
+    of the pre-training classes)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,9 @@ class TaskSpec:
     overrides: dict[str, Any]
     num_classes: int | None = None
     """The task's class count when it cannot be read before running (budget matching on data not yet placed)."""
+    eval: dict[str, Any] = field(default_factory=dict)
+    """``[protocol.eval]`` keys set for this task only (e.g. its own reference batch); empty: the suite's protocol.
+    ``task_eval`` gives the task's resolved protocol."""
 
 
 @dataclass(frozen=True)
@@ -143,18 +153,23 @@ def load_suite(name_or_path: str) -> Suite:
     _known(protocol, {"sample", "eval"}, f"{where} [protocol]")
     ancestries = {}
     for name, spec in _table(data, "ancestries", where).items():
-        _known(spec, {"method", "options", "overrides", "arch", "teacher"}, f"{where} [ancestries.{name}]")
+        _known(spec, {"method", "options", "overrides", "arch", "teacher", "evaluate"}, f"{where} [ancestries.{name}]")
         if "method" not in spec:
             raise SuiteError(f"{where} [ancestries.{name}] needs a method")
         ancestries[name] = AncestrySpec(name, spec["method"], spec.get("options", {}), spec.get("overrides", {}),
-                                        spec.get("arch"), spec.get("teacher"))
+                                        spec.get("arch"), spec.get("teacher"),
+                                        _ancestry_evaluation(spec, protocol, f"{where} [ancestries.{name}]"))
     tasks = {}
     for name, spec in _table(data, "tasks", where).items():
-        _known(spec, {"stage", "overrides", "num_classes"}, f"{where} [tasks.{name}]")
+        _known(spec, {"stage", "overrides", "num_classes", "eval"}, f"{where} [tasks.{name}]")
         stage = spec.get("stage", "transfer")
         if stage not in TASK_STAGES:
             raise SuiteError(f"{where} [tasks.{name}]: stage must be one of {TASK_STAGES}, got {stage!r}")
-        tasks[name] = TaskSpec(name, stage, spec.get("overrides", {}), spec.get("num_classes"))
+        eval_keys = _table(spec, "eval", f"{where} [tasks.{name}]")
+        checked = protocol_section(EvalConfig, {**_table(protocol, "eval", where), **eval_keys}, "eval",
+                                   f"{where} [tasks.{name}]")
+        tasks[name] = TaskSpec(name, stage, spec.get("overrides", {}), spec.get("num_classes"),
+                               {key: getattr(checked, key) for key in eval_keys})
     methods = []
     for i, spec in enumerate(data.get("methods", [])):
         _known(spec, {"name", "variant", "family", "ancestry", "tasks", "options", "overrides", "budget"},
@@ -191,6 +206,34 @@ def protocol_section(cls: type, table: dict[str, Any], section: str, where: str)
         return section_from_dict(cls, table, section)
     except (ConfigError, TypeError) as err:
         raise SuiteError(f"{where}: {err}") from None
+
+
+def _ancestry_evaluation(spec: dict[str, Any], protocol: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """An ancestry's ``evaluate``: absent or false (None), true (no eval keys of its own) or a table of eval keys."""
+    value = spec.get("evaluate", False)
+    if isinstance(value, bool):
+        return {} if value else None
+    if not isinstance(value, dict):
+        raise SuiteError(f"{where}: evaluate must be true, false or a table of eval keys, got {value!r}")
+    checked = protocol_section(EvalConfig, {**_table(protocol, "eval", where), **value}, "eval", f"{where} evaluate")
+    return {key: getattr(checked, key) for key in value}
+
+
+def ancestry_eval(suite: Suite, spec: AncestrySpec) -> EvalConfig:
+    """The metric protocol an evaluated ancestry is scored under (``AncestrySpec.evaluate``)."""
+    if not spec.evaluate:
+        return suite.eval
+    return protocol_section(EvalConfig, {**suite.eval.to_dict(), **spec.evaluate}, "eval",
+                            f"suite {suite.name!r} [ancestries.{spec.name}] evaluate")
+
+
+def task_eval(suite: Suite, task: TaskSpec) -> EvalConfig:
+    """The metric protocol of ``task``: the suite's ``[protocol.eval]`` (with any ``--set eval.*``) under the task's
+    own ``eval`` keys. Equal to ``suite.eval`` for a task that sets none."""
+    if not task.eval:
+        return suite.eval
+    return protocol_section(EvalConfig, {**suite.eval.to_dict(), **task.eval}, "eval",
+                            f"suite {suite.name!r} [tasks.{task.name}]")
 
 
 def validate_suite(suite: Suite) -> None:

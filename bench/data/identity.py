@@ -43,6 +43,32 @@ def data_identity(data: DataConfig) -> dict[str, Any]:
     return {"section": section, "resolved": resolved, "sha256": digest}
 
 
+def label_space(data: DataConfig) -> str:
+    """sha256 of which classes the data's labels name, in label order ("" when it cannot be told).
+
+    Two runs with the same label space can share a class table (FINE's ``class_table = "auto"``). Synthetic data:
+    its split's class ids (a shifted domain draws the same classes); ImageFolder: its class-list file, else its
+    class folder names; a latent cache: its manifest (conservative: the very same cache)."""
+    if data.source == "synthetic":
+        from bench.data.synthetic import synthetic_split
+
+        payload = json.dumps({"synthetic_classes": list(synthetic_split(data.split))})
+    elif data.source == "imagefolder":
+        listed = _named_file_digest(data.class_list)
+        root = Path(os.path.expandvars(data.root)).expanduser()
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if not listed and root.is_dir() else []
+        if not listed and not folders:
+            return ""
+        payload = json.dumps({"class_list": listed, "folders": folders})
+    else:
+        manifest = _named_file_digest(os.path.join(_expand(data.latent_dir), "manifest.json")) if data.latent_dir \
+            else ""
+        if not manifest:
+            return ""
+        payload = json.dumps({"latent_manifest": manifest})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 #: The settings that say where data is read from (not what it is).
 DATA_PATHS = ("root", "latent_dir", "class_list")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,6 +42,12 @@ from bench.pipeline.status import JobState, plan_states
 PROTOCOL_SECTIONS = ("sample", "eval")
 
 
+def _is_str_field(section: type, name: str) -> bool:
+    """Whether the protocol dataclass ``section`` declares ``name`` as a str setting."""
+    field = {f.name: f for f in dataclasses.fields(section)}.get(name)
+    return field is not None and field.type in (str, "str")
+
+
 def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """``--set`` items -> (config overrides for every training run, protocol overrides by section)."""
     config: dict[str, Any] = {}
@@ -51,7 +58,9 @@ def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, An
         if head in PROTOCOL_SECTIONS:
             if not rest or "." in rest:
                 raise SuiteError(f"--set {item!r}: expected {head}.key=value")
-            protocol[head][rest] = item.split("=", 1)[1] if isinstance(value, str) else value
+            # a str setting keeps the text as typed (eval.fdd=false is the word "false", not a bool)
+            as_text = isinstance(value, str) or _is_str_field(SampleConfig if head == "sample" else EvalConfig, rest)
+            protocol[head][rest] = item.split("=", 1)[1].strip() if as_text else value
             continue
         node = config
         parts = key.split(".")
@@ -111,9 +120,16 @@ def missing_inputs(plan: Plan, suite: Suite) -> list[str]:
         if model["in_channels"] == 4:
             need(suite.sample.vae_dir or os.environ.get("KINDBENCH_VAE_DIR", ""),
                  "sample.vae_dir / $KINDBENCH_VAE_DIR (SD-VAE to decode samples)", True)
-    if suite.eval.extractor != "synthetic":
-        need(suite.eval.reference, "eval.reference (ADM reference batch)", False)
-        need(suite.eval.weights_dir or os.environ.get("KINDBENCH_WEIGHTS_DIR", ""),
+    for job in plan.by_step("prepare"):  # each task's own protocol: a task may name its own reference batch
+        protocol = job.info["eval"]
+        if protocol["extractor"] == "synthetic":
+            continue
+        whose = f" of task {job.info['task']!r}" if protocol["reference"] != suite.eval.reference else ""
+        need(protocol["reference"], f"eval.reference (ADM reference batch{whose})", False)
+        if protocol.get("fdd_reference") and protocol["fdd"] != "false":
+            need(protocol["fdd_reference"], f"eval.fdd_reference (DINOv2 reference of task {job.info['task']!r})",
+                 False)
+        need(protocol["weights_dir"] or os.environ.get("KINDBENCH_WEIGHTS_DIR", ""),
              "eval.weights_dir / $KINDBENCH_WEIGHTS_DIR (Inception, DINOv2 weights)", True)
     return sorted(problems)
 

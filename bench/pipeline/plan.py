@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.config.schema import RunConfig, from_dict
-from bench.config.suite import Suite, SuiteError, resolve_config
+from bench.config.schema import EvalConfig, RunConfig, from_dict
+from bench.config.suite import Suite, SuiteError, ancestry_eval, resolve_config, task_eval
 from bench.records.atomic import atomic_path
 from bench.run.rundir import export_ref
 
@@ -105,6 +105,7 @@ def make_plan(suite: Suite, overrides: dict[str, Any] | None = None,
     for seed in suite.seeds:
         for arch in suite.archs:
             ancestry_jobs = _pretrain_jobs(suite, seed, arch, final, add)
+            evaluations += _ancestry_evaluations(suite, ancestry_jobs, add)
             for spec in suite.methods:
                 for task_name in spec.tasks:
                     task = suite.tasks[task_name]
@@ -130,8 +131,9 @@ def make_plan(suite: Suite, overrides: dict[str, Any] | None = None,
                               "benchmark": f"{task.name}--{_arch_dash(cfg.model.arch)}",
                               "ancestry_job": parent.job_id if parent else None}
                     train = add(_train_job(suite, cfg, "train", (parent.job_id,) if parent else (), labels))
-                    prepare = add(_prepare_job(suite, cfg, task.name))
-                    evaluations.append(_sample_and_evaluate(suite, cfg, train, prepare, labels, add))
+                    protocol = task_eval(suite, task)
+                    prepare = add(_prepare_job(suite, cfg, task.name, protocol))
+                    evaluations.append(_sample_and_evaluate(suite, cfg, train, prepare, labels, add, protocol))
     aggregate_id = f"aggregate--{suite.name}--{short_hash(sorted(e.job_id for e in evaluations))}"
     add(Job(aggregate_id, "aggregate", tuple(e.job_id for e in evaluations), info={"suite": suite.name}))
     return Plan(suite.name, jobs)
@@ -158,14 +160,35 @@ def _pretrain_jobs(suite: Suite, seed: int, arch: str, final: dict[str, Any], ad
         return jobs[name]
 
     for spec in suite.ancestries.values():
-        if any(m.ancestry == spec.name for m in suite.methods):
+        if spec.evaluate is not None or any(m.ancestry == spec.name for m in suite.methods):
             pretrain_job(spec.name)
     return jobs
+
+
+def _ancestry_evaluations(suite: Suite, ancestry_jobs: dict[str, Job], add) -> list[Job]:
+    """Sample and evaluate jobs of every ancestry the suite scores (``evaluate``), on its own training data: one
+    benchmark per size, ``ancestry--<arch>``, with a row per ancestry (variant = its name)."""
+    from methods import get_method_class
+
+    evaluations = []
+    for name, job in ancestry_jobs.items():
+        spec = suite.ancestries[name]
+        if spec.evaluate is None:
+            continue
+        cfg = from_dict(job.config)
+        protocol = ancestry_eval(suite, spec)
+        labels = {"method": spec.method, "variant": name, "seed": job.info["seed"], "task": "ancestry",
+                  "task_stage": "ancestry", "arch": cfg.model.arch, "family": get_method_class(spec.method).family,
+                  "benchmark": f"ancestry--{_arch_dash(cfg.model.arch)}", "ancestry_job": None}
+        prepare = add(_prepare_job(suite, cfg, f"ancestry-{name}", protocol))
+        evaluations.append(_sample_and_evaluate(suite, cfg, job, prepare, labels, add, protocol))
+    return evaluations
 
 
 def task_num_classes(cfg: RunConfig) -> int:
     """The number of classes a run's data has, known before any job runs (budget matching needs it)."""
     data = cfg.data
+    looked = ""  # the file that was looked for, so a missing dataset is named before the preflight lists it
     if data.source == "synthetic":
         from bench.data.synthetic import synthetic_split
 
@@ -174,12 +197,15 @@ def task_num_classes(cfg: RunConfig) -> int:
         path = Path(os.path.expandvars(data.class_list)).expanduser()
         if path.is_file():
             return sum(1 for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+        looked = f" ({path} does not exist)"
     if data.source == "latents" and data.latent_dir:
         manifest = Path(os.path.expandvars(data.latent_dir)).expanduser() / "manifest.json"
         if manifest.is_file():
             return int(json.loads(manifest.read_text())["num_classes"])
+        looked = f" ({manifest} does not exist)"
     raise SuiteError(f"cannot tell how many classes data.source={data.source!r} has before running (budget "
-                     "matching needs it): point data.class_list or data.latent_dir at existing files")
+                     f"matching needs it){looked}: point data.class_list or data.latent_dir at existing files, or "
+                     f"set the task's num_classes")
 
 
 def _budget_cache_path() -> Path:
@@ -213,6 +239,20 @@ def resolve_budgets(suite: Suite) -> dict[tuple, dict[str, Any]]:
     return out
 
 
+def kind_budget_options(suite: Suite, task: str) -> dict[str, Any]:
+    """The KIND options a ``budget = "kind"`` method on ``task`` is matched to: those of the suite's default-variant
+    ``kind`` entry on that task (an ablation row such as ``variant = "full-rank"`` never sets the budget; without a
+    default-variant entry, the first ``kind`` entry on the task), on top of its ancestry's options, since structural
+    options such as the ``ranks`` preset are the ancestry's and decide KIND's trainable count. No ``kind`` entry on
+    the task: KIND's defaults."""
+    entries = [s for s in suite.methods if s.name == "kind" and task in s.tasks]
+    if not entries:
+        return {}
+    spec = next((s for s in entries if s.variant == "default"), entries[0])
+    ancestry = suite.ancestries.get(spec.ancestry) if spec.ancestry else None
+    return {**(ancestry.options if ancestry else {}), **spec.options}
+
+
 def matched_budget_options(suite: Suite, spec: Any, task: Any, arch: str, seed: int) -> dict[str, Any]:
     """``spec.options`` with the method's rank option set to match ``spec.budget`` (KIND's trainable count on the
     same task and arch). Imported lazily: only suites that ask for a budget load the baselines package."""
@@ -222,7 +262,7 @@ def matched_budget_options(suite: Suite, spec: Any, task: Any, arch: str, seed: 
     cfg = from_dict(resolve_config(suite, {"model": {"arch": arch}, "engine": {"seed": seed}}, task.overrides,
                                    spec.overrides))
     arch_spec = cfg.model.arch_spec()
-    kind_options = next((s.options for s in suite.methods if s.name == "kind" and task.name in s.tasks), {})
+    kind_options = kind_budget_options(suite, task.name)
     try:
         num_classes = task.num_classes or task_num_classes(cfg)
         key = short_hash([spec.name, spec.options, arch_spec, num_classes, kind_options,
@@ -245,11 +285,13 @@ def _train_job(suite: Suite, cfg: RunConfig, step: str, deps: tuple[str, ...], l
     return Job(f"{run_id}--{step}", step, deps, run_id, cfg.to_dict(), {"suite": suite.name, **labels})
 
 
-def _prepare_job(suite: Suite, cfg: RunConfig, task: str) -> Job:
-    """The reference set of a task: its data (split, domain, size) and the evaluation protocol."""
+def _prepare_job(suite: Suite, cfg: RunConfig, task: str, protocol: EvalConfig | None = None) -> Job:
+    """The reference set of a task: its data (split, domain, size) and its evaluation protocol (``protocol``: the
+    task's own, ``task_eval``; default the suite's)."""
+    protocol = protocol or suite.eval
     data = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("num_workers",)}
-    payload = {"data": data, "eval": suite.eval.to_dict(), "in_channels": cfg.model.in_channels,
-               "extractor_id": _extractor_id(suite.eval.extractor)}
+    payload = {"data": data, "eval": protocol.to_dict(), "in_channels": cfg.model.in_channels,
+               "extractor_id": _extractor_id(protocol.extractor)}
     job_id = f"prepare--{task}--{data['image_size']}px--{short_hash(payload)}"
     return Job(job_id, "prepare", (), None, None, {"suite": suite.name, "task": task, **payload})
 
@@ -264,12 +306,14 @@ def _extractor_id(extractor: str) -> str:
     return extractor
 
 
-def _sample_and_evaluate(suite: Suite, cfg: RunConfig, train: Job, prepare: Job, labels: dict[str, Any], add) -> Job:
-    """The sample job (its own settings: the suite's sampling protocol) and the evaluate job (the metric protocol)."""
+def _sample_and_evaluate(suite: Suite, cfg: RunConfig, train: Job, prepare: Job, labels: dict[str, Any], add,
+                         protocol: EvalConfig | None = None) -> Job:
+    """The sample job (its own settings: the suite's sampling protocol) and the evaluate job (the metric protocol:
+    the task's, ``protocol``, default the suite's)."""
     sample_cfg = suite.sample.to_dict()
     sample = add(Job(f"{train.run_id}--sample-{short_hash(sample_cfg)}", "sample", (train.job_id,), train.run_id,
                      train.config, {"suite": suite.name, **labels, "sample": sample_cfg}))
-    eval_cfg = suite.eval.to_dict()
+    eval_cfg = (protocol or suite.eval).to_dict()
     eval_hash = short_hash([sample_cfg, eval_cfg, prepare.job_id])
     return add(Job(f"{train.run_id}--evaluate-{eval_hash}", "evaluate", (sample.job_id, prepare.job_id), train.run_id,
                    train.config, {"suite": suite.name, **labels, "sample_job": sample.job_id,

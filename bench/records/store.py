@@ -81,7 +81,7 @@ class Accounting(TypedDict):
     params_new: int  # parameters created by the method (adapters, gates, new heads)
     stored_bytes: int  # bytes of what the method must store on top of its ancestry
     gmacs_fwd_trained: float  # forward GMACs per image of the model as trained (DiT convention)
-    gmacs_fwd_merged: float  # forward GMACs per image after ``merge`` (what sampling costs)
+    gmacs_fwd_sampled: float  # forward GMACs per image of ``sampling_model`` (what sampling costs)
 
 
 class TrainInfo(TypedDict):

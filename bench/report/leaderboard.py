@@ -54,14 +54,14 @@ METRIC_ORDER = ("fid", "sfid", "is", "precision", "recall", "fdd")
 PROTOCOL_KEYS = tuple(EvalProtocol.__annotations__)
 IDENTITY_COLUMNS = ("benchmark", "task", "arch", "protocol_id") + PROTOCOL_KEYS
 COST_COLUMNS = ("params_trainable", "params_total", "params_inherited", "params_new", "stored_bytes",
-                "gmacs_fwd_trained", "gmacs_fwd_merged", "train_gmacs_total", "steps", "images_seen", "global_batch",
+                "gmacs_fwd_trained", "gmacs_fwd_sampled", "train_gmacs_total", "steps", "images_seen", "global_batch",
                 "world_size", "gpu_hours", "wall_s", "peak_mem_gb")
 RUN_COLUMNS = IDENTITY_COLUMNS + ("method", "family", "variant", "seed", "run_id", "eval_job_id", "train_job_id",
                                   "sample_job_id", "config_hash", "git_sha", "git_dirty", "stale") + COST_COLUMNS + (
                                   "final_loss", "loss_curve", "grid_png")
 AGG_HEAD = IDENTITY_COLUMNS + ("rank", "method", "family", "variant", "n_seeds", "seeds", "run_ids", "stale")
 AGG_COSTS = ("params_trainable", "params_total", "trainable_pct", "stored_bytes", "gmacs_fwd_trained",
-             "gmacs_fwd_merged", "train_gmacs_total", "steps", "images_seen", "gpu_hours", "wall_s", "peak_mem_gb")
+             "gmacs_fwd_sampled", "train_gmacs_total", "steps", "images_seen", "gpu_hours", "wall_s", "peak_mem_gb")
 INTEGER_COSTS = ("params_trainable", "params_total", "stored_bytes", "steps", "images_seen")
 # x axes of the Pareto fronts: fewer trainable parameters / less training compute is better
 PARETO_AXES = {"params": "params_trainable", "compute": "train_gmacs_total"}

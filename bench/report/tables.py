@@ -94,11 +94,11 @@ def _cells(row: dict[str, Any]) -> list[str]:
     """The non-metric cells, shared by both renderings."""
     return [str(row["rank"] or "–"), row["method"], row["family"], row["variant"], str(row["n_seeds"]),
             fmt_count(row["params_trainable"]), fmt_count(row["params_total"]),
-            f"{fmt_general(row['gmacs_fwd_trained'])} / {fmt_general(row['gmacs_fwd_merged'])}",
+            f"{fmt_general(row['gmacs_fwd_trained'])} / {fmt_general(row['gmacs_fwd_sampled'])}",
             fmt_general(row["train_gmacs_total"]), fmt_general(row["gpu_hours"]), fmt_seconds(row["wall_s"])]
 
 
-HEADERS = ["Rank", "Method", "Family", "Variant", "Seeds", "Trainable", "Total", "GMACs fwd (trained / merged)",
+HEADERS = ["Rank", "Method", "Family", "Variant", "Seeds", "Trainable", "Total", "GMACs fwd (trained / sampled)",
            "Train GMACs", "GPU-h", "Wall"]
 
 

@@ -3,9 +3,10 @@
     python -m bench.run.sample --run-dir runs/<run_id> [--sample.num_samples=50000 --sample.cfg_scale=1.5 ...]
     torchrun --nproc_per_node 8 -m bench.run.sample --run-dir runs/<run_id>
 
-The model is rebuilt from the run's ``config.json`` and ``export.safetensors`` (fp32 EMA) and merged into a
-plain DiT by its method. The sampling settings are this command's own (``SampleConfig`` defaults, then
-``--sample.*``; a suite's sample job passes its protocol): a training run's config holds none. Sample ``i`` takes its
+The model is rebuilt from the run's ``config.json`` and ``export.safetensors`` (fp32 EMA) and put in the form its
+method samples with (``Method.sampling_model``: merged into a plain DiT for most methods). The sampling settings are
+this command's own (``SampleConfig`` defaults, then ``--sample.*``; a suite's sample job passes its protocol): a
+training run's config holds none. Sample ``i`` takes its
 label, initial noise and every step's noise from its own generator
 seeded by ``(sample.seed, i)``: the samples do not depend on the world size or on restarts. Work is cut into
 chunks of ``per_proc_batch`` consecutive samples (chunk k goes to rank k mod world), each written atomically to
@@ -50,7 +51,8 @@ def sample_tag(cfg: SampleConfig, steps_trained: int, clip_denoised: bool = Fals
 
 
 def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, RunConfig, dict[str, Any]]:
-    """The run's EMA model, rebuilt by its method and merged into a plain DiT, plus its config and export meta."""
+    """The run's EMA model, rebuilt by its method in the form it samples with (``Method.sampling_model``: a merged
+    plain DiT unless the method keeps a cheaper or gate-aware form), plus its config and export meta."""
     run = RunDir(run_dir)
     config_path, export_path = run.config, run.export
     if not config_path.is_file():
@@ -65,15 +67,16 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, RunConfig, dict[str,
         model = method.build_ancestry(export.arch, export.num_classes)
     else:
         parent = load_export(ancestry_path(cfg)) if cfg.run.ancestry else None
-        model = method.build(export.arch, Task(cfg.run.name or cfg.data.split, export.num_classes, cfg.method.stage),
-                             parent)
+        task = Task(cfg.run.name or cfg.data.split, export.num_classes, cfg.method.stage,
+                    export.meta.get("label_space"))
+        model = method.build(export.arch, task, parent)
     missing, unexpected = model.load_state_dict(export.state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{export_path} does not match the model its method builds "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    merged = method.merge(model)
-    merged.eval()
-    return merged, cfg, export.meta
+    sampled = method.sampling_model(model)
+    sampled.eval()
+    return sampled, cfg, export.meta
 
 
 def sample_labels(cfg: SampleConfig, indices: range, num_classes: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bench.config.schema import ConfigError, RunConfig, load_config, save_resolved
 from bench.data.factory import build_dataset
-from bench.data.identity import data_identity
+from bench.data.identity import data_identity, label_space
 from bench.diffusion import GaussianDiffusion
 from bench.records.atomic import atomic_path, write_json_atomic
 from bench.records.environment import environment
@@ -84,10 +84,11 @@ def build_model(cfg: RunConfig, num_classes: int) -> tuple[Method, torch.nn.Modu
         if teacher is not None and not method.teacher_methods:
             raise ConfigError(f"run.ancestry is set, but method {method.name!r} pre-trains its ancestry from scratch "
                               "and takes no teacher")
-        return method, method.build_ancestry(arch, num_classes, teacher=teacher), teacher
+        model = method.build_ancestry(arch, num_classes, teacher=teacher, label_space=label_space(cfg.data) or None)
+        return method, model, teacher
     method.require_stage(cfg.method.stage)
     ancestry = load_export(ancestry_path(cfg)) if cfg.run.ancestry else None
-    task = Task(cfg.run.name or cfg.data.split, num_classes, cfg.method.stage)
+    task = Task(cfg.run.name or cfg.data.split, num_classes, cfg.method.stage, label_space(cfg.data) or None)
     return method, method.build(arch, task, ancestry), ancestry
 
 
@@ -357,7 +358,7 @@ def export(run: RunDir, cfg: RunConfig, method: Method, num_classes: int, state:
                   num_classes=num_classes,
                   meta={"run_id": summary["run_id"], "stage": cfg.method.stage, "steps": summary["steps"],
                         "config_hash": cfg.config_hash(), "method_options": method.config.to_dict(),
-                        "ancestry": summary["ancestry"]})
+                        "ancestry": summary["ancestry"], "label_space": label_space(cfg.data) or None})
     with atomic_path(run.summary) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
 

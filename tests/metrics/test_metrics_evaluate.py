@@ -219,3 +219,18 @@ def test_samples_of_another_resolution_than_the_reference_are_refused(setup, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert "samples are (48, 48, 3) but the reference images are (32, 32, 3)" in err[-1]
     assert not (setup["root"] / "mismatch.json").exists()
+
+
+def test_a_suite_evaluation_names_every_protocol_field_its_job_record_needs(record):
+    """The evaluate step turns this record into a job record whose protocol the store validates: sample count,
+    extractor and its weights' sha256 must be there (an ImageNet suite's evaluation could not be written before)."""
+    from bench.pipeline.steps.scoring import INCEPTION_EXTRACTOR, inception_protocol
+    from bench.records.store import REQUIRED
+
+    protocol = inception_protocol(record)
+    own = {"reference_id", "reference_sha256", "cfg_scale", "sampler", "num_steps", "clip_denoised"}  # the step's
+    assert set(REQUIRED["protocol"]) - own <= set(protocol)
+    assert protocol["n_samples"] == 10 and protocol["extractor"] == INCEPTION_EXTRACTOR
+    assert protocol["extractor_sha256"] == record["weights"]["inception_sha256"]
+    assert len(protocol["extractor_sha256"]) == 64
+    assert protocol["fdd_extractor_sha256"] == record["weights"]["dinov2_sha256"]

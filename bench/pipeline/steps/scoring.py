@@ -3,6 +3,8 @@ protocol (``EvalConfig``); the numbers carry that protocol and the ids and check
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.pipeline.steps import Roots, StepResult
@@ -35,9 +37,12 @@ def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StepRes
     else:
         from bench.metrics.evaluate import EvalOptions, evaluate
 
+        fdd_reference = protocol.get("fdd_reference") or ""
         result = evaluate(EvalOptions(samples=samples, ref=reference_path,
-                                      weights_dir=protocol["weights_dir"] or None, fdd=protocol["fdd"],
+                                      weights_dir=protocol["weights_dir"] or None, fdd=FDD_MODES[protocol["fdd"]],
+                                      fdd_ref=Path(os.path.expandvars(fdd_reference)) if fdd_reference else None,
                                       out=samples.with_suffix(".eval.json"), overwrite=True))
+        result["protocol"] = inception_protocol(result)
     metrics = {name: {"value": None if m["value"] is None else float(m["value"]),
                      "higher_is_better": bool(m["higher_is_better"])} for name, m in result["metrics"].items()}
     # the reference is the prepare job's output: its id names it, its sha256 pins it
@@ -46,3 +51,19 @@ def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StepRes
                     "num_steps": s["num_steps"], "clip_denoised": bool(s.get("clip_denoised", False)),
                     "samples_sha256": sample_rec["outputs"]["samples"]["sha256"]}
     return StepResult({"eval_info": {"metrics": metrics, "protocol": protocol_out}})
+
+
+#: ``eval.fdd`` of a suite as the metric evaluator's ``--fdd`` (``true`` must fail when FDD cannot be computed).
+FDD_MODES = {"auto": "auto", "true": "on", "false": "off"}
+
+#: The feature extractor an ADM-protocol evaluation names in its job record (Inception-V3, TF weights).
+INCEPTION_EXTRACTOR = "inception-v3-tf"
+
+
+def inception_protocol(record: dict) -> dict:
+    """An ADM-protocol evaluation record's protocol, plus what every job record's protocol names
+    (``bench.records.store.EvalProtocol``): the sample count and the extractor with its weights' sha256 (DINOv2's
+    too when FDD was computed, since FDD rows are comparable only under the same DINOv2 weights)."""
+    weights = record["weights"]
+    return {**record["protocol"], "n_samples": int(record["n_samples"]), "extractor": INCEPTION_EXTRACTOR,
+            "extractor_sha256": weights["inception_sha256"], "fdd_extractor_sha256": weights.get("dinov2_sha256")}

@@ -180,7 +180,8 @@ def _ancestry_evaluations(suite: Suite, ancestry_jobs: dict[str, Job], add) -> l
         labels = {"method": spec.method, "variant": name, "seed": job.info["seed"], "task": "ancestry",
                   "task_stage": "ancestry", "arch": cfg.model.arch, "family": get_method_class(spec.method).family,
                   "benchmark": f"ancestry--{_arch_dash(cfg.model.arch)}", "ancestry_job": None}
-        prepare = add(_prepare_job(suite, cfg, f"ancestry-{name}", protocol))
+        # one reference for every ancestry trained on the same data under the same protocol: ranked together
+        prepare = add(_prepare_job(suite, cfg, "ancestry", protocol))
         evaluations.append(_sample_and_evaluate(suite, cfg, job, prepare, labels, add, protocol))
     return evaluations
 

@@ -1,5 +1,5 @@
-"""benchmarks/gpu_acceptance.py: the clean exit without CUDA, its helpers, its time guard, and the ``--smoke`` run of
-every part on the CPU (the code paths of the GPU run at toy sizes).
+"""benchmarks/gpu_acceptance.py and its parts (benchmarks/gpu_acceptance_parts/): the clean exit without CUDA, the
+helpers, the time guard, and the ``--smoke`` run of every part on the CPU (the code paths of the GPU run at toy sizes).
 
 Parts (b) and (d) are fast and stay in the default suite; (a) starts DeepSpeed children, (c) three torchrun
 trainings and (e) CPU Inception/DINOv2 passes, so their smoke tests are marked slow (CI runs them).
@@ -31,7 +31,12 @@ def _load_script():
     return module
 
 
-ga = _load_script()
+ga = _load_script()  # it puts benchmarks/ on sys.path: its parts package imports below
+
+from gpu_acceptance_parts.common import child_pids, descendants, kill_tree  # noqa: E402
+from gpu_acceptance_parts.kind import kind_ranks  # noqa: E402
+from gpu_acceptance_parts.metrics import synthetic_batches  # noqa: E402
+from gpu_acceptance_parts.preempt import compare_tensor_files, worker_exit_code  # noqa: E402
 
 
 def _no_cuda_env(**extra: str) -> dict[str, str]:
@@ -99,7 +104,8 @@ def test_full_run_on_cpu_and_unknown_parts_are_usage_errors(tmp_path):
 
 
 def test_the_gpu_plan_fits_the_8_minute_budget():
-    assert set(ga.GPU_PLAN) == set(ga.SMOKE_PLAN) == set(ga.PARTS) == set(ga.PART_FUNCTIONS) == set(ga.RENDERERS)
+    assert set(ga.GPU_PLAN) == set(ga.SMOKE_PLAN) == set(ga.PARTS)
+    assert all(callable(p.module.run) and callable(p.module.render) for p in ga.PARTS.values())
     # the part budgets are hard limits; the orchestrator's own start (import torch, CUDA init) needs the rest
     assert sum(plan["budget_s"] for plan in ga.GPU_PLAN.values()) <= ga.TOTAL_BUDGET_S - 10
     assert ga.GPU_PLAN["a"]["archs"] == ["DiT-B/2", "DiT-L/2"] and ga.GPU_PLAN["a"]["batch"] == 32
@@ -111,15 +117,15 @@ def test_the_gpu_plan_fits_the_8_minute_budget():
 
 
 def test_kind_rank_presets():
-    assert ga.kind_ranks("paper", 1024) == (272, 96)  # DiT-L/2
-    assert ga.kind_ranks("paper", 768) == (204, 72)  # DiT-B/2
-    assert ga.kind_ranks("full", 1024) == (512, 512)
+    assert kind_ranks("paper", 1024) == (272, 96)  # DiT-L/2
+    assert kind_ranks("paper", 768) == (204, 72)  # DiT-B/2
+    assert kind_ranks("full", 1024) == (512, 512)
     for width in (64, 192, 384, 768, 1024, 1152):  # the same as the formulas of the issue, at every flavour width
         n_t = round(3 * width / 32)
-        assert ga.kind_ranks("paper", width) == (round(23 * width / 64) - n_t, n_t)
-        assert ga.kind_ranks("full", width) == (width // 2, width // 2)
+        assert kind_ranks("paper", width) == (round(23 * width / 64) - n_t, n_t)
+        assert kind_ranks("full", width) == (width // 2, width // 2)
     with pytest.raises(ValueError, match="rank preset"):
-        ga.kind_ranks("half", 1024)
+        kind_ranks("half", 1024)
 
 
 def test_worker_exit_code_is_read_from_torchruns_failure_summary():
@@ -134,9 +140,9 @@ Root Cause (first observed failure):
   exitcode  : 75 (pid: 26310)
   error_file: <N/A>
 """
-    assert ga.worker_exit_code(summary) == 75
-    assert ga.worker_exit_code(summary.replace(": 75", ": -10")) == -10
-    assert ga.worker_exit_code("kindbench train: done") is None
+    assert worker_exit_code(summary) == 75
+    assert worker_exit_code(summary.replace(": 75", ": -10")) == -10
+    assert worker_exit_code("kindbench train: done") is None
 
 
 def test_tensor_files_compare_bit_for_bit(tmp_path):
@@ -146,15 +152,15 @@ def test_tensor_files_compare_bit_for_bit(tmp_path):
     nudged = {"w": a["w"].clone(), "b": a["b"].clone()}
     nudged["w"][3] = torch.nextafter(nudged["w"][3], torch.tensor(2.0))  # one ulp
     save_file(nudged, str(tmp_path / "nudged.safetensors"))
-    assert ga.compare_tensor_files(tmp_path / "a.safetensors", tmp_path / "same.safetensors") == (2, [])
-    assert ga.compare_tensor_files(tmp_path / "a.safetensors", tmp_path / "nudged.safetensors") == (2, ["/w"])
+    assert compare_tensor_files(tmp_path / "a.safetensors", tmp_path / "same.safetensors") == (2, [])
+    assert compare_tensor_files(tmp_path / "a.safetensors", tmp_path / "nudged.safetensors") == (2, ["/w"])
     # torch files (DeepSpeed checkpoints): tensors anywhere in nested containers; non-tensors are not compared
     state = {"module": {"x": torch.ones(2)}, "optim": [{"exp_avg": torch.arange(3.0)}], "step": 5, "path": "/a"}
     other = {"module": {"x": torch.ones(2)}, "optim": [{"exp_avg": torch.arange(3.0) + 1}], "step": 5, "path": "/b"}
     torch.save(state, tmp_path / "s.pt")
     torch.save(other, tmp_path / "o.pt")
-    assert ga.compare_tensor_files(tmp_path / "s.pt", tmp_path / "s.pt") == (2, [])
-    assert ga.compare_tensor_files(tmp_path / "s.pt", tmp_path / "o.pt") == (2, ["/optim[0]/exp_avg"])
+    assert compare_tensor_files(tmp_path / "s.pt", tmp_path / "s.pt") == (2, [])
+    assert compare_tensor_files(tmp_path / "s.pt", tmp_path / "o.pt") == (2, ["/optim[0]/exp_avg"])
 
 
 def test_child_pids_finds_the_workers_of_a_launcher():
@@ -162,8 +168,8 @@ def test_child_pids_finds_the_workers_of_a_launcher():
     launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         worker = int(launcher.stdout.readline())
-        assert ga.child_pids(launcher.pid) == [worker]
-        assert ga.child_pids(worker) == []
+        assert child_pids(launcher.pid) == [worker]
+        assert child_pids(worker) == []
     finally:
         launcher.kill()
         launcher.wait()
@@ -178,8 +184,8 @@ def test_kill_tree_kills_descendants_in_other_sessions_too():
             "flush=True); time.sleep(60)")
     launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     pids = [int(x) for x in launcher.stdout.readline().split()]
-    assert ga.descendants(launcher.pid) == pids
-    ga.kill_tree(launcher)
+    assert descendants(launcher.pid) == pids
+    kill_tree(launcher)
     assert launcher.returncode is not None
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and "Z" not in
@@ -194,8 +200,8 @@ def test_synthetic_images_from_a_process_pool_equal_the_serial_ones():
     """Part (e) draws its 2 x 10k images in a process pool on the GPU machine; same images, same order."""
     import numpy as np
 
-    serial = np.concatenate(list(ga.synthetic_batches(130, 16, seed=2, shift=0.3, chunk=50)))
-    pooled = np.concatenate(list(ga.synthetic_batches(130, 16, seed=2, shift=0.3, chunk=50, processes=2)))
+    serial = np.concatenate(list(synthetic_batches(130, 16, seed=2, shift=0.3, chunk=50)))
+    pooled = np.concatenate(list(synthetic_batches(130, 16, seed=2, shift=0.3, chunk=50, processes=2)))
     assert serial.shape == (130, 16, 16, 3) and serial.dtype == np.uint8
     assert np.array_equal(serial, pooled)
     assert not np.array_equal(serial[:50], serial[50:100])  # every chunk has its own seed
@@ -221,7 +227,7 @@ def test_smoke_kind_compute_and_sampling(tmp_path):
     kind = (out / "gpu_acceptance_b_kind_smoke.md").read_text()
     _check_header(kind, "b,d")
     rows = _tables(kind)
-    paper, full = ga.kind_ranks("paper", 64), ga.kind_ranks("full", 64)  # DiT-T/2 is 64 wide
+    paper, full = kind_ranks("paper", 64), kind_ranks("full", 64)  # DiT-T/2 is 64 wide
     assert [(r["preset"], r["N_G + N_T"], r["tailor compute"]) for r in rows] == [
         ("-", "-", "dense"),
         ("paper", f"{paper[0]} + {paper[1]}", "masked"), ("paper", f"{paper[0]} + {paper[1]}", "grouped"),

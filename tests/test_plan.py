@@ -534,9 +534,9 @@ def test_an_evaluated_ancestry_is_sampled_and_scored_on_its_own_classes():
         assert sample.deps == (pretrain[name].job_id,) and sample.run_id == pretrain[name].run_id
         prepare = plan.jobs[evaluation.info["prepare_job"]]
         assert prepare.info["data"]["split"] == "pretrain"  # the ancestry's own classes, held-out images
+        assert evaluation.job_id in plan.by_step("aggregate")[0].deps
     # the same data and protocol: one reference, so the ancestries are ranked together
     assert len({e.info["prepare_job"] for e in rows.values()}) == 1
-        assert evaluation.job_id in plan.by_step("aggregate")[0].deps
     assert rows["kind"].info["method"] == "kind" and rows["kind"].info["task_stage"] == "ancestry"
 
 

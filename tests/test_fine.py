@@ -491,3 +491,23 @@ def test_the_nofactor_ablation_keeps_fines_budget_not_a_copy(dense_ancestry):
         model = get_method("fine_nofactor").build(_arch(depth), Task("descend", CLASSES, "descend"), dense_ancestry)
         weight = model.blocks[0].mlp.fc1.weight
         assert torch.linalg.matrix_rank(weight, rtol=1e-4).item() == round(64 / depth)
+
+
+def test_the_factorised_ancestry_starts_with_the_weight_norms_of_dits_init():
+    """Random matrices share no bases: diag(Uᵀ W V) alone kept about 1 % of each weight's energy at width 64, so
+    FINE's ancestry started nearly zero (FINE at scratch level on the tiny suite's deeper task); now each block
+    matrix starts with the Frobenius norm of DiT's own initial weight."""
+    from methods import get_method_class
+
+    torch.manual_seed(5)
+    stock = get_method_class("scratch")().build_ancestry(ANCESTOR, CLASSES)
+    torch.manual_seed(5)
+    model = get_method("fine").build_ancestry(ANCESTOR, CLASSES)  # same seed: the same DiT weights before the SVD
+    for target in BLOCK_TYPES:
+        for index, block in enumerate(model.blocks):
+            dense = stock.blocks[index].get_submodule(target).weight
+            factorised = block.get_submodule(target).weight_matrix()
+            if not dense.any():  # adaLN-Zero stays zero
+                assert not factorised.any()
+                continue
+            assert factorised.norm().item() == pytest.approx(dense.norm().item(), rel=1e-5), (target, index)

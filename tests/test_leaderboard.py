@@ -15,7 +15,15 @@ from recordfixtures import P1, P2, P2_FID, RUNS, eval_info, run_id_of, write_fix
 from bench.records.fingerprint import code_fingerprint
 from bench.records.store import MalformedRecordError, RecordStore
 from bench.report import leaderboard
-from bench.report.leaderboard import LeaderboardWarning, build_leaderboards, pareto_flags, protocol_id
+from bench.report.leaderboard import (
+    AGG_COSTS,
+    PROTOCOL_KEYS,
+    LeaderboardWarning,
+    build_leaderboards,
+    pareto_flags,
+    protocol_id,
+)
+from bench.report.tables import fmt_rank
 
 BENCH_A, BENCH_B = "novel-a--DiT-T-2", "novel-b--DiT-T-2"
 PID1, PID2 = protocol_id(P1), protocol_id(P2)
@@ -181,8 +189,9 @@ def test_markdown_tables(built):
     md = (built[0] / "out" / BENCH_A / "leaderboard.md").read_text()
     assert md.count("## Protocol ") == 2
     p1 = _table_rows(md, PID1)
-    assert p1["full"]["FID ↓"] == "**19.00**" and p1["kind"]["FID ↓"] == "21.00 ± 1.41"
-    assert p1["kind"]["Precision ↑"] == "**0.610 ± 0.014**" and p1["kind"]["Seeds"] == "2"
+    # two seeds 20 and 22: resampled means 20, 21, 21, 22, whose 2.5% and 97.5% quantiles are 20.075 and 21.925
+    assert p1["full"]["FID ↓"] == "**19.00**" and p1["kind"]["FID ↓"] == "21.00 ± 1.41 [20.07, 21.93]"
+    assert p1["kind"]["Precision ↑"].startswith("**0.610 ± 0.014 [") and p1["kind"]["Seeds"] == "2"
     assert p1["kind"]["Trainable"] == "120K" and p1["lora"]["Pareto (FID)"] == "params"
     assert p1["bitfit"]["Pareto (FID)"] == "compute" and p1["full"]["Rank"] == "1"
     p2 = _table_rows(md, PID2)
@@ -356,7 +365,7 @@ def test_other_code_is_stale_listed_apart_and_never_ranked(results_copy, tmp_pat
     md = (tmp_path / "out" / BENCH_A / "leaderboard.md").read_text()
     p1 = _table_rows(md.split("## Stale rows")[0], PID1)
     assert set(p1) == {"kind", "lora", "bitfit"} and p1["kind"]["Rank"] == "1" and p1["kind"]["FID ↓"] == (
-        "**21.00 ± 1.41**")
+        "**21.00 ± 1.41 [20.07, 21.93]**")
     section = stale_section(md)
     assert md.index("## Stale rows") > md.index(f"## Protocol {PID2}")  # after every ranked table
     assert "`kindbench run` re-runs stale jobs" in section and "`kindbench plan`" in section
@@ -365,7 +374,7 @@ def test_other_code_is_stale_listed_apart_and_never_ranked(results_copy, tmp_pat
 
     tex = (tmp_path / "out" / BENCH_A / "leaderboard.tex").read_text()
     body = [line for line in tex.splitlines() if not line.startswith("%")]
-    assert not [line for line in body if "& full &" in line] and "\\textbf{21.00 $\\pm$ 1.41}" in tex
+    assert not [line for line in body if "& full &" in line] and "\\textbf{21.00 $\\pm$ 1.41 [20.07, 21.93]}" in tex
     (comment,) = [line for line in tex.splitlines() if line.startswith("% 1 stale row(s) left out")]
     assert f"full/default (protocol {PID1}, seeds 0): {job} was made by other code" in comment
 
@@ -401,7 +410,8 @@ def test_upstream_transfer_of_other_code_makes_the_evaluation_stale(results_copy
         assert lora[key]["seeds"] == "0" and lora[key]["rank"] == ""
         assert lora[key]["stale"].startswith(f"{transfer} was made by other code (fingerprint {'0' * 16}")
     p2 = [r for r in rows if r["protocol_id"] == PID2 and not r["stale"]]
-    assert [(r["method"], r["rank"], r["best_fid"]) for r in p2] == [("kind", "1", "True")]  # lora won P2 before
+    # lora won P2 before; kind alone now: ranked, but a column of one value has no best to bold
+    assert [(r["method"], r["rank"], r["best_fid"]) for r in p2] == [("kind", "1", "False")]
     runs = read_csv(tmp_path / "out" / "leaderboard_runs.csv")
     stale_runs = {r["eval_job_id"] for r in runs if r["stale"]}
     assert stale_runs == {run_id_of("lora", "r4", BENCH_A, 0) + s for s in ("--evaluate", "--evaluate--p2")}
@@ -486,3 +496,51 @@ def test_pareto_flags_unit():
     assert pareto_flags(xs, ys, higher_is_better=True) == [True, False, False, False, False, False]
     assert pareto_flags([1.0, 1.0], [5.0, 5.0], higher_is_better=False) == [True, True]  # ties do not dominate
     assert pareto_flags([], [], higher_is_better=True) == []
+
+
+# ---- intervals over seeds, ties and best markers ---------------------------------------------------------------
+
+
+def test_the_bootstrap_interval_of_three_seeds_matches_the_hand_computed_one():
+    """Seeds 1, 2, 3: the 27 equally likely resamples have means 1, 4/3, ..., 3 with multiplicities 1, 3, 6, 7, 6, 3,
+    1; numpy's linear quantiles put 2.5% at index 0.65 (1 + 0.65/3) and 97.5% at index 25.35 (8/3 + 0.35/3)."""
+    from bench.report.intervals import bootstrap_interval
+
+    low, high = bootstrap_interval([3.0, 1.0, 2.0])
+    assert low == pytest.approx(1 + 0.65 / 3) and high == pytest.approx(8 / 3 + 0.35 / 3)
+    assert bootstrap_interval([5.0]) is None and bootstrap_interval([5.0, None]) is None
+    many = bootstrap_interval([float(v) for v in range(10)])  # 10^10 resamples: drawn, with a fixed seed
+    assert many == bootstrap_interval([float(v) for v in range(10)]) and 2.0 < many[0] < 4.5 < many[1] < 7.0
+
+
+def _group(means_by_method: dict[str, list[float]]) -> list[dict]:
+    from bench.report.leaderboard import aggregate_group
+
+    rows = []
+    for method, values in means_by_method.items():
+        runs = [{"benchmark": "b", "task": "t", "arch": "a", "protocol_id": "p", **{k: None for k in PROTOCOL_KEYS},
+                 "method": method, "family": "f", "variant": "default", "seed": seed, "run_id": f"{method}{seed}",
+                 "stale": "", **{k: None for k in AGG_COSTS}, "fid": value} for seed, value in enumerate(values)]
+        rows.append(aggregate_group(runs, ["fid"]))
+    return rows
+
+
+def test_rows_whose_interval_overlaps_the_best_share_its_rank():
+    from bench.report.leaderboard import rank_protocol_group
+
+    rows = rank_protocol_group(_group({"a": [10.0, 11.0, 12.0], "b": [11.5, 12.5, 13.5], "c": [20.0, 21.0, 22.0],
+                                       "d": [30.0]}), ["fid"], {"fid": False})
+    by = {r["method"]: r for r in rows}
+    assert by["a"]["best_fid"] and not by["a"]["tied_fid"] and by["b"]["tied_fid"]  # [10.2, 11.8] vs [11.7, 13.3]
+    assert not by["c"]["tied_fid"] and not by["d"]["tied_fid"]  # d: one seed, no interval
+    assert [(r["method"], r["rank"]) for r in rows] == [("a", 1), ("b", 1), ("c", 3), ("d", 4)]
+    assert fmt_rank(by["b"], "fid") == "=1" and fmt_rank(by["a"], "fid") == "1" and fmt_rank(by["c"], "fid") == "3"
+
+
+def test_a_column_where_every_row_has_the_same_value_has_no_best():
+    from bench.report.leaderboard import rank_protocol_group
+
+    rows = rank_protocol_group(_group({"a": [0.0], "b": [0.0], "c": [0.0]}), ["fid"], {"fid": False})
+    assert not any(r["best_fid"] or r["tied_fid"] for r in rows)
+    differing = rank_protocol_group(_group({"a": [0.0], "b": [1.0]}), ["fid"], {"fid": False})
+    assert [r["best_fid"] for r in differing] == [True, False]

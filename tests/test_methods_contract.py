@@ -78,7 +78,7 @@ ROWS = [
     ("weight_selection", {}, TINY),
     ("weight_selection", {"element_selection": "leading", "reinit": ("y_embedder", "final_layer")}, TINY),
     ("fine", {}, TINY),
-    ("fine", {"train": "all", "rank": 32, "reinit": ("y_embedder", "final_layer")}, TINY),
+    ("fine", {"train": "all", "rank": 32, "class_table": "redraw", "reinit": ("final_layer",)}, TINY),
     ("fine", {"targets": ("attn.qkv", "adaLN_modulation.1"), "sigma_init": "interpolate"}, TINY),
     ("fine_nofactor", {}, TINY),
     ("fine_nofactor", {"rank": 16, "targets": ("mlp.fc1", "mlp.fc2")}, TINY),

@@ -66,7 +66,7 @@ def test_pareto_front_is_the_csv_front(plotted):
     base = plotted[0]
     rows = [r for r in read_csv(base / "out" / BENCH_A / "leaderboard.csv", BOARD_COLUMNS)
             if r["protocol_id"] == protocol_id(P1)]
-    figure = pareto_figure(rows, "params", styles_for([label_of(r) for r in rows]))
+    figure = pareto_figure(rows, "params", styles_for(rows))
     fid_axes = figure.axes[0]
     assert fid_axes.get_ylabel() == "FID ↓" and fid_axes.get_xscale() == "log"
     (front,) = [line for line in fid_axes.get_lines() if line.get_linestyle() == "--"]
@@ -123,3 +123,22 @@ def test_bad_leaderboard_folder(tmp_path):
     (tmp_path / "b" / "leaderboard.csv").write_text("method,fid\nkind,3.0\n")
     with pytest.raises(ValueError, match=r"leaderboard.csv lacks columns \['benchmark', 'protocol_id'"):
         make_plots(tmp_path, tmp_path / "figs")
+
+
+def test_colour_says_the_family_and_no_style_is_reused():
+    """Every registered method of the tiny suite in one figure: one colour per family, never the same (colour,
+    marker) twice, even for a family with more members than there are markers."""
+    from methods import get_method_class, list_methods
+
+    rows = [{"method": m, "variant": "default", "family": get_method_class(m).family} for m in list_methods()]
+    rows += [{"method": "lora", "variant": f"r{r}", "family": "peft"} for r in (4, 8, 16, 32, 64, 128)]
+    styles = styles_for(rows)
+    pairs = [(tuple(style["color"]), style["marker"]) for style in styles.values()]
+    assert len(styles) == len(rows) and len(set(pairs)) == len(pairs)
+    base = {}  # each family's colour: that of its first ten members (sorted), distinct across families
+    for family in sorted({row["family"] for row in rows}):
+        members = sorted(label_of(r) for r in rows if r["family"] == family)[:10]
+        assert len({styles[m]["color"] for m in members}) == 1, family
+        base[family] = styles[members[0]]["color"]
+    assert len(set(base.values())) == len(base) <= 10
+    assert styles_for(list(reversed(rows))) == styles  # the order rows arrive in changes nothing

@@ -8,8 +8,12 @@ Everything here is derived from records only (docs/harness.md §4.2):
   accounting and cost come from the run's training record, found by walking ``depends_on`` upstream (evaluate ->
   sample -> train) and, failing that, by the same ``run_id`` (``train``, else ``pretrain``). The sample grid
   comes from the ``sample`` record found the same way. A missing training record leaves the cost columns empty.
-* **Aggregate.** Rows with the same (benchmark, protocol, method, variant) are one leaderboard row: metrics as mean
-  and sample std (ddof=1, empty for one seed), costs as the mean over seeds.
+* **Aggregate.** Rows with the same (benchmark, protocol, method, variant) are one leaderboard row: metrics as mean,
+  sample std (ddof=1, empty for one seed) and 95% bootstrap interval over seeds (``bench.report.intervals``; empty
+  for one seed), costs as the mean over seeds.
+* **Rank.** By the primary metric's mean within a protocol; rows whose interval overlaps the best row's are tied
+  with it (``tied_<metric>``) and share rank 1. The best value of a metric is marked only where the column holds at
+  least two different values.
 * **Stale rows are never ranked.** Every evaluation gets
   ``bench.records.currency.stale_reason``: "" when it and everything
   upstream of it (over ``depends_on``) was made by this checkout's code from the inputs there now; otherwise why not
@@ -48,6 +52,7 @@ from typing import Any
 from bench.records.currency import stale_reason
 from bench.records.store import EvalProtocol, MalformedRecordError, Record, RecordStore
 from bench.report import tables
+from bench.report.intervals import bootstrap_interval, competition_ranks, overlaps
 
 #: metrics in display order; unknown metrics follow alphabetically
 METRIC_ORDER = ("fid", "sfid", "is", "precision", "recall", "fdd")
@@ -262,6 +267,8 @@ def aggregate_group(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str,
     for name in metrics:
         row[f"{name}_mean"] = _mean(r.get(name) for r in runs)
         row[f"{name}_std"] = _std(r.get(name) for r in runs)
+        interval = bootstrap_interval([r.get(name) for r in runs])
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval if interval else (None, None)
     return row
 
 
@@ -275,9 +282,14 @@ def rank_protocol_group(rows: list[dict[str, Any]], metrics: list[str], directio
         row["rank"] = None
         for name in metrics:
             row[f"{name}_higher_is_better"] = directions[name]
-            row[f"best_{name}"] = False
+            row[f"best_{name}"] = row[f"tied_{name}"] = False
             row.update({f"pareto_{name}_vs_{axis}": False for axis in PARETO_AXES})
     return _rank_current([row for row in rows if not row.get("stale")], metrics, directions) + stale
+
+
+def _interval(row: dict[str, Any], name: str) -> tuple[float, float] | None:
+    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    return None if low is None or high is None else (low, high)
 
 
 def _rank_current(rows: list[dict[str, Any]], metrics: list[str], directions: dict[str, bool]) -> list[dict]:
@@ -285,10 +297,14 @@ def _rank_current(rows: list[dict[str, Any]], metrics: list[str], directions: di
         hib = directions[name]
         means = [row[f"{name}_mean"] for row in rows]
         present = [m for m in means if m is not None]
-        best = (max if hib else min)(present) if present else None
+        # a column where every row has the same value has no best
+        best = (max if hib else min)(present) if len(set(present)) > 1 else None
+        best_row = next((row for row, mean in zip(rows, means) if best is not None and mean == best), None)
         for row, mean in zip(rows, means):
             row[f"{name}_higher_is_better"] = hib
             row[f"best_{name}"] = best is not None and mean == best
+            row[f"tied_{name}"] = (best_row is not None and row is not best_row and not row[f"best_{name}"]
+                                   and overlaps(_interval(row, name), _interval(best_row, name)))
         for axis, column in PARETO_AXES.items():
             for row, flag in zip(rows, pareto_flags([row[column] for row in rows], means, hib)):
                 row[f"pareto_{name}_vs_{axis}"] = flag
@@ -299,10 +315,13 @@ def _rank_current(rows: list[dict[str, Any]], metrics: list[str], directions: di
 
     def order(row: dict[str, Any]) -> tuple:
         value = row[f"{primary}_mean"]
-        return (value is None, 0.0 if value is None else sign * value, row["method"], row["variant"])
+        leading = row[f"best_{primary}"] or row[f"tied_{primary}"]
+        return (value is None, not leading, 0.0 if value is None else sign * value, row["method"], row["variant"])
 
+    # rows whose interval overlaps the best row's share its rank (ties), the others take their position
     ranked = sorted(rows, key=order)
-    for position, row in enumerate(ranked, start=1):
+    ranks = competition_ranks([row[f"best_{primary}"] or row[f"tied_{primary}"] for row in ranked])
+    for row, position in zip(ranked, ranks):
         row["rank"] = position if row[f"{primary}_mean"] is not None else None
     return ranked
 
@@ -327,7 +346,8 @@ def aggregate(runs: list[dict[str, Any]], directions: dict[str, bool]) -> dict[s
 def agg_columns(metrics: list[str]) -> list[str]:
     per_metric = []
     for name in metrics:
-        per_metric += [f"{name}_mean", f"{name}_std", f"{name}_higher_is_better", f"best_{name}"]
+        per_metric += [f"{name}_mean", f"{name}_std", f"{name}_ci_low", f"{name}_ci_high", f"{name}_higher_is_better",
+                       f"best_{name}", f"tied_{name}"]
         per_metric += [f"pareto_{name}_vs_{axis}" for axis in PARETO_AXES]
     return list(AGG_HEAD) + list(AGG_COSTS) + per_metric
 

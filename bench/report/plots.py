@@ -8,7 +8,8 @@ Per benchmark and evaluation protocol (protocols are never mixed in one figure, 
 * ``pareto_compute``: every metric vs training compute (GMACs, log x), with its Pareto front;
 * ``samples``: one sample grid per (method, variant), from the lowest seed whose ``grid_png`` exists.
 
-Per benchmark: ``loss_curves`` from the runs' ``train.jsonl`` (one colour per method/variant, one line per seed).
+Per benchmark: ``loss_curves`` from the runs' ``train.jsonl`` (one line per seed; colour by family, marker by
+method/variant, ``styles_for``).
 
 Stale rows and runs (a non-empty ``stale`` column: made by other code than the checkout's) are not results of this
 code and are never drawn; CSVs from before that column are drawn whole.
@@ -105,11 +106,25 @@ def label_of(row: dict[str, str]) -> str:
     return row["method"] if row["variant"] in ("", "default") else f"{row['method']}/{row['variant']}"
 
 
-def styles_for(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """A fixed colour and marker per method/variant label (sorted, so every figure of a benchmark agrees)."""
-    colors = matplotlib.colormaps["tab10"].colors
-    return {label: {"color": colors[i % len(colors)], "marker": MARKERS[i % len(MARKERS)]}
-            for i, label in enumerate(sorted(set(labels)))}
+def _lighter(color: Sequence[float], amount: float) -> tuple[float, ...]:
+    return tuple(c + (1.0 - c) * amount for c in color)
+
+
+def styles_for(rows: Sequence[dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """One style per method/variant label: the colour says the family (tab10, families sorted), the marker the
+    label within its family (labels sorted). No two labels of a benchmark share a (colour, marker) pair: a family
+    with more labels than markers, or a family beyond tab10's ten colours, takes lighter shades. Styles depend on
+    the benchmark's labels only, so every figure of a benchmark agrees."""
+    palette = matplotlib.colormaps["tab10"].colors
+    family_of = {label_of(row): row.get("family") or "" for row in rows}
+    styles = {}
+    for f_index, family in enumerate(sorted(set(family_of.values()))):
+        labels = sorted(label for label, f in family_of.items() if f == family)
+        for l_index, label in enumerate(labels):
+            shade = l_index // len(MARKERS) + f_index // len(palette)
+            styles[label] = {"color": _lighter(palette[f_index % len(palette)], 1 - 0.6 ** shade),
+                             "marker": MARKERS[l_index % len(MARKERS)]}
+    return styles
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -216,8 +231,9 @@ def loss_figure(runs: list[dict[str, str]], base: Path, styles: dict[str, dict[s
     seen = set()
     for run, steps, losses in curves:
         label = label_of(run)
-        ax.plot(steps, losses, color=styles[label]["color"], linewidth=1,
-                label=None if label in seen else label)
+        # the family's colour and the method's marker (every tenth of the curve), so no two labels look alike
+        ax.plot(steps, losses, color=styles[label]["color"], marker=styles[label]["marker"], linewidth=1,
+                markersize=3, markevery=max(1, len(steps) // 10), label=None if label in seen else label)
         seen.add(label)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss ↓")
@@ -261,7 +277,7 @@ def _emit(figure: Figure | None, stem: Path) -> list[Path]:
 
 
 def plot_benchmark(board: list[dict[str, str]], runs: list[dict[str, str]], base: Path, out: Path) -> list[Path]:
-    styles = styles_for([label_of(r) for r in board] + [label_of(r) for r in runs])
+    styles = styles_for([*board, *runs])
     written = _emit(loss_figure(runs, base, styles), out / "loss_curves") if runs else []
     by_protocol: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in board:

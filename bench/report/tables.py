@@ -55,13 +55,31 @@ def fmt_seconds(value: float | None) -> str:
     return f"{value:.2g} s"
 
 
-def fmt_metric(mean: float | None, std: float | None, plus_minus: str) -> str:
-    """``21.00 ± 1.41``: 2 decimals for values of 10 and more, 3 below (precision/recall are in [0, 1])."""
+def fmt_metric(mean: float | None, std: float | None, plus_minus: str,
+               interval: tuple[float | None, float | None] = (None, None)) -> str:
+    """``21.00 ± 1.41 [19.50, 22.30]``: mean ± std and the 95% interval over seeds (each only where there is one);
+    2 decimals for values of 10 and more, 3 below (precision/recall are in [0, 1])."""
     if mean is None:
         return "–"
     decimals = 2 if abs(mean) >= 10 else 3
     text = f"{mean:.{decimals}f}"
-    return text if std is None else f"{text}{plus_minus}{std:.{decimals}f}"
+    if std is not None:
+        text += f"{plus_minus}{std:.{decimals}f}"
+    if interval[0] is not None and interval[1] is not None:
+        text += f" [{interval[0]:.{decimals}f}, {interval[1]:.{decimals}f}]"
+    return text
+
+
+def fmt_rank(row: dict[str, Any], primary: str | None) -> str:
+    """The rank; ``=1`` for a row tied with the best (their intervals overlap)."""
+    if not row["rank"]:
+        return "–"
+    return f"={row['rank']}" if primary and row.get(f"tied_{primary}") else str(row["rank"])
+
+
+def metric_cells(row: dict[str, Any], used: Sequence[str], plus_minus: str) -> list[str]:
+    return [fmt_metric(row[f"{m}_mean"], row[f"{m}_std"], plus_minus,
+                       (row.get(f"{m}_ci_low"), row.get(f"{m}_ci_high"))) for m in used]
 
 
 def protocol_summary(row: dict[str, Any]) -> str:
@@ -90,9 +108,9 @@ def pareto_text(row: dict[str, Any], metric: str | None) -> str:
     return ", ".join(axis for axis in ("params", "compute") if row.get(f"pareto_{metric}_vs_{axis}"))
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
+def _cells(row: dict[str, Any], primary: str | None = None) -> list[str]:
     """The non-metric cells, shared by both renderings."""
-    return [str(row["rank"] or "–"), row["method"], row["family"], row["variant"], str(row["n_seeds"]),
+    return [fmt_rank(row, primary), row["method"], row["family"], row["variant"], str(row["n_seeds"]),
             fmt_count(row["params_trainable"]), fmt_count(row["params_total"]),
             f"{fmt_general(row['gmacs_fwd_trained'])} / {fmt_general(row['gmacs_fwd_sampled'])}",
             fmt_general(row["train_gmacs_total"]), fmt_general(row["gpu_hours"]), fmt_seconds(row["wall_s"])]
@@ -127,8 +145,10 @@ def leaderboard_markdown(benchmark: str, rows: Sequence[dict[str, Any]], metrics
     current, stale = split_stale(rows)
     lines = [f"# Leaderboard: {benchmark}", ""]
     if current:
-        lines += [f"{arch} on task {task}. Mean ± std over seeds (sample std); **bold** is the best value within a "
-                  "protocol; ↓ lower is better, ↑ higher is better. Rows evaluated under different protocols are "
+        lines += [f"{arch} on task {task}. Mean ± std over seeds (sample std) and, with two seeds or more, the 95% "
+                  "bootstrap interval over seeds in brackets; **bold** is the best value within a protocol (none "
+                  "where every row has the same value); rank =1: tied with the best (the intervals overlap); "
+                  "↓ lower is better, ↑ higher is better. Rows evaluated under different protocols are "
                   "never ranked together: each protocol has its own table. Pareto: on the front of the primary "
                   "metric vs trainable parameters (params) and vs training compute (compute).", ""]
     elif stale:
@@ -143,9 +163,9 @@ def leaderboard_markdown(benchmark: str, rows: Sequence[dict[str, Any]], metrics
         header.append(f"Pareto ({metric_label(primary) if primary else '–'})")
         body = []
         for row in group:
-            cells = [fmt_metric(row[f"{m}_mean"], row[f"{m}_std"], " ± ") for m in used]
+            cells = metric_cells(row, used, " ± ")
             cells = [f"**{c}**" if row[f"best_{m}"] else c for c, m in zip(cells, used)]
-            body.append(_cells(row) + cells + [pareto_text(row, primary)])
+            body.append(_cells(row, primary) + cells + [pareto_text(row, primary)])
         lines += [f"## Protocol {group[0]['protocol_id']}", "", protocol_summary(group[0]) + ".", ""]
         lines += _md_table(header, body, right_from=4) + [""]
     if stale:
@@ -231,12 +251,13 @@ def leaderboard_latex(benchmark: str, rows: Sequence[dict[str, Any]], metrics: S
         header.append("Pareto")
         body = []
         for row in group:
-            cells = [fmt_metric(row[f"{m}_mean"], row[f"{m}_std"], " $\\pm$ ") for m in used]
+            cells = metric_cells(row, used, " $\\pm$ ")
             cells = [f"\\textbf{{{c}}}" if row[f"best_{m}"] else c for c, m in zip(cells, used)]
-            body.append([latex_escape(c) for c in _cells(row)] + cells + [pareto_text(row, primary)])
+            body.append([latex_escape(c) for c in _cells(row, primary)] + cells + [pareto_text(row, primary)])
         caption = (f"{latex_escape(benchmark)}: {latex_escape(group[0]['arch'])} on {latex_escape(group[0]['task'])}. "
                    f"Protocol {group[0]['protocol_id']}: {latex_escape(protocol_summary(group[0]))}. Mean $\\pm$ std "
-                   f"over seeds; best in bold; Pareto front of {metric_label(primary) if primary else '-'} vs "
+                   "over seeds, 95\\% bootstrap interval over seeds in brackets; best in bold; =1: tied with the "
+                   f"best; Pareto front of {metric_label(primary) if primary else '-'} vs "
                    "trainable parameters (params) and training compute (compute).")
         lines += ["", "\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{caption}}}",
                   f"\\label{{tab:{benchmark}:{group[0]['protocol_id']}}}",

@@ -1,0 +1,26 @@
+"""benchmarks/cpu_utilisation.py: the embedded training step's model FLOP/s against a matmul peak of the same run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from trainrun import REPO
+
+
+def test_the_table_names_a_peak_and_a_utilisation_per_precision(tmp_path):
+    out = tmp_path / "cpu.md"
+    done = subprocess.run([sys.executable, "benchmarks/cpu_utilisation.py", "--batches", "2", "--steps", "1",
+                           "--repeats", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    for precision in ("fp32", "bf16"):
+        peak = re.search(rf"\| matmul peak \| {precision} \| 2048³: ([\d.]+) GFLOP/s", text)
+        step = re.search(rf"\| training step, batch 2 \| {precision} \| ([\d.]+) img/s = ([\d.]+) GFLOP/s \| "
+                         rf"([\d.]+) % \| ([\d.]+) \|", text)
+        assert peak and step, text
+        images, gflops, percent, used_peak = map(float, step.groups())
+        assert images > 0 and 0 < percent <= 100 and used_peak >= float(peak.group(1))
+        assert abs(100 * gflops / used_peak - percent) < 0.1  # utilisation is the model FLOP/s over that peak

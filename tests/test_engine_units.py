@@ -567,3 +567,15 @@ def test_ema_load_rejects_mismatched_state():
         ema.load_state_dict({k: v for k, v in state.items() if k != name})
     with pytest.raises(ValueError, match=name):
         ema.load_state_dict({**state, name: torch.zeros(1)})
+
+
+def test_cosine_decay_follows_the_warm_up_and_ends_at_zero_while_constant_keeps_dits_schedule():
+    from bench.run.engine import lr_factor
+
+    assert [lr_factor(s, 0) for s in (0, 50, 10_000)] == [1.0, 1.0, 1.0]  # DiT: constant
+    assert lr_factor(4, 10) == pytest.approx(0.5)  # linear warm-up, as before
+    cosine = [lr_factor(s, 10, "cosine", 110) for s in (4, 10, 60, 110, 500)]
+    assert cosine[0] == pytest.approx(0.5) and cosine[1] == pytest.approx(1.0)
+    assert cosine[2] == pytest.approx(0.5) and cosine[3] == pytest.approx(0.0) and cosine[4] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="optim.decay must be constant or cosine"):
+        OptimConfig(decay="linear")

@@ -544,3 +544,29 @@ def test_a_column_where_every_row_has_the_same_value_has_no_best():
     assert not any(r["best_fid"] or r["tied_fid"] for r in rows)
     differing = rank_protocol_group(_group({"a": [0.0], "b": [1.0]}), ["fid"], {"fid": False})
     assert [r["best_fid"] for r in differing] == [True, False]
+
+
+def _run(method: str, seed: int, fid: float, n_samples: int = 256) -> dict:
+    protocol = {k: None for k in PROTOCOL_KEYS} | {"reference_id": "prepare--t", "n_samples": n_samples}
+    return {"benchmark": "b", "task": "t", "arch": "a", "protocol_id": "p", **protocol, "method": method,
+            "family": "f", "variant": "default", "seed": seed, "run_id": f"{method}{seed}", "stale": "",
+            **{k: None for k in AGG_COSTS}, "fid": fid}
+
+
+def test_each_protocol_group_ends_with_its_unranked_floor_row_from_the_reference():
+    from bench.report.leaderboard import FLOOR_METHOD, RecordIndex, aggregate
+
+    floor = {"n_samples": 256, "metrics": {"fid": {"value": 2.5, "higher_is_better": False}},
+             "sample_intervals": {"fid": [2.0, 3.1]}}
+    prepare = {"run_info": {"job_id": "prepare--t", "run_id": None, "step": "prepare", "depends_on": []},
+               "extra": {"floor": floor}}
+    runs = [_run("a", s, v) for s, v in enumerate([10.0, 11.0, 12.0])] + [_run("b", 0, 30.0)]
+    rows = aggregate(runs, {"fid": False}, RecordIndex([prepare]))["b"]
+    assert [r["method"] for r in rows] == ["a", "b", FLOOR_METHOD]
+    last = rows[-1]
+    assert last["rank"] is None and not last["best_fid"] and last["family"] == "floor"
+    assert (last["fid_mean"], last["fid_ci_low"], last["fid_ci_high"]) == (2.5, 2.0, 3.1)
+    assert rows[0]["best_fid"] and rows[0]["rank"] == 1  # the floor never takes the best marker from a method
+    # a floor made for another sample count is not this protocol's floor
+    other = aggregate([_run("a", 0, 10.0, n_samples=512)], {"fid": False}, RecordIndex([prepare]))["b"]
+    assert [r["method"] for r in other] == ["a"]

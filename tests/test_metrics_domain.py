@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from bench.data.synthetic import SyntheticImages
+from bench.metrics import domain_eval
 from bench.metrics.domain_eval import build_domain_reference, evaluate_domain
 from bench.metrics.networks import domain as dm
 from bench.metrics.sample_io import write_samples_npz
@@ -344,3 +345,71 @@ def test_warm_cache_entry_point(extractor, capsys, tmp_path):
     assert shown["name"] == extractor.name and shown["sha256"] == extractor.sha256
     with pytest.raises(FileNotFoundError, match="not cached"):
         dm.main(["--cache-dir", str(tmp_path), "--no-train"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Class-conditional accuracy and intervals over samples
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_class_hits_restricts_the_logits_to_the_tasks_classes():
+    # three extractor classes; the task uses extractor classes 2 and 0 as its labels 0 and 1
+    logits = np.array([[0.0, 9.0, 1.0],    # class 1 is outside the task: label 0 (class 2) beats label 1 (class 0)
+                       [3.0, 0.0, 1.0],    # class 0 -> label 1
+                       [0.0, 0.0, 5.0]])   # class 2 -> label 0
+    hits = domain_eval.class_hits(logits, np.array([0, 1, 1]), [2, 0])
+    assert hits.tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="labels must lie"):
+        domain_eval.class_hits(logits, np.array([0, 2, 1]), [2, 0])
+    with pytest.raises(ValueError, match="one label per image"):
+        domain_eval.class_hits(logits, np.array([0, 1]), [2, 0])
+
+
+def test_class_accuracy_of_real_samples_matches_the_references_ceiling_and_shuffled_labels_fall_to_chance(
+        extractor, tmp_path):
+    classes = [3, 17, 40, 58]
+    ref = SyntheticImages(classes, image_size=SIZE, per_class=32, first_index=100)
+    build_domain_reference(ref.images_uint8(), tmp_path / "ref.npz", extractor, labels=ref.labels, class_ids=classes)
+    held = SyntheticImages(classes, image_size=SIZE, per_class=64, first_index=300)
+    scores = {}
+    for name, labels in (("true", held.labels), ("shuffled", np.random.default_rng(0).permutation(held.labels))):
+        path = tmp_path / name / "samples.npz"
+        path.parent.mkdir()
+        write_samples_npz(path, [held.images_uint8()], len(held))
+        np.save(path.parent / "labels.npy", labels)  # where the sampler writes them
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores[name] = evaluate_domain(path, tmp_path / "ref.npz", extractor, protocol=dict(SAMPLING))
+    true, shuffled = scores["true"], scores["shuffled"]
+    assert true["class_acc_real"] > 0.85  # 4 easy classes
+    assert abs(true["class_acc"] - true["class_acc_real"]) < 0.1
+    assert shuffled["class_acc"] < 0.45  # chance is 0.25
+    assert true["metrics"]["class_acc"]["higher_is_better"] is True
+    for record in (true, shuffled):
+        low, high = record["sample_intervals"]["class_acc"]
+        assert low <= record["class_acc"] <= high
+    low, high = shuffled["sample_intervals"]["class_acc"]
+    assert high - low > 0.05  # 256 samples at about 25 %: a few points either side
+    fid_low, fid_high = true["sample_intervals"]["fid"]
+    assert fid_low < fid_high
+
+
+def test_no_class_accuracy_without_labels_or_class_ids(scored):
+    record = scored["records"]["heldout"]  # a reference without class ids, samples without labels
+    assert "class_acc" not in record["metrics"] and record["class_acc_real"] is None
+    assert set(record["sample_intervals"]) >= {"fid", "method", "level"}
+
+
+def test_sample_intervals_are_seeded_and_narrow_with_more_samples(extractor):
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(400, 8))
+    mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    widths = []
+    for n in (50, 800):
+        feats = rng.normal(size=(n, 8))
+        hits = rng.random(n) < 0.7
+        a = domain_eval.sample_intervals(feats, hits, mu, sigma, n_boot=100)
+        assert a == domain_eval.sample_intervals(feats, hits, mu, sigma, n_boot=100)
+        assert a["class_acc"][0] < hits.mean() < a["class_acc"][1]
+        widths.append(a["class_acc"][1] - a["class_acc"][0])
+    assert widths[1] < widths[0] / 2

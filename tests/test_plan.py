@@ -50,8 +50,13 @@ def test_sampling_protocol_changes_sample_and_evaluate_ids_only(tmp_path):
     changed = make_plan(load_suite(write_suite(tmp_path, SUITE.replace("num_samples = 8", "num_samples = 16"),
                                                "c.toml")))
     kept = set(base.jobs) & set(changed.jobs)
+    # the sample count is also the floor's (held-out real images scored at the same count by the prepare job)
+    assert {base.jobs[j].step for j in set(base.jobs) - kept} == {"prepare", "sample", "evaluate", "aggregate"}
+    assert {j.step for j in base.jobs.values() if j.job_id in kept} == {"pretrain", "train"}
+    guided_text = SUITE.replace("num_samples = 8", "num_samples = 8\ncfg_scale = 2.0")
+    guided = make_plan(load_suite(write_suite(tmp_path, guided_text, "g.toml")))
+    kept = set(base.jobs) & set(guided.jobs)
     assert {base.jobs[j].step for j in set(base.jobs) - kept} == {"sample", "evaluate", "aggregate"}
-    assert {j.step for j in base.jobs.values() if j.job_id in kept} == {"prepare", "pretrain", "train"}
 
 
 INCEPTION = SUITE.replace('extractor = "synthetic"', 'extractor = "inception"\nreference = "/refs/shared.npz"')
@@ -548,3 +553,18 @@ def test_a_bad_ancestry_evaluate_setting_is_one_line(tmp_path, value, message):
     text = SUITE.replace('[ancestries.dense]', f'[ancestries.dense]\nevaluate = {value}', 1)
     with pytest.raises(SuiteError, match=message):
         build_plan(write_suite(tmp_path, text), [])
+
+
+def test_a_shared_ancestry_seed_trains_each_ancestry_once_and_every_seed_samples_with_its_own_noise(tmp_path):
+    three = SUITE.replace("seeds = [0]", "seeds = [0, 1, 2]")
+    per_seed = make_plan(load_suite(write_suite(tmp_path, three, "per-seed.toml")))
+    assert len(per_seed.by_step("pretrain")) == 3
+    shared = make_plan(load_suite(write_suite(tmp_path, "ancestry_seed = 0\n" + three, "shared.toml")))
+    (ancestry,) = shared.by_step("pretrain")
+    assert all(job.deps == (ancestry.job_id,) for job in shared.by_step("train") if job.info["ancestry_job"])
+    assert len(shared.by_step("train")) == 18  # 3 methods x 2 tasks x 3 seeds
+    seeds = {(job.info["method"], job.info["task"], job.info["seed"]): job.info["sample"]["seed"]
+             for job in shared.by_step("sample")}
+    assert {seeds[("full", "novel-a", s)] for s in (0, 1, 2)} == {0, 1, 2}
+    with pytest.raises(SuiteError, match="ancestry_seed must be an integer"):
+        load_suite(write_suite(tmp_path, 'ancestry_seed = "zero"\n' + three, "bad.toml"))

@@ -147,6 +147,8 @@ class OptimConfig:
     """Gradient-norm clip; 0 disables (DiT never clipped). Always written explicitly into the DeepSpeed config."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps (DiT: none)."""
+    decay: str = "constant"
+    """After the warm-up: ``constant`` (DiT) or ``cosine`` (half cosine to 0 at ``schedule.steps``)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # TOML gives lists
@@ -155,6 +157,7 @@ class OptimConfig:
                "optim.betas must be two numbers in [0, 1)")
         _check(self.grad_clip >= 0 and self.weight_decay >= 0 and self.warmup_steps >= 0,
                "optim.grad_clip, optim.weight_decay and optim.warmup_steps must be >= 0")
+        _check(self.decay in {"constant", "cosine"}, f"optim.decay must be constant or cosine, got {self.decay!r}")
 
 
 @dataclass

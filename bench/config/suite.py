@@ -4,7 +4,9 @@ A suite file only *overrides* the config defaults (``bench/config/schema.py``); 
 ``bench/suites/``, and a path to any other file works too. Layout::
 
     name = "tiny"
-    seeds = [0]
+    seeds = [0]                                 # every downstream run (training and sampling) at each seed
+    ancestry_seed = 0                           # optional: ancestries once, at this seed, shared by every seed's
+                                                # runs (as a paper pre-trains once); absent: one ancestry per seed
     archs = ["DiT-T/2"]                         # model sizes; every run is made at each
     [defaults]                                  # config overrides for every training run (nested tables)
     [protocol.sample]  [protocol.eval]          # how every trained model is sampled and scored
@@ -99,6 +101,8 @@ class Suite:
     methods: list[MethodSpec]
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    ancestry_seed: int | None = None
+    """Set: every ancestry trains once at this seed and all seeds' downstream runs share it; None: per seed."""
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -147,8 +151,8 @@ def load_suite(name_or_path: str) -> Suite:
     except tomllib.TOMLDecodeError as err:
         raise SuiteError(f"suite {path} is not valid TOML: {err}") from None
     where = f"suite {path.name}"
-    _known(data, {"name", "description", "seeds", "archs", "defaults", "protocol", "ancestries", "tasks", "methods"},
-           where)
+    _known(data, {"name", "description", "seeds", "ancestry_seed", "archs", "defaults", "protocol", "ancestries",
+                  "tasks", "methods"}, where)
     protocol = _table(data, "protocol", where)
     _known(protocol, {"sample", "eval"}, f"{where} [protocol]")
     ancestries = {}
@@ -185,6 +189,9 @@ def load_suite(name_or_path: str) -> Suite:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
                                                            for x in seeds):
         raise SuiteError(f"{where}: seeds must be a non-empty list of integers, e.g. seeds = [0, 1, 2]; got {seeds!r}")
+    ancestry_seed = data.get("ancestry_seed")
+    if ancestry_seed is not None and (not isinstance(ancestry_seed, int) or isinstance(ancestry_seed, bool)):
+        raise SuiteError(f"{where}: ancestry_seed must be an integer, e.g. ancestry_seed = 0; got {ancestry_seed!r}")
     if not isinstance(archs, list) or not archs or not all(isinstance(x, str) for x in archs):
         raise SuiteError(f"{where}: archs must be a non-empty list of DiT names, e.g. archs = [\"DiT-B/2\"]; "
                          f"got {archs!r}")
@@ -194,7 +201,7 @@ def load_suite(name_or_path: str) -> Suite:
                   sample=protocol_section(SampleConfig, _table(protocol, "sample", where), "sample", where),
                   eval=protocol_section(EvalConfig, _table(protocol, "eval", where), "eval", where),
                   ancestries=ancestries, tasks=tasks, methods=methods,
-                  source=str(path), raw=data)
+                  source=str(path), raw=data, ancestry_seed=ancestry_seed)
     validate_suite(suite)
     return suite
 

@@ -14,7 +14,7 @@ class MetricInfo:
     name: str
     higher_is_better: bool
     needs: str
-    """Feature network: ``inception`` (TF-2015 graph semantics) or ``dinov2``."""
+    """Feature network: ``inception`` (TF-2015 graph semantics), ``dinov2`` or ``domain`` (the embedded suite's)."""
     description: str
 
 
@@ -27,11 +27,13 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("fdd", False, "dinov2", "Fréchet distance in DINOv2 ViT-L/14 CLS space (dgm-eval preprocessing)"),
     MetricInfo("clean_fid", False, "inception", "clean-fid 'clean' mode FID (not comparable with ADM FID)"),
     MetricInfo("kid", False, "inception", "clean-fid kernel inception distance"),
+    MetricInfo("class_acc", True, "domain", "share of samples the domain classifier assigns to their own class"),
 )}
 
 #: display names (report headers, record labels)
 LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall", "fdd": "FDD",
-          "clean_fid": "clean-FID", "kid": "KID"}
+          "clean_fid": "clean-FID", "kid": "KID",
+          "class_acc": "Class acc"}
 
 
 def metric_label(name: str, n: int | None = None) -> str:

@@ -12,6 +12,16 @@ real side of precision/recall (all of them, or a seeded subset of ``max_pr_featu
 (extractor name, weights sha256 and accuracy, input rule, image size, N, the images' sha256 and the caller's
 description of the source).
 
+Class-conditional accuracy (``class_acc``): where the reference names the task's classes in the extractor's label
+space (``class_ids``) and the samples carry their labels (``labels.npy`` beside ``samples.npz``, or a ``labels``
+member), the share of samples whose extractor logits, restricted to the task's classes, peak at the class they were
+generated for. The reference stores the same accuracy on its own held-out real images (``class_acc_real``, the
+ceiling a generator can reach under this classifier).
+
+Sample intervals (``sample_intervals``): a 95% percentile bootstrap over the samples (seeded, ``N_BOOTSTRAP``
+resamples) of FID and class accuracy, the uncertainty that comes from drawing a finite number of samples (the
+leaderboard's seed interval is the other part).
+
 Protocol choices: Fréchet distance with the project's float64 Cholesky/eigh route; IS with ADM's contiguous
 5000-sample splits, which is one split over all samples whenever N <= 5000 (the record says so in
 ``protocol.is_note``); precision/recall with k = 3 and fp32 distances.
@@ -48,6 +58,8 @@ MAX_PR_FEATURES = 10_000
 MIN_PR_FEATURES = 4  # k = 3 neighbours besides the point itself
 PR_SUBSET_SEED = 0
 METRIC_NAMES = ("fid", "is", "precision", "recall")
+N_BOOTSTRAP = 200
+BOOTSTRAP_SEED = 0
 # Protocol fields evaluate_domain fills itself; a caller passing one of them is a bug, not an override.
 _OWN_PROTOCOL_KEYS = ("n_samples", "extractor", "extractor_sha256", "reference_id", "reference_sha256", "resize")
 
@@ -68,27 +80,41 @@ def _pr_subset(n: int, cap: int) -> tuple[np.ndarray, str]:
 
 def build_domain_reference(images_uint8: np.ndarray, out_path: str | os.PathLike, extractor: DomainExtractor, *,
                            meta: dict | None = None, max_pr_features: int = MAX_PR_FEATURES,
-                           batch_size: int = 256) -> dict:
+                           batch_size: int = 256, labels: np.ndarray | None = None,
+                           class_ids: list[int] | None = None) -> dict:
     """Reference statistics of real ``images_uint8`` (uint8 NHWC) in the extractor's space, written to ``out_path``.
 
     ``meta`` describes the source (task, split, domain, generator seed, first index ...) and goes into the
     provenance; ``meta['reference_id']`` names the reference, otherwise the id is derived from the images' sha256
     (so rebuilding the same images gives the same id). Returns path, sha256 of the file, reference_id, n, n_pr,
     image_size, feature_dim, extractor name and sha256, and the stored provenance.
+
+    ``class_ids`` (the extractor's class of each task label) with ``labels`` (the task label of each image) make
+    the reference able to score class-conditional accuracy: both are stored, with the extractor's accuracy on these
+    real images (``class_acc_real``).
     """
+    if (labels is None) != (class_ids is None):
+        raise ValueError("labels and class_ids come together: the task label of each image and the extractor class "
+                         "of each task label")
     validate_images(images_uint8, where="reference images")
     if len(images_uint8) < 2:
         raise ValueError(f"a reference needs at least 2 images for a covariance, got {len(images_uint8)}")
     if max_pr_features < MIN_PR_FEATURES:
         raise ValueError(f"max_pr_features must be at least {MIN_PR_FEATURES}, got {max_pr_features}")
     meta = dict(meta or {})
-    parts = []  # in batch_size chunks, which are the extractor's own batches: the same features as one call
+    parts, logits = [], []  # in batch_size chunks (the extractor's own batches): the same features as one call
     shown = len(images_uint8) if D.rank_and_world()[0] == 0 else 0  # every rank runs it: rank 0 shows the bar
     with progress_bar(shown, f"features: reference {Path(out_path).name}") as advance:
         for start in range(0, len(images_uint8), max(batch_size, 1)):  # batch_size < 1: the extractor says so
-            parts.append(extractor.features(images_uint8[start:start + batch_size], batch_size=batch_size)[0])
-            advance(len(parts[-1]))
+            feats_part, logits_part = extractor.features(images_uint8[start:start + batch_size], batch_size=batch_size)
+            parts.append(feats_part)
+            logits.append(logits_part)
+            advance(len(feats_part))
     feats = np.concatenate(parts)
+    classes = {}
+    if class_ids is not None:
+        classes = {"class_ids": [int(c) for c in class_ids],
+                   "class_acc_real": float(class_hits(np.concatenate(logits), labels, class_ids).mean())}
     if len(feats) <= extractor.feature_dim:
         warnings.warn(f"reference of {len(feats)} images in a {extractor.feature_dim}-d space: the covariance is "
                       "rank-deficient and FID is unstable (pitfall P6)")
@@ -100,12 +126,47 @@ def build_domain_reference(images_uint8: np.ndarray, out_path: str | os.PathLike
         "extractor_heldout_accuracy": extractor.accuracy, "feature_dim": extractor.feature_dim,
         "resize": extractor.resize_rule, "working_size": extractor.working_size,
         "image_size": int(images_uint8.shape[1]), "n_images": int(len(images_uint8)), "n_pr": int(len(keep)),
-        "pr_subset": subset, "images_sha256": images_sha, "source": meta,
+        "pr_subset": subset, "images_sha256": images_sha, "source": meta, **classes,
     }
     digest = save_reference(out_path, {SPACE: moments_of(feats)}, provenance, ref_pool=feats[keep])
     return {"path": str(Path(out_path)), "sha256": digest, "reference_id": reference_id, "n": int(len(feats)),
             "n_pr": int(len(keep)), "image_size": provenance["image_size"], "feature_dim": extractor.feature_dim,
             "extractor": extractor.name, "extractor_sha256": extractor.sha256, "provenance": provenance}
+
+
+def class_hits(logits: np.ndarray, labels: np.ndarray, class_ids: list[int]) -> np.ndarray:
+    """Per image, whether the extractor's logits restricted to the task's classes (``class_ids[label]`` is the
+    extractor class of task label ``label``) peak at the image's own label."""
+    labels = np.asarray(labels)
+    if labels.shape != (len(logits),):
+        raise ValueError(f"need one label per image: {len(logits)} images, labels of shape {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_ids)):
+        raise ValueError(f"labels must lie in [0, {len(class_ids)}) (the task's classes), got "
+                         f"[{labels.min()}, {labels.max()}]")
+    if max(class_ids, default=-1) >= logits.shape[1] or min(class_ids, default=0) < 0:
+        raise ValueError(f"class ids {class_ids} outside the extractor's {logits.shape[1]} classes")
+    return logits[:, class_ids].argmax(axis=1) == labels
+
+
+def sample_intervals(feats: np.ndarray, hits: np.ndarray | None, ref_mu: np.ndarray, ref_sigma: np.ndarray,
+                     n_boot: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
+    """95% percentile-bootstrap intervals over the samples of FID (and of class accuracy when ``hits`` is given):
+    resample the N samples with replacement ``n_boot`` times (one seeded stream), recompute, take the 2.5 and 97.5
+    percentiles. The reference statistics stay fixed: this is the noise of a finite sample, not of the reference."""
+    rng = np.random.default_rng(seed)
+    n = len(feats)
+    fids, accs = [], []
+    for _ in range(n_boot):
+        rows = rng.integers(0, n, n)
+        m = moments_of(feats[rows])
+        fids.append(frechet_distance(m.mu, m.sigma, ref_mu, ref_sigma).value)
+        if hits is not None:
+            accs.append(hits[rows].mean())
+    out = {"method": f"percentile bootstrap over samples, {n_boot} resamples, seed {seed}", "level": 0.95,
+           "fid": [float(np.percentile(fids, 2.5)), float(np.percentile(fids, 97.5))]}
+    if hits is not None:
+        out["class_acc"] = [float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -131,6 +192,11 @@ def _sample_labels(path: Path, n: int) -> np.ndarray | None:
     """Class labels stored next to ``arr_0`` (``labels``, ``y`` or ``arr_1``), if any."""
     if path.is_dir():
         return None
+    beside = path.parent / "labels.npy"  # where the sampler writes them
+    if beside.is_file():
+        labels = np.load(beside)
+        if labels.ndim == 1 and len(labels) >= n:
+            return np.asarray(labels[:n])
     with np.load(path) as data:
         for key in ("labels", "y", "arr_1"):
             if key in data.files and data[key].ndim == 1 and len(data[key]) >= n:
@@ -200,17 +266,24 @@ def evaluate_domain(samples_npz: str | os.PathLike, ref_path: str | os.PathLike,
     fd = frechet_distance(sample_m.mu, sample_m.sigma, ref_m.mu, ref_m.sigma, sigma_eigs=True)
     is_proto = _is_protocol(n, is_split_size, is_shuffle_seed)
     # The class-order check (pitfall P10) matters only when there are several splits: one split ignores order.
-    labels = _sample_labels(samples_npz, n) if is_proto["is_num_splits"] > 1 else None
-    is_ = inception_score(logits, split_size=is_split_size, shuffle_seed=is_shuffle_seed, labels=labels)
+    labels = _sample_labels(samples_npz, n)
+    is_ = inception_score(logits, split_size=is_split_size, shuffle_seed=is_shuffle_seed,
+                          labels=labels if is_proto["is_num_splits"] > 1 else None)
     pr = precision_recall(ref.ref_pool, feats, pr_k)
     values = {"fid": fd.value, "is": is_.value, "precision": pr.precision, "recall": pr.recall}
+    class_ids = ref.provenance.get("class_ids")
+    hits = class_hits(logits, labels, class_ids) if class_ids is not None and labels is not None else None
+    names = METRIC_NAMES
+    if hits is not None:
+        values["class_acc"] = float(hits.mean())
+        names = (*METRIC_NAMES, "class_acc")
     _, world = D.rank_and_world()
 
     record = {
         "schema": SCHEMA,
         "created_at": utc_now(),
         "metrics": {name: {"value": float(values[name]), "higher_is_better": METRICS[name].higher_is_better,
-                           "label": metric_label(name, n)} for name in METRIC_NAMES},
+                           "label": metric_label(name, n)} for name in names},
         "protocol": {
             "n_samples": n, "extractor": extractor.name, "extractor_sha256": extractor.sha256,
             "reference_id": ref.provenance.get("reference_id", ref.path.stem), "reference_sha256": ref.sha256,
@@ -224,7 +297,9 @@ def evaluate_domain(samples_npz: str | os.PathLike, ref_path: str | os.PathLike,
         **values,
         "is_splits": list(is_.splits), "is_std": is_.std,
         "n_samples": n,
-        "metric_names": {name: metric_label(name, n) for name in METRIC_NAMES},
+        "metric_names": {name: metric_label(name, n) for name in names},
+        "class_acc_real": ref.provenance.get("class_acc_real"),
+        "sample_intervals": sample_intervals(feats, hits, ref_m.mu, ref_m.sigma),
         "counts": {"precision": pr.n_precision, "recall": pr.n_recall, "real": pr.n_real, "fake": pr.n_fake},
         "samples": {"path": str(samples_npz.resolve()), "n_in_file": shape[0], "shape": shape[1:],
                     "sha256": file_sha256(samples_npz) if samples_npz.is_file() else None},

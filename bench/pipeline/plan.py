@@ -104,8 +104,10 @@ def make_plan(suite: Suite, overrides: dict[str, Any] | None = None,
     evaluations = []
     for seed in suite.seeds:
         for arch in suite.archs:
-            ancestry_jobs = _pretrain_jobs(suite, seed, arch, final, add)
-            evaluations += _ancestry_evaluations(suite, ancestry_jobs, add)
+            ancestry_seed = seed if suite.ancestry_seed is None else suite.ancestry_seed
+            ancestry_jobs = _pretrain_jobs(suite, ancestry_seed, arch, final, add)
+            if suite.ancestry_seed is None or seed == suite.seeds[0]:  # a shared ancestry is scored once
+                evaluations += _ancestry_evaluations(suite, ancestry_jobs, add)
             for spec in suite.methods:
                 for task_name in spec.tasks:
                     task = suite.tasks[task_name]
@@ -293,6 +295,8 @@ def _prepare_job(suite: Suite, cfg: RunConfig, task: str, protocol: EvalConfig |
     data = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("num_workers",)}
     payload = {"data": data, "eval": protocol.to_dict(), "in_channels": cfg.model.in_channels,
                "extractor_id": _extractor_id(protocol.extractor)}
+    if protocol.extractor == "synthetic":  # the floor row: real held-out images at the samples' count
+        payload["floor_samples"] = suite.sample.num_samples
     job_id = f"prepare--{task}--{data['image_size']}px--{short_hash(payload)}"
     return Job(job_id, "prepare", (), None, None, {"suite": suite.name, "task": task, **payload})
 
@@ -312,6 +316,9 @@ def _sample_and_evaluate(suite: Suite, cfg: RunConfig, train: Job, prepare: Job,
     """The sample job (its own settings: the suite's sampling protocol) and the evaluate job (the metric protocol:
     the task's, ``protocol``, default the suite's)."""
     sample_cfg = suite.sample.to_dict()
+    # each seed's samples are drawn with their own noise: the sampling seed moves with the run's seed (seed 0 keeps
+    # the protocol's), so the seed spread holds both sources of variance
+    sample_cfg["seed"] = suite.sample.seed + int(labels["seed"])
     sample = add(Job(f"{train.run_id}--sample-{short_hash(sample_cfg)}", "sample", (train.job_id,), train.run_id,
                      train.config, {"suite": suite.name, **labels, "sample": sample_cfg}))
     eval_cfg = (protocol or suite.eval).to_dict()

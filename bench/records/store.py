@@ -131,6 +131,8 @@ class EvalProtocol(TypedDict):
 class EvalInfo(TypedDict):
     metrics: dict[str, MetricValue]  # "fid", "sfid", "is", "precision", "recall", "fdd", ...
     protocol: EvalProtocol  # rows are ranked together only if their protocols are equal
+    # optional (embedded protocol): sample_intervals {metric: [low, high], method, level} (bootstrap over samples)
+    # and class_acc_real (the domain classifier's accuracy on the reference's real images)
 
 
 class Record(TypedDict, total=False):

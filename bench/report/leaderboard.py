@@ -55,7 +55,9 @@ from bench.report import tables
 from bench.report.intervals import bootstrap_interval, competition_ranks, overlaps
 
 #: metrics in display order; unknown metrics follow alphabetically
-METRIC_ORDER = ("fid", "sfid", "is", "precision", "recall", "fdd")
+METRIC_ORDER = ("fid", "sfid", "is", "precision", "recall", "fdd", "class_acc")
+FLOOR_METHOD = "real images"
+"""The floor row's method: held-out real images scored like samples (``bench.pipeline.steps.prepare``)."""
 PROTOCOL_KEYS = tuple(EvalProtocol.__annotations__)
 IDENTITY_COLUMNS = ("benchmark", "task", "arch", "protocol_id") + PROTOCOL_KEYS
 COST_COLUMNS = ("params_trainable", "params_total", "params_inherited", "params_new", "stored_bytes",
@@ -326,9 +328,34 @@ def _rank_current(rows: list[dict[str, Any]], metrics: list[str], directions: di
     return ranked
 
 
-def aggregate(runs: list[dict[str, Any]], directions: dict[str, bool]) -> dict[str, list[dict[str, Any]]]:
+def floor_row(run: dict[str, Any], index: RecordIndex, metrics: list[str]) -> dict[str, Any] | None:
+    """The floor of ``run``'s protocol group: the metrics of held-out real images, as many as the samples, against
+    the same reference (its prepare record's ``extra.floor``); None where the reference has none (ADM protocol)
+    or was made for another sample count."""
+    prepare = index.by_job.get(run["reference_id"])
+    floor = ((prepare or {}).get("extra") or {}).get("floor")
+    if not floor or int(floor["n_samples"]) != int(run["n_samples"]):
+        return None
+    row = {key: run[key] for key in IDENTITY_COLUMNS}
+    row.update(dict.fromkeys(AGG_COSTS), rank=None, method=FLOOR_METHOD, family="floor", variant="held-out",
+               n_seeds=0, seeds="", run_ids="", stale="")
+    intervals = floor.get("sample_intervals") or {}
+    for name in metrics:
+        value = floor["metrics"].get(name, {}).get("value")
+        low, high = intervals.get(name) or (None, None)
+        row.update({f"{name}_mean": value, f"{name}_std": None, f"{name}_ci_low": low, f"{name}_ci_high": high,
+                    f"{name}_higher_is_better": floor["metrics"].get(name, {}).get("higher_is_better"),
+                    f"best_{name}": False, f"tied_{name}": False})
+        row.update({f"pareto_{name}_vs_{axis}": False for axis in PARETO_AXES})
+    return row
+
+
+def aggregate(runs: list[dict[str, Any]], directions: dict[str, bool],
+              index: RecordIndex | None = None) -> dict[str, list[dict[str, Any]]]:
     """benchmark -> leaderboard rows, grouped by protocol (in protocol_id order) and ranked within each; stale
-    runs are aggregated apart from current runs of the same method and variant, and follow the ranked rows."""
+    runs are aggregated apart from current runs of the same method and variant, and follow the ranked rows. With
+    ``index`` each protocol group ends with its floor row where its reference scored one (``floor_row``); it is
+    never ranked."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         groups[(run["benchmark"], run["protocol_id"], run["method"], run["variant"], bool(run.get("stale")))].append(
@@ -338,8 +365,12 @@ def aggregate(runs: list[dict[str, Any]], directions: dict[str, bool]) -> dict[s
     for (benchmark, pid, _, _, _), members in sorted(groups.items()):
         by_protocol[(benchmark, pid)].append(aggregate_group(members, metrics))
     boards: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for (benchmark, _), rows in sorted(by_protocol.items()):
+    first_run = {(run["benchmark"], run["protocol_id"]): run for run in runs}
+    for (benchmark, pid), rows in sorted(by_protocol.items()):
         boards[benchmark].extend(rank_protocol_group(rows, metrics, directions))
+        floor = floor_row(first_run[(benchmark, pid)], index, metrics) if index is not None else None
+        if floor is not None:
+            boards[benchmark].append(floor)
     return boards
 
 
@@ -446,7 +477,7 @@ def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [write_csv(out_dir / "leaderboard_runs.csv", runs, list(RUN_COLUMNS) + metrics)]
-    boards = aggregate(runs, directions)
+    boards = aggregate(runs, directions, index)
     counts = status_counts(records)
     n_stale = stale_counts(evaluations, stale)
     # suite-level jobs (prepare, aggregate) may have no benchmark: counted in status.*, no leaderboard of their own

@@ -168,9 +168,19 @@ def set_log_x(ax, xs: Sequence[float]) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def is_floor(row: dict[str, str]) -> bool:
+    """The leaderboard's floor row (held-out real images), which has no training cost and is never ranked."""
+    return row.get("family") == "floor"
+
+
 def pareto_figure(rows: list[dict[str, str]], axis: str, styles: dict[str, dict[str, Any]]) -> Figure | None:
-    """One panel per metric: mean ± std vs the axis' cost, log x, and the flagged front as a dashed staircase."""
+    """One panel per metric: mean ± std vs the axis' cost, log x, the flagged front as a dashed staircase and the
+    floor (held-out real images) as a dotted horizontal line."""
     column, xlabel = AXES[axis]
+    floor = next((row for row in rows if is_floor(row)), None)
+    rows = [row for row in rows if not is_floor(row)]
+    if not rows:
+        return None
     metrics = metrics_in(rows)
     usable = [row for row in rows if (number(row[column]) or 0) > 0]
     if len(usable) < len(rows):
@@ -194,13 +204,16 @@ def pareto_figure(rows: list[dict[str, str]], axis: str, styles: dict[str, dict[
         if front:
             xs, ys = zip(*front)
             ax.step(xs, ys, where="post", linestyle="--", color="0.35", linewidth=1, zorder=0)
+        level = number(floor[f"{name}_mean"]) if floor else None
+        if level is not None:
+            ax.axhline(level, linestyle=":", color="0.2", linewidth=1, label="real images (floor)")
         set_log_x(ax, [number(row[column]) for row in usable])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{metric_label(name)} {'↑' if higher else '↓'}")
     unique = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
     figure.legend([unique[k] for k in sorted(unique)], sorted(unique), loc="center right", title="method")
     figure.suptitle(f"{rows[0]['benchmark']}, protocol {rows[0]['protocol_id']}: {protocol_summary(rows[0])}\n"
-                    f"dashed: Pareto front vs {xlabel}")
+                    f"dashed: Pareto front vs {xlabel}" + ("; dotted: held-out real images" if floor else ""))
     return figure
 
 
@@ -277,7 +290,7 @@ def _emit(figure: Figure | None, stem: Path) -> list[Path]:
 
 
 def plot_benchmark(board: list[dict[str, str]], runs: list[dict[str, str]], base: Path, out: Path) -> list[Path]:
-    styles = styles_for([*board, *runs])
+    styles = styles_for([row for row in [*board, *runs] if not is_floor(row)])
     written = _emit(loss_figure(runs, base, styles), out / "loss_curves") if runs else []
     by_protocol: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in board:

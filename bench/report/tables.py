@@ -150,7 +150,10 @@ def leaderboard_markdown(benchmark: str, rows: Sequence[dict[str, Any]], metrics
                   "where every row has the same value); rank =1: tied with the best (the intervals overlap); "
                   "↓ lower is better, ↑ higher is better. Rows evaluated under different protocols are "
                   "never ranked together: each protocol has its own table. Pareto: on the front of the primary "
-                  "metric vs trainable parameters (params) and vs training compute (compute).", ""]
+                  "metric vs trainable parameters (params) and vs training compute (compute). The row "
+                  "*real images* (family floor, no rank) scores held-out real images exactly as samples are, at the "
+                  "same count: the floor no generator is expected to beat (its interval is over images), and its "
+                  "class accuracy is the classifier's ceiling.", ""]
     elif stale:
         lines += [(f"{arch} on task {task}. No evaluation made by this checkout's code yet: every row is stale "
                    f"(see below). {REFRESH_HINT}"), ""]
@@ -257,7 +260,8 @@ def leaderboard_latex(benchmark: str, rows: Sequence[dict[str, Any]], metrics: S
         caption = (f"{latex_escape(benchmark)}: {latex_escape(group[0]['arch'])} on {latex_escape(group[0]['task'])}. "
                    f"Protocol {group[0]['protocol_id']}: {latex_escape(protocol_summary(group[0]))}. Mean $\\pm$ std "
                    "over seeds, 95\\% bootstrap interval over seeds in brackets; best in bold; =1: tied with the "
-                   f"best; Pareto front of {metric_label(primary) if primary else '-'} vs "
+                   "best; real images: held-out real images scored as samples (the floor, not ranked); "
+                   f"Pareto front of {metric_label(primary) if primary else '-'} vs "
                    "trainable parameters (params) and training compute (compute).")
         lines += ["", "\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{caption}}}",
                   f"\\label{{tab:{benchmark}:{group[0]['protocol_id']}}}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib
+import math
 import os
 import pickle
 import re
@@ -225,10 +226,23 @@ def build_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.o
     return torch.optim.AdamW(param_groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=False)
 
 
-def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the configured lr, then constant (DiT: no warm-up, constant lr)."""
+def lr_factor(step: int, warmup_steps: int, decay: str = "constant", total_steps: int = 0) -> float:
+    """The learning-rate multiplier after ``step`` optimiser steps: linear warm-up over ``warmup_steps``, then
+    constant (DiT) or, with ``decay = "cosine"``, a half cosine from 1 to 0 at ``total_steps`` (short CPU runs:
+    annealing is what lets a few thousand steps settle)."""
+    factor = 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+    if decay == "cosine" and total_steps > warmup_steps:
+        progress = min(1.0, max(0.0, (step - warmup_steps) / (total_steps - warmup_steps)))
+        factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def warmup_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
+                     total_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_factor`` as a scheduler: linear warm-up to the configured lr, then constant (DiT: no warm-up, constant
+    lr) or cosine decay to 0 at ``total_steps`` (``optim.decay``)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps))
+        optimizer, lambda step: lr_factor(step, optim.warmup_steps, optim.decay, total_steps))
 
 
 class TrainEngine:
@@ -289,10 +303,10 @@ class DDPEngine(TrainEngine):
     """torch DDP (a plain module at world size 1), torch AdamW, optional clipping and warm-up."""
 
     def __init__(self, ctx: DistContext, module: nn.Module, groups: list[dict[str, Any]], optim: OptimConfig,
-                 accum: int, precision: str):
+                 accum: int, precision: str, total_steps: int = 0):
         super().__init__(ctx, module.to(ctx.device), accum, precision)
         self.optimizer = build_optimizer(groups, optim)
-        self.scheduler = warmup_scheduler(self.optimizer, optim.warmup_steps)
+        self.scheduler = warmup_scheduler(self.optimizer, optim, total_steps)
         self.grad_clip = optim.grad_clip
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.wrapped: nn.Module = module
@@ -394,7 +408,7 @@ class DeepSpeedEngine(TrainEngine):
         deepspeed.init_distributed(dist_backend=ctx.backend)
         self.ds_config = deepspeed_config(cfg.engine, cfg.optim, cfg.schedule, micro, accum, ctx.world_size)
         optimizer = build_optimizer(groups, cfg.optim)
-        scheduler = warmup_scheduler(optimizer, cfg.optim.warmup_steps)
+        scheduler = warmup_scheduler(optimizer, cfg.optim, cfg.schedule.steps)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                 config=self.ds_config)
@@ -458,4 +472,4 @@ def build_engine(ctx: DistContext, module: nn.Module, groups: list[dict[str, Any
         return DeepSpeedEngine(ctx, module, groups, cfg, micro, accum)
     if cfg.engine.zero_stage:
         raise EngineError("engine.zero_stage > 0 needs engine.backend = deepspeed")
-    return DDPEngine(ctx, module, groups, cfg.optim, accum, cfg.engine.precision)
+    return DDPEngine(ctx, module, groups, cfg.optim, accum, cfg.engine.precision, cfg.schedule.steps)

@@ -50,7 +50,9 @@ def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StepRes
                     **result["protocol"], "cfg_scale": s["cfg_scale"], "sampler": s["scheduler"],
                     "num_steps": s["num_steps"], "clip_denoised": bool(s.get("clip_denoised", False)),
                     "samples_sha256": sample_rec["outputs"]["samples"]["sha256"]}
-    return StepResult({"eval_info": {"metrics": metrics, "protocol": protocol_out}})
+    # the finite-sample noise of each number, and the ceiling class_acc is read against (domain protocol only)
+    extra = {key: result[key] for key in ("sample_intervals", "class_acc_real") if result.get(key) is not None}
+    return StepResult({"eval_info": {"metrics": metrics, "protocol": protocol_out, **extra}})
 
 
 #: ``eval.fdd`` of a suite as the metric evaluator's ``--fdd`` (``true`` must fail when FDD cannot be computed).

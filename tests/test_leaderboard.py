@@ -547,10 +547,17 @@ def test_a_column_where_every_row_has_the_same_value_has_no_best():
 
 
 def _run(method: str, seed: int, fid: float, n_samples: int = 256) -> dict:
-    protocol = {k: None for k in PROTOCOL_KEYS} | {"reference_id": "prepare--t", "n_samples": n_samples}
+    # the reference id is the reference's own (the images' hash), not the prepare job's: the floor is found upstream
+    protocol = {k: None for k in PROTOCOL_KEYS} | {"reference_id": "images-0123", "n_samples": n_samples}
     return {"benchmark": "b", "task": "t", "arch": "a", "protocol_id": "p", **protocol, "method": method,
             "family": "f", "variant": "default", "seed": seed, "run_id": f"{method}{seed}", "stale": "",
-            **{k: None for k in AGG_COSTS}, "fid": fid}
+            "eval_job_id": f"{method}{seed}--evaluate", **{k: None for k in AGG_COSTS}, "fid": fid}
+
+
+def _records(runs: list[dict], prepare: dict) -> list[dict]:
+    evaluations = [{"run_info": {"job_id": r["eval_job_id"], "run_id": r["run_id"], "step": "evaluate",
+                                 "depends_on": [f"{r['run_id']}--sample", "prepare--t"]}} for r in runs]
+    return [prepare, *evaluations]
 
 
 def test_each_protocol_group_ends_with_its_unranked_floor_row_from_the_reference():
@@ -561,12 +568,13 @@ def test_each_protocol_group_ends_with_its_unranked_floor_row_from_the_reference
     prepare = {"run_info": {"job_id": "prepare--t", "run_id": None, "step": "prepare", "depends_on": []},
                "extra": {"floor": floor}}
     runs = [_run("a", s, v) for s, v in enumerate([10.0, 11.0, 12.0])] + [_run("b", 0, 30.0)]
-    rows = aggregate(runs, {"fid": False}, RecordIndex([prepare]))["b"]
+    rows = aggregate(runs, {"fid": False}, RecordIndex(_records(runs, prepare)))["b"]
     assert [r["method"] for r in rows] == ["a", "b", FLOOR_METHOD]
     last = rows[-1]
     assert last["rank"] is None and not last["best_fid"] and last["family"] == "floor"
     assert (last["fid_mean"], last["fid_ci_low"], last["fid_ci_high"]) == (2.5, 2.0, 3.1)
     assert rows[0]["best_fid"] and rows[0]["rank"] == 1  # the floor never takes the best marker from a method
     # a floor made for another sample count is not this protocol's floor
-    other = aggregate([_run("a", 0, 10.0, n_samples=512)], {"fid": False}, RecordIndex([prepare]))["b"]
+    other_runs = [_run("a", 0, 10.0, n_samples=512)]
+    other = aggregate(other_runs, {"fid": False}, RecordIndex(_records(other_runs, prepare)))["b"]
     assert [r["method"] for r in other] == ["a"]

@@ -23,6 +23,8 @@ from bench.metrics import domain_eval
 from bench.metrics.domain_eval import build_domain_reference, evaluate_domain
 from bench.metrics.networks import domain as dm
 from bench.metrics.sample_io import write_samples_npz
+from bench.metrics.scores.frechet import frechet_distance
+from bench.metrics.scores.stats import moments_of
 from bench.records.hashing import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -411,5 +413,7 @@ def test_sample_intervals_are_seeded_and_narrow_with_more_samples(extractor):
         a = domain_eval.sample_intervals(feats, hits, mu, sigma, n_boot=100)
         assert a == domain_eval.sample_intervals(feats, hits, mu, sigma, n_boot=100)
         assert a["class_acc"][0] < hits.mean() < a["class_acc"][1]
+        m = moments_of(feats)  # resampled FIDs are biased upward: the interval must still hold the estimate
+        assert a["fid"][0] < frechet_distance(m.mu, m.sigma, mu, sigma).value < a["fid"][1]
         widths.append(a["class_acc"][1] - a["class_acc"][0])
     assert widths[1] < widths[0] / 2

@@ -35,6 +35,12 @@ def test_tiny_suite_end_to_end_and_rerun_is_a_no_op(tmp_path):
         assert expected, benchmark
         for method in expected:  # a method may run on some tasks only (kind_fulltransfer: the domain task)
             assert f",{method}," in csv or csv.startswith(method), (benchmark, method)
+        # every table ends with its floor (held-out real images) and every row has a class accuracy
+        import csv as csv_module
+
+        rows = list(csv_module.DictReader((tmp_path / "results/leaderboard" / benchmark / "leaderboard.csv").open()))
+        assert rows[-1]["method"] == "real images" and rows[-1]["rank"] == "", benchmark
+        assert all(row["class_acc_mean"] != "" for row in rows), benchmark
         assert (tmp_path / "results/plots" / benchmark / "loss_curves.png").stat().st_size > 0
 
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

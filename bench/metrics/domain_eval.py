@@ -150,9 +150,14 @@ def class_hits(logits: np.ndarray, labels: np.ndarray, class_ids: list[int]) -> 
 
 def sample_intervals(feats: np.ndarray, hits: np.ndarray | None, ref_mu: np.ndarray, ref_sigma: np.ndarray,
                      n_boot: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
-    """95% percentile-bootstrap intervals over the samples of FID (and of class accuracy when ``hits`` is given):
-    resample the N samples with replacement ``n_boot`` times (one seeded stream), recompute, take the 2.5 and 97.5
-    percentiles. The reference statistics stay fixed: this is the noise of a finite sample, not of the reference."""
+    """95% bootstrap intervals over the samples of FID (and of class accuracy when ``hits`` is given): resample the
+    N samples with replacement ``n_boot`` times (one seeded stream) and recompute. The reference statistics stay
+    fixed: this is the noise of a finite sample, not of the reference.
+
+    Class accuracy is a mean: its interval is the 2.5 and 97.5 percentiles. FID is not: a resample repeats about a
+    third of its samples, which shrinks the sample covariance's spread and biases every resampled FID upward (held-out
+    real images: 0.91 against resampled FIDs of 1.4-3.2), so its percentile interval can miss the estimate itself.
+    Its interval is the estimate +- 1.96 bootstrap standard deviations instead (the normal bootstrap interval)."""
     rng = np.random.default_rng(seed)
     n = len(feats)
     fids, accs = [], []
@@ -162,8 +167,12 @@ def sample_intervals(feats: np.ndarray, hits: np.ndarray | None, ref_mu: np.ndar
         fids.append(frechet_distance(m.mu, m.sigma, ref_mu, ref_sigma).value)
         if hits is not None:
             accs.append(hits[rows].mean())
-    out = {"method": f"percentile bootstrap over samples, {n_boot} resamples, seed {seed}", "level": 0.95,
-           "fid": [float(np.percentile(fids, 2.5)), float(np.percentile(fids, 97.5))]}
+    sample_m = moments_of(feats)
+    fid = frechet_distance(sample_m.mu, sample_m.sigma, ref_mu, ref_sigma).value
+    spread = 1.96 * float(np.std(fids, ddof=1))
+    out = {"method": f"bootstrap over samples, {n_boot} resamples, seed {seed}: fid normal (estimate +- 1.96 sd), "
+                     "class_acc percentile", "level": 0.95,
+           "fid": [float(fid) - spread, float(fid) + spread]}
     if hits is not None:
         out["class_acc"] = [float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))]
     return out

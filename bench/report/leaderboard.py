@@ -330,9 +330,11 @@ def _rank_current(rows: list[dict[str, Any]], metrics: list[str], directions: di
 
 def floor_row(run: dict[str, Any], index: RecordIndex, metrics: list[str]) -> dict[str, Any] | None:
     """The floor of ``run``'s protocol group: the metrics of held-out real images, as many as the samples, against
-    the same reference (its prepare record's ``extra.floor``); None where the reference has none (ADM protocol)
-    or was made for another sample count."""
-    prepare = index.by_job.get(run["reference_id"])
+    the same reference (``extra.floor`` of the prepare record the run's evaluation depends on); None where the
+    reference has none (ADM protocol) or was made for another sample count."""
+    evaluation = index.by_job.get(run["eval_job_id"])
+    parents = [index.by_job.get(job_id) for job_id in (evaluation or {}).get("run_info", {}).get("depends_on", ())]
+    prepare = next((p for p in parents if p is not None and p["run_info"]["step"] == "prepare"), None)
     floor = ((prepare or {}).get("extra") or {}).get("floor")
     if not floor or int(floor["n_samples"]) != int(run["n_samples"]):
         return None

@@ -95,10 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     scales = [float(c) for c in args.cfg.split(",")]
     order = torch.Generator().manual_seed(args.seed)
     command = "python benchmarks/embedded_recipe.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    if not args.out.exists():
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(TITLE + f"{platform.processor() or platform.machine()}, torch {torch.__version__}; "
-                            "256 samples unless the command says otherwise, DDPM 25 steps, EMA weights.\n\n" + HEADER)
     train_s, rows = 0.0, []
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
@@ -121,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"{acc / ceiling:.2f} | {train_s:.0f} | {step * args.batch / train_s:.0f} | "
                             f"`{command}` |\n")
                 print(rows[-1], end="", flush=True)
+    if not args.out.exists():  # written with the first rows, so an interrupted run leaves no empty table
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(TITLE + f"{platform.processor() or platform.machine()}, torch {torch.__version__}; "
+                            "256 samples unless the command says otherwise, DDPM 25 steps, EMA weights.\n\n" + HEADER)
     with args.out.open("a") as handle:
         handle.writelines(rows)
     if not np.isfinite(loss.item()):

@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.models.accounting import forward_gmacs_for_arch  # noqa: E402
-from bench.models.dit import DIT_FLAVOURS  # noqa: E402
+from bench.models.dit import DIT_FLAVOURS, parse_flavour  # noqa: E402
 
 # Peak dense bf16 tensor-core FLOP/s (vendor datasheets, no sparsity). Matched against torch.cuda.get_device_name.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
@@ -52,7 +52,7 @@ IMPLEMENTATIONS = ("ours", "diffusers")
 
 
 def build_model(impl: str, arch: str, input_size: int, in_channels: int, num_classes: int) -> torch.nn.Module:
-    flavour = DIT_FLAVOURS[arch]
+    flavour = parse_flavour(arch)  # named flavours and their depth/width variants (DiT-T/2-d4)
     if impl == "ours":
         from bench.models.dit import build_dit
 

@@ -24,6 +24,7 @@ from bench.metrics.domain_eval import build_domain_reference, evaluate_domain
 from bench.metrics.networks import domain as dm
 from bench.metrics.sample_io import write_samples_npz
 from bench.metrics.scores.frechet import frechet_distance
+from bench.metrics.scores.precision_recall import precision_hits, precision_recall_bruteforce
 from bench.metrics.scores.stats import moments_of
 from bench.records.hashing import file_sha256
 
@@ -388,8 +389,9 @@ def test_class_accuracy_of_real_samples_matches_the_references_ceiling_and_shuff
     assert shuffled["class_acc"] < 0.45  # chance is 0.25
     assert true["metrics"]["class_acc"]["higher_is_better"] is True
     for record in (true, shuffled):
-        low, high = record["sample_intervals"]["class_acc"]
-        assert low <= record["class_acc"] <= high
+        for name in ("class_acc", "precision"):
+            low, high = record["sample_intervals"][name]
+            assert low <= record[name] <= high
     low, high = shuffled["sample_intervals"]["class_acc"]
     assert high - low > 0.05  # 256 samples at about 25 %: a few points either side
     fid_low, fid_high = true["sample_intervals"]["fid"]
@@ -399,7 +401,7 @@ def test_class_accuracy_of_real_samples_matches_the_references_ceiling_and_shuff
 def test_no_class_accuracy_without_labels_or_class_ids(scored):
     record = scored["records"]["heldout"]  # a reference without class ids, samples without labels
     assert "class_acc" not in record["metrics"] and record["class_acc_real"] is None
-    assert set(record["sample_intervals"]) >= {"fid", "method", "level"}
+    assert set(record["sample_intervals"]) >= {"fid", "precision", "method", "level"}
 
 
 def test_sample_intervals_are_seeded_and_narrow_with_more_samples(extractor):
@@ -410,10 +412,20 @@ def test_sample_intervals_are_seeded_and_narrow_with_more_samples(extractor):
     for n in (50, 800):
         feats = rng.normal(size=(n, 8))
         hits = rng.random(n) < 0.7
-        a = domain_eval.sample_intervals(feats, hits, mu, sigma, n_boot=100)
-        assert a == domain_eval.sample_intervals(feats, hits, mu, sigma, n_boot=100)
+        m = moments_of(feats)
+        fid = frechet_distance(m.mu, m.sigma, mu, sigma).value
+        a = domain_eval.sample_intervals(feats, fid, mu, sigma, {"class_acc": hits}, n_boot=100)
+        assert a == domain_eval.sample_intervals(feats, fid, mu, sigma, {"class_acc": hits}, n_boot=100)
         assert a["class_acc"][0] < hits.mean() < a["class_acc"][1]
-        m = moments_of(feats)  # resampled FIDs are biased upward: the interval must still hold the estimate
-        assert a["fid"][0] < frechet_distance(m.mu, m.sigma, mu, sigma).value < a["fid"][1]
+        assert a["fid"][0] < fid < a["fid"][1]  # resampled FIDs are biased upward: the interval must hold the estimate
         widths.append(a["class_acc"][1] - a["class_acc"][0])
     assert widths[1] < widths[0] / 2
+
+
+def test_precision_hits_are_the_per_sample_terms_of_precision():
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(120, 6)), rng.normal(0.7, 1.0, size=(90, 6))
+    hits = precision_hits(real, fake, 3)
+    assert hits.shape == (90,) and hits.dtype == bool
+    assert 0 < hits.sum() < 90  # a shifted cloud: some samples inside the real manifold, some outside
+    assert hits.mean() == pytest.approx(precision_recall_bruteforce(real, fake, 3)[0])

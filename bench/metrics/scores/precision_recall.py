@@ -186,6 +186,18 @@ def precision_recall(
     )
 
 
+def precision_hits(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, k: int = 3) -> np.ndarray:
+    """Per fake sample, whether it lies inside some real point's k-NN ball: precision is its mean. Single-process
+    (for bootstrap intervals over the samples, which resample these indicators with the real manifold fixed)."""
+    real = _check(torch.as_tensor(real), "real")
+    fake = _check(torch.as_tensor(fake), "fake")
+    with torch.no_grad():
+        real_radii = knn_radii(real, k)
+        fake_radii = torch.zeros(fake.shape[0])  # recall is not wanted here; any radii do
+        hits, _ = cross_membership(fake, real, real_radii, fake_radii)
+    return hits.cpu().numpy()
+
+
 def precision_recall_bruteforce(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """Full-matrix numpy reference (float64 distances, np.partition), for tests and benchmarks only."""
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)

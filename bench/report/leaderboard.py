@@ -8,9 +8,13 @@ Everything here is derived from records only (docs/harness.md §4.2):
   accounting and cost come from the run's training record, found by walking ``depends_on`` upstream (evaluate ->
   sample -> train) and, failing that, by the same ``run_id`` (``train``, else ``pretrain``). The sample grid
   comes from the ``sample`` record found the same way. A missing training record leaves the cost columns empty.
+  ``ancestry_gmacs`` / ``ancestry_wall_s`` add what the run needed before it started: its ancestries' (and their
+  teachers') training, each shared equally among the transfer runs that use it (``bench.report.amortise``), and
+  ``total_gmacs`` is the run's own training compute plus that share; the compute Pareto front is drawn against it.
 * **Aggregate.** Rows with the same (benchmark, protocol, method, variant) are one leaderboard row: metrics as mean,
-  sample std (ddof=1, empty for one seed) and 95% bootstrap interval over seeds (``bench.report.intervals``; empty
-  for one seed), costs as the mean over seeds.
+  sample std over seeds (ddof=1, empty for one seed) and a 95% bootstrap interval over seeds and over each
+  evaluation's samples (``bench.report.intervals.combined_interval``; over seeds alone where evaluations carry no
+  ``sample_intervals``, then empty for one seed), costs as the mean over seeds.
 * **Rank.** By the primary metric's mean within a protocol; rows whose interval overlaps the best row's are tied
   with it (``tied_<metric>``) and share rank 1. The best value of a metric is marked only where the column holds at
   least two different values.
@@ -52,7 +56,8 @@ from typing import Any
 from bench.records.currency import stale_reason
 from bench.records.store import EvalProtocol, MalformedRecordError, Record, RecordStore
 from bench.report import tables
-from bench.report.intervals import bootstrap_interval, competition_ranks, overlaps
+from bench.report.amortise import ANCESTRY_COSTS, amortised_costs, ancestry_users
+from bench.report.intervals import combined_interval, competition_ranks, overlaps, sd_from_interval
 
 #: metrics in display order; unknown metrics follow alphabetically
 METRIC_ORDER = ("fid", "sfid", "is", "precision", "recall", "fdd", "class_acc")
@@ -62,16 +67,17 @@ PROTOCOL_KEYS = tuple(EvalProtocol.__annotations__)
 IDENTITY_COLUMNS = ("benchmark", "task", "arch", "protocol_id") + PROTOCOL_KEYS
 COST_COLUMNS = ("params_trainable", "params_total", "params_inherited", "params_new", "stored_bytes",
                 "gmacs_fwd_trained", "gmacs_fwd_sampled", "train_gmacs_total", "steps", "images_seen", "global_batch",
-                "world_size", "gpu_hours", "wall_s", "peak_mem_gb")
+                "world_size", "gpu_hours", "wall_s", "peak_mem_gb") + ANCESTRY_COSTS
 RUN_COLUMNS = IDENTITY_COLUMNS + ("method", "family", "variant", "seed", "run_id", "eval_job_id", "train_job_id",
                                   "sample_job_id", "config_hash", "git_sha", "git_dirty", "stale") + COST_COLUMNS + (
                                   "final_loss", "loss_curve", "grid_png")
 AGG_HEAD = IDENTITY_COLUMNS + ("rank", "method", "family", "variant", "n_seeds", "seeds", "run_ids", "stale")
 AGG_COSTS = ("params_trainable", "params_total", "trainable_pct", "stored_bytes", "gmacs_fwd_trained",
-             "gmacs_fwd_sampled", "train_gmacs_total", "steps", "images_seen", "gpu_hours", "wall_s", "peak_mem_gb")
+             "gmacs_fwd_sampled", "train_gmacs_total", "steps", "images_seen", "gpu_hours", "wall_s",
+             "peak_mem_gb") + ANCESTRY_COSTS
 INTEGER_COSTS = ("params_trainable", "params_total", "stored_bytes", "steps", "images_seen")
 # x axes of the Pareto fronts: fewer trainable parameters / less training compute is better
-PARETO_AXES = {"params": "params_trainable", "compute": "train_gmacs_total"}
+PARETO_AXES = {"params": "params_trainable", "compute": "total_gmacs"}
 
 
 class LeaderboardWarning(UserWarning):
@@ -153,9 +159,10 @@ def _relative_artefact(path: str | None, store_root: Path, out_dir: Path) -> str
 
 
 def run_row(evaluation: Record, index: RecordIndex, store_root: Path, out_dir: Path,
-            stale: str = "") -> dict[str, Any]:
-    """One seed-run row: identity + protocol + costs (from the training record) + metric values; ``stale`` is
-    why the evaluation is not current ("" when it is)."""
+            stale: str = "", users: Counter | None = None) -> dict[str, Any]:
+    """One seed-run row: identity + protocol + costs (from the training record, plus its ancestries' amortised
+    over ``users``: ``bench.report.amortise``) + metric values; ``stale`` is why the evaluation is not current ("" when
+    it is)."""
     info, protocol = evaluation["run_info"], evaluation["eval_info"]["protocol"]
     train = index.upstream(evaluation, ("train", "pretrain"))  # a run's own training before its ancestry's
     sample = index.upstream(evaluation, ("sample",))
@@ -173,13 +180,16 @@ def run_row(evaluation: Record, index: RecordIndex, store_root: Path, out_dir: P
         row.update({key: t[key] for key in ("steps", "images_seen", "global_batch", "world_size", "gpu_hours",
                                             "wall_s", "peak_mem_gb", "train_gmacs_total", "final_loss")})
         row.update({key: t["accounting"][key] for key in COST_COLUMNS if key in t["accounting"]})
+        row.update(amortised_costs(train, index.by_job, users or Counter()))
         row.update(train_job_id=train["run_info"]["job_id"],
                    loss_curve=_relative_artefact(t.get("loss_curve"), store_root, out_dir))
     if sample is not None:
         row.update(sample_job_id=sample["run_info"]["job_id"],
                    grid_png=_relative_artefact(sample["sample_info"].get("grid_png"), store_root, out_dir))
+    intervals = evaluation["eval_info"].get("sample_intervals") or {}
     for name, value in evaluation["eval_info"]["metrics"].items():
         row[name] = value["value"]
+        row[f"{name}_sample_sd"] = sd_from_interval(intervals.get(name), intervals.get("level", 0.95))
     return row
 
 
@@ -269,7 +279,7 @@ def aggregate_group(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str,
     for name in metrics:
         row[f"{name}_mean"] = _mean(r.get(name) for r in runs)
         row[f"{name}_std"] = _std(r.get(name) for r in runs)
-        interval = bootstrap_interval([r.get(name) for r in runs])
+        interval = combined_interval([r.get(name) for r in runs], [r.get(f"{name}_sample_sd") for r in runs])
         row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval if interval else (None, None)
     return row
 
@@ -474,11 +484,13 @@ def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike
     finished = {r["run_info"]["job_id"]: r["run_info"]["finished_at"] for r in evaluations}
     checked, memo = RecordStore(store_root), {}  # one memo: upstream records shared by evaluations are judged once
     stale = {r["run_info"]["job_id"]: stale_reason(r["run_info"]["job_id"], checked, memo) for r in evaluations}
-    runs = drop_duplicate_seeds([run_row(r, index, store_root, out_dir, stale[r["run_info"]["job_id"]])
+    users = ancestry_users(success, index.by_job)
+    runs = drop_duplicate_seeds([run_row(r, index, store_root, out_dir, stale[r["run_info"]["job_id"]], users)
                                  for r in evaluations], finished)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [write_csv(out_dir / "leaderboard_runs.csv", runs, list(RUN_COLUMNS) + metrics)]
+    written = [write_csv(out_dir / "leaderboard_runs.csv", runs,
+                         list(RUN_COLUMNS) + metrics + [f"{name}_sample_sd" for name in metrics])]
     boards = aggregate(runs, directions, index)
     counts = status_counts(records)
     n_stale = stale_counts(evaluations, stale)

@@ -54,7 +54,7 @@ PNG_METADATA = {"Software": None}  # the default names the matplotlib version; n
 PDF_METADATA = {"CreationDate": None, "Producer": None, "Creator": "kindbench plot"}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 AXES = {"params": ("params_trainable", "trainable parameters"),
-        "compute": ("train_gmacs_total", "training compute (GMACs)")}
+        "compute": ("total_gmacs", "training compute incl. amortised ancestry (GMACs)")}
 
 
 class PlotWarning(UserWarning):
@@ -66,7 +66,7 @@ class PlotWarning(UserWarning):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-BOARD_COLUMNS = ("benchmark", "protocol_id", "method", "variant", "params_trainable", "train_gmacs_total")
+BOARD_COLUMNS = ("benchmark", "protocol_id", "method", "variant", "params_trainable", "total_gmacs")
 RUN_COLUMNS = ("benchmark", "protocol_id", "method", "variant", "seed", "run_id", "loss_curve", "grid_png")
 
 

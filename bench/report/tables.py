@@ -113,11 +113,12 @@ def _cells(row: dict[str, Any], primary: str | None = None) -> list[str]:
     return [fmt_rank(row, primary), row["method"], row["family"], row["variant"], str(row["n_seeds"]),
             fmt_count(row["params_trainable"]), fmt_count(row["params_total"]),
             f"{fmt_general(row['gmacs_fwd_trained'])} / {fmt_general(row['gmacs_fwd_sampled'])}",
-            fmt_general(row["train_gmacs_total"]), fmt_general(row["gpu_hours"]), fmt_seconds(row["wall_s"])]
+            fmt_general(row["train_gmacs_total"]), fmt_general(row.get("total_gmacs")), fmt_general(row["gpu_hours"]),
+            fmt_seconds(row["wall_s"]), fmt_seconds(row.get("ancestry_wall_s"))]
 
 
 HEADERS = ["Rank", "Method", "Family", "Variant", "Seeds", "Trainable", "Total", "GMACs fwd (trained / sampled)",
-           "Train GMACs", "GPU-h", "Wall"]
+           "Train GMACs", "+ ancestry GMACs", "GPU-h", "Wall", "+ ancestry wall"]
 
 
 def _used_metrics(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[str]:
@@ -145,12 +146,14 @@ def leaderboard_markdown(benchmark: str, rows: Sequence[dict[str, Any]], metrics
     current, stale = split_stale(rows)
     lines = [f"# Leaderboard: {benchmark}", ""]
     if current:
-        lines += [f"{arch} on task {task}. Mean ± std over seeds (sample std) and, with two seeds or more, the 95% "
-                  "bootstrap interval over seeds in brackets; **bold** is the best value within a protocol (none "
-                  "where every row has the same value); rank =1: tied with the best (the intervals overlap); "
+        lines += [f"{arch} on task {task}. Mean ± std over seeds (sample std) and the 95% bootstrap interval over "
+                  "seeds and over each evaluation's samples in brackets; **bold** is the best value within a protocol "
+                  "(none where every row has the same value); rank =1: tied with the best (the intervals overlap); "
                   "↓ lower is better, ↑ higher is better. Rows evaluated under different protocols are "
                   "never ranked together: each protocol has its own table. Pareto: on the front of the primary "
-                  "metric vs trainable parameters (params) and vs training compute (compute). The row "
+                  "metric vs trainable parameters (params) and vs training compute including the amortised ancestry "
+                  "(compute). \"+ ancestry\": the run's share of the pre-training and distillation it inherits (each "
+                  "ancestry's cost divided among the transfer runs that use it). The row "
                   "*real images* (family floor, no rank) scores held-out real images exactly as samples are, at the "
                   "same count: the floor no generator is expected to beat (its interval is over images), and its "
                   "class accuracy is the classifier's ceiling.", ""]
@@ -259,8 +262,8 @@ def leaderboard_latex(benchmark: str, rows: Sequence[dict[str, Any]], metrics: S
             body.append([latex_escape(c) for c in _cells(row, primary)] + cells + [pareto_text(row, primary)])
         caption = (f"{latex_escape(benchmark)}: {latex_escape(group[0]['arch'])} on {latex_escape(group[0]['task'])}. "
                    f"Protocol {group[0]['protocol_id']}: {latex_escape(protocol_summary(group[0]))}. Mean $\\pm$ std "
-                   "over seeds, 95\\% bootstrap interval over seeds in brackets; best in bold; =1: tied with the "
-                   "best; real images: held-out real images scored as samples (the floor, not ranked); "
+                   "over seeds, 95\\% bootstrap interval over seeds and samples in brackets; best in bold; =1: tied "
+                   "with the best; real images: held-out real images scored as samples (the floor, not ranked); "
                    f"Pareto front of {metric_label(primary) if primary else '-'} vs "
                    "trainable parameters (params) and training compute (compute).")
         lines += ["", "\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{caption}}}",

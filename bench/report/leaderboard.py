@@ -40,18 +40,17 @@ are relative to the output folder, so the folder and the results tree can move t
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
-import math
 import os
-import statistics
 import sys
 import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from bench.records.currency import stale_reason
 from bench.records.store import EvalProtocol, MalformedRecordError, Record, RecordStore
@@ -247,39 +246,44 @@ def pareto_flags(xs: Sequence[float | None], ys: Sequence[float | None], higher_
     return flags
 
 
-def _mean(values: Iterable[Any]) -> float | None:
-    present = [float(v) for v in values if v is not None and v != ""]
-    return statistics.fmean(present) if present else None
+def _numbers(runs: list[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
+    """The seed-runs' ``columns`` as floats (missing and empty cells NaN), one row per run."""
+    frame = pd.DataFrame.from_records(runs).reindex(columns=list(columns))
+    return frame.apply(pd.to_numeric, errors="coerce").astype("float64")
 
 
-def _std(values: Iterable[Any]) -> float | None:
-    present = [float(v) for v in values if v is not None and v != ""]
-    return statistics.stdev(present) if len(present) > 1 else None
+def _value(number: float) -> float | None:
+    return None if pd.isna(number) else float(number)
 
 
 def aggregate_group(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
-    """One leaderboard row from the seed-runs of one (benchmark, protocol, method, variant)."""
+    """One leaderboard row from the seed-runs of one (benchmark, protocol, method, variant): identity from the first
+    run, means over seeds (NaN-skipping), sample std (ddof=1; None for one seed) and the interval over seeds and
+    samples per metric, costs as means."""
     first = runs[0]
     row = {key: first[key] for key in IDENTITY_COLUMNS + ("method", "family", "variant")}
     row.update(rank=None, n_seeds=len(runs), seeds=";".join(str(r["seed"]) for r in runs),
                run_ids=";".join(r["run_id"] for r in runs),
                stale=next((r["stale"] for r in runs if r.get("stale")), ""))
+    costs = [key for key in AGG_COSTS if key != "trainable_pct"]
+    sds = [f"{name}_sample_sd" for name in metrics]
+    numbers = _numbers(runs, costs + list(metrics) + sds)
     for key in ("params_trainable", "params_total", "stored_bytes"):
-        distinct = {r[key] for r in runs if r[key] is not None}
+        distinct = numbers[key].dropna().unique()
         if len(distinct) > 1:
             warnings.warn(f"{first['method']}/{first['variant']} on {first['benchmark']}: seeds disagree on {key} "
                           f"({sorted(distinct)}); reporting the mean", LeaderboardWarning, stacklevel=2)
-    for key in AGG_COSTS:
-        if key != "trainable_pct":
-            row[key] = _mean(r[key] for r in runs)
-            if key in INTEGER_COSTS and row[key] is not None and row[key].is_integer():
-                row[key] = int(row[key])  # counts stay counts when the seeds agree
+    means, stds = numbers.mean(), numbers.std(ddof=1)
+    for key in costs:
+        row[key] = _value(means[key])
+        if key in INTEGER_COSTS and row[key] is not None and row[key].is_integer():
+            row[key] = int(row[key])  # counts stay counts when the seeds agree
     total, trainable = row["params_total"], row["params_trainable"]
     row["trainable_pct"] = 100.0 * trainable / total if total and trainable is not None else None
     for name in metrics:
-        row[f"{name}_mean"] = _mean(r.get(name) for r in runs)
-        row[f"{name}_std"] = _std(r.get(name) for r in runs)
-        interval = combined_interval([r.get(name) for r in runs], [r.get(f"{name}_sample_sd") for r in runs])
+        row[f"{name}_mean"], row[f"{name}_std"] = _value(means[name]), _value(stds[name])
+        values = [_value(v) for v in numbers[name]]
+        interval = combined_interval(values, [_value(v) for v in numbers[f"{name}_sample_sd"]])
         row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval if interval else (None, None)
     return row
 
@@ -368,14 +372,13 @@ def aggregate(runs: list[dict[str, Any]], directions: dict[str, bool],
     runs are aggregated apart from current runs of the same method and variant, and follow the ranked rows. With
     ``index`` each protocol group ends with its floor row where its reference scored one (``floor_row``); it is
     never ranked."""
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for run in runs:
-        groups[(run["benchmark"], run["protocol_id"], run["method"], run["variant"], bool(run.get("stale")))].append(
-            run)
     by_protocol: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     metrics = ordered_metrics(directions)
-    for (benchmark, pid, _, _, _), members in sorted(groups.items()):
-        by_protocol[(benchmark, pid)].append(aggregate_group(members, metrics))
+    if runs:
+        keys = pd.DataFrame.from_records([(run["benchmark"], run["protocol_id"], run["method"], run["variant"],
+                                           bool(run.get("stale"))) for run in runs])
+        for (benchmark, pid, *_), positions in sorted(keys.groupby(list(keys.columns)).indices.items()):
+            by_protocol[(benchmark, pid)].append(aggregate_group([runs[i] for i in positions], metrics))
     boards: dict[str, list[dict[str, Any]]] = defaultdict(list)
     first_run = {(run["benchmark"], run["protocol_id"]): run for run in runs}
     for (benchmark, pid), rows in sorted(by_protocol.items()):
@@ -445,22 +448,16 @@ def write_status(out_dir: Path, records: list[Record], malformed: list[tuple[Pat
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def csv_cell(value: Any) -> Any:
-    """Empty for missing; floats to 12 significant digits, so 0.1 + 0.2 noise does not reach the CSV."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return format(value, ".12g")
-    return value
-
-
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> Path:
+    """``rows`` as a CSV with exactly ``columns``: missing cells empty, floats to 12 significant digits (so 0.1 + 0.2
+    noise does not reach the file), counts without a decimal point."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: csv_cell(row.get(key)) for key in columns})
+    frame = pd.DataFrame.from_records(rows, columns=list(columns)) if rows else pd.DataFrame(columns=list(columns))
+    for column in frame.columns:  # a count column with a missing cell must not print as 120000.0
+        values = frame[column].dropna()
+        if len(values) and values.map(lambda v: isinstance(v, int) and not isinstance(v, bool)).all():
+            frame[column] = frame[column].astype("Int64")
+    frame.to_csv(path, index=False, float_format="%.12g", lineterminator="\n", encoding="utf-8")
     return path
 
 

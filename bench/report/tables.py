@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import pandas as pd
+
 from bench.metrics import metric_label
 
 STATUSES = ("success", "failed", "cancelled")
@@ -266,10 +268,9 @@ def leaderboard_latex(benchmark: str, rows: Sequence[dict[str, Any]], metrics: S
                    "with the best; real images: held-out real images scored as samples (the floor, not ranked); "
                    f"Pareto front of {metric_label(primary) if primary else '-'} vs "
                    "trainable parameters (params) and training compute (compute).")
-        lines += ["", "\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{caption}}}",
-                  f"\\label{{tab:{benchmark}:{group[0]['protocol_id']}}}",
-                  "\\begin{tabular}{" + "llll" + "r" * (len(header) - 4) + "}", "\\toprule",
-                  " & ".join(header) + " \\\\", "\\midrule"]
-        lines += [" & ".join(cells) + " \\\\" for cells in body]
-        lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+        frame = pd.DataFrame(body, columns=header)
+        lines += ["", frame.style.hide(axis="index").to_latex(
+            caption=caption, label=f"tab:{benchmark}:{group[0]['protocol_id']}", position="t",
+            position_float="centering", hrules=True, column_format="llll" + "r" * (len(header) - 4),
+            environment="table").rstrip("\n").replace("\\centering", "\\centering\n\\small", 1)]
     return "\n".join(lines) + "\n"

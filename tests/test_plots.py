@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from recordfixtures import P1, P2, write_fixture_store
@@ -48,7 +49,7 @@ def test_every_figure_is_written_as_png_and_pdf(plotted):
     expected = set()
     for bench, protocols in ((BENCH_A, (P1, P2)), (BENCH_B, (P1,))):
         stems = [f"{bench}/loss_curves"] + [f"{bench}/{protocol_id(p)}/{kind}" for p in protocols
-                                            for kind in ("pareto_params", "pareto_compute", "samples")]
+                                            for kind in ("pareto_params", "pareto_compute", "summary", "samples")]
         expected |= {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
     assert names == expected
     for path in written:
@@ -88,7 +89,7 @@ def test_same_csv_gives_identical_files(plotted, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.report.plots", "--leaderboard", str(subset), "--out",
                            str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert len(first) == 8
+    assert len(first) == 10
     for path in first:
         again = tmp_path / "two" / path.relative_to(tmp_path / "one")
         assert path.read_bytes() == again.read_bytes(), f"{path.name} differs between runs"
@@ -110,7 +111,7 @@ def test_missing_inputs_warn_and_skip(plotted, tmp_path):
     with pytest.warns(PlotWarning, match="sample grid of .* not found"):
         written = make_plots(out, tmp_path / "figs")
     assert not [p for p in written if p.stem == "samples"]
-    assert {p.stem for p in written} == {"loss_curves", "pareto_params", "pareto_compute"}
+    assert {p.stem for p in written} == {"loss_curves", "pareto_params", "pareto_compute", "summary"}
 
 
 def test_bad_leaderboard_folder(tmp_path):
@@ -142,3 +143,65 @@ def test_colour_says_the_family_and_no_style_is_reused():
         base[family] = styles[members[0]]["color"]
     assert len(set(base.values())) == len(base) <= 10
     assert styles_for(list(reversed(rows))) == styles  # the order rows arrive in changes nothing
+
+
+def test_class_grid_puts_each_class_on_its_own_row(tmp_path):
+    from bench.report import grids
+
+    images = np.stack([np.full((4, 4, 3), 10 * (i + 1), dtype=np.uint8) for i in range(7)])
+    labels = np.array([1, 0, 1, 2, 0, 1, 1])
+    grid = grids.class_grid(images, labels, per_class=2, classes=4)
+    step = 4 + grids.GAP
+    assert grid.shape == (4 * step - grids.GAP, 2 * step - grids.GAP, 3)
+    cell = lambda r, c: grid[r * step: r * step + 4, c * step: c * step + 4]  # noqa: E731
+    assert (cell(0, 0) == 20).all() and (cell(0, 1) == 50).all()  # class 0: images 1 and 4, in order
+    assert (cell(1, 0) == 10).all() and (cell(1, 1) == 30).all()  # class 1: its first two of four
+    assert (cell(2, 0) == 40).all() and (cell(2, 1) == 255).all()  # class 2 has one image: white beside it
+    assert (cell(3, 0) == 255).all()  # no image of class 3
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    assert grids.read_labelled(tmp_path / "samples.npz") is None  # no labels anywhere: not a class grid
+    np.save(tmp_path / "labels.npy", labels)
+    read_images, read_labels = grids.read_labelled(tmp_path / "samples.npz")
+    assert (read_labels == labels).all() and read_images.shape == images.shape
+
+
+def test_samples_figure_shows_real_images_first_and_labels_class_rows(tmp_path):
+    from bench.report.plots import samples_figure
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 3
+    np.savez(tmp_path / "floor.npz", arr_0=rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8), labels=labels)
+    (tmp_path / "s").mkdir()
+    np.savez(tmp_path / "s" / "samples.npz", arr_0=rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8))
+    np.save(tmp_path / "s" / "labels.npy", labels)
+    run = {"benchmark": "b", "protocol_id": "p", "method": "kind", "variant": "default", "seed": "0", "run_id": "r",
+           "grid_png": "", "samples_npz": "s/samples.npz", "real_npz": "floor.npz"}
+    figure = samples_figure([run], tmp_path)
+    real, kind = figure.axes[:2]
+    assert real.get_title() == "real images (held-out)" and kind.get_title() == "kind"
+    for ax in (real, kind):
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["class 0", "class 1", "class 2"]
+
+
+def test_summary_figure_orders_by_rank_with_intervals_ties_and_the_floor(plotted):
+    from bench.report.plots import summary_figure
+
+    base = plotted[0]
+    rows = [r for r in read_csv(base / "out" / BENCH_A / "leaderboard.csv", BOARD_COLUMNS)
+            if r["protocol_id"] == protocol_id(P1)]
+    ranked = sorted(rows, key=lambda r: int(r["rank"]))
+    rows[0]["tied_fid"] = "True" if rows[0]["rank"] != "1" else rows[0]["tied_fid"]
+    floor = dict(rows[0], method="real images", family="floor", variant="held-out", rank="", fid_mean="4.0")
+    figure = summary_figure(rows + [floor], styles_for(rows))
+    fid = figure.axes[0]
+    ticks = sorted(zip(fid.get_yticks(), [t.get_text() for t in fid.get_yticklabels()]), reverse=True)
+    names = [name for _, name in ticks]  # top to bottom
+    assert [n.removeprefix("=1 ").split("/")[0] for n in names] == [r["method"] for r in ranked]
+    assert any(n.startswith("=1 ") for n in names) == any(r["tied_fid"] == "True" for r in rows)
+    assert fid.get_xlabel() == "FID ↓"
+    assert [line.get_xdata()[0] for line in fid.get_lines() if line.get_linestyle() == ":"] == [4.0]
+    # kind's error bar spans its interval over seeds and samples
+    kind = next(r for r in rows if r["method"] == "kind")
+    spans = [seg for coll in fid.collections for seg in coll.get_segments()]
+    assert any(seg[0][0] == pytest.approx(float(kind["fid_ci_low"])) and
+               seg[1][0] == pytest.approx(float(kind["fid_ci_high"])) for seg in spans)

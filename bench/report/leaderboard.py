@@ -69,7 +69,7 @@ COST_COLUMNS = ("params_trainable", "params_total", "params_inherited", "params_
                 "world_size", "gpu_hours", "wall_s", "peak_mem_gb") + ANCESTRY_COSTS
 RUN_COLUMNS = IDENTITY_COLUMNS + ("method", "family", "variant", "seed", "run_id", "eval_job_id", "train_job_id",
                                   "sample_job_id", "config_hash", "git_sha", "git_dirty", "stale") + COST_COLUMNS + (
-                                  "final_loss", "loss_curve", "grid_png")
+                                  "final_loss", "loss_curve", "grid_png", "samples_npz", "real_npz")
 AGG_HEAD = IDENTITY_COLUMNS + ("rank", "method", "family", "variant", "n_seeds", "seeds", "run_ids", "stale")
 AGG_COSTS = ("params_trainable", "params_total", "trainable_pct", "stored_bytes", "gmacs_fwd_trained",
              "gmacs_fwd_sampled", "train_gmacs_total", "steps", "images_seen", "gpu_hours", "wall_s",
@@ -157,8 +157,24 @@ def _relative_artefact(path: str | None, store_root: Path, out_dir: Path) -> str
     return Path(os.path.relpath(full.resolve(), out_dir.resolve())).as_posix()
 
 
+def real_images_npz(evaluation: Record, index: RecordIndex, runs_root: Path | None) -> Path | None:
+    """The held-out real images scored as the floor (``floor.npz`` beside the reference of the prepare job the
+    evaluation depends on), where that file exists; reference paths are relative to the runs root."""
+    for job_id in evaluation["run_info"]["depends_on"]:
+        parent = index.by_job.get(job_id)
+        if parent is None or parent["run_info"]["step"] != "prepare":
+            continue
+        path = (((parent.get("extra") or {}).get("reference") or {}).get("path")) or ""
+        if path and not os.path.isabs(path) and runs_root is not None:
+            path = str(runs_root / path)
+        floor = Path(path).parent / "floor.npz" if path else None
+        if floor is not None and floor.is_absolute() and floor.is_file():
+            return floor
+    return None
+
+
 def run_row(evaluation: Record, index: RecordIndex, store_root: Path, out_dir: Path,
-            stale: str = "", users: Counter | None = None) -> dict[str, Any]:
+            stale: str = "", users: Counter | None = None, runs_root: Path | None = None) -> dict[str, Any]:
     """One seed-run row: identity + protocol + costs (from the training record, plus its ancestries' amortised
     over ``users``: ``bench.report.amortise``) + metric values; ``stale`` is why the evaluation is not current ("" when
     it is)."""
@@ -169,7 +185,7 @@ def run_row(evaluation: Record, index: RecordIndex, store_root: Path, out_dir: P
                                                       "seed", "run_id", "config_hash", "git_sha", "git_dirty")}
     row.update({key: protocol[key] for key in PROTOCOL_KEYS}, protocol_id=protocol_id(protocol),
                eval_job_id=info["job_id"], train_job_id="", sample_job_id="", loss_curve="", grid_png="",
-               stale=stale)
+               samples_npz="", real_npz="", stale=stale)
     row.update(dict.fromkeys(COST_COLUMNS), final_loss=None)
     if train is None:
         warnings.warn(f"evaluation {info['job_id']} has no successful training record upstream; its cost columns "
@@ -184,7 +200,11 @@ def run_row(evaluation: Record, index: RecordIndex, store_root: Path, out_dir: P
                    loss_curve=_relative_artefact(t.get("loss_curve"), store_root, out_dir))
     if sample is not None:
         row.update(sample_job_id=sample["run_info"]["job_id"],
-                   grid_png=_relative_artefact(sample["sample_info"].get("grid_png"), store_root, out_dir))
+                   grid_png=_relative_artefact(sample["sample_info"].get("grid_png"), store_root, out_dir),
+                   samples_npz=_relative_artefact(sample["sample_info"].get("npz"), store_root, out_dir))
+    real = real_images_npz(evaluation, index, runs_root)
+    if real is not None:
+        row["real_npz"] = _relative_artefact(str(real), store_root, out_dir)
     intervals = evaluation["eval_info"].get("sample_intervals") or {}
     for name, value in evaluation["eval_info"]["metrics"].items():
         row[name] = value["value"]
@@ -462,8 +482,10 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) ->
 
 
 def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike, *,
-                       strict: bool = False) -> list[Path]:
+                       strict: bool = False, runs_root: str | os.PathLike | None = None) -> list[Path]:
     """Read every record under ``store_root``, write the leaderboards under ``out_dir``; return the files written.
+    ``runs_root`` (the bulk artefacts' folder, which reference paths are relative to) lets the runs CSV name the
+    held-out real images beside each reference (``real_npz``, for the plots' real-image grids).
 
     ``strict=True`` raises ``MalformedRecordError`` on a broken record file instead of skipping it.
     """
@@ -482,8 +504,9 @@ def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike
     checked, memo = RecordStore(store_root), {}  # one memo: upstream records shared by evaluations are judged once
     stale = {r["run_info"]["job_id"]: stale_reason(r["run_info"]["job_id"], checked, memo) for r in evaluations}
     users = ancestry_users(success, index.by_job)
-    runs = drop_duplicate_seeds([run_row(r, index, store_root, out_dir, stale[r["run_info"]["job_id"]], users)
-                                 for r in evaluations], finished)
+    runs_root = None if runs_root is None else Path(runs_root).resolve()
+    runs = drop_duplicate_seeds([run_row(r, index, store_root, out_dir, stale[r["run_info"]["job_id"]], users,
+                                         runs_root) for r in evaluations], finished)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [write_csv(out_dir / "leaderboard_runs.csv", runs,
@@ -515,12 +538,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="results tree holding records/ and failed/ (its records/ folder is accepted too)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <records>/leaderboard)")
     parser.add_argument("--strict", action="store_true", help="fail on a malformed record instead of skipping it")
+    parser.add_argument("--runs", type=Path, default=os.environ.get("KINDBENCH_RUNS") or None,
+                        help="bulk artefacts folder the records' reference paths are relative to (default "
+                             "$KINDBENCH_RUNS); names the held-out real images for the plots")
     args = parser.parse_args(argv)
     root = args.records
     if root.name in ("records", "failed") and not (root / "records").is_dir():
         root = root.parent  # the user pointed at the records/ folder itself
     try:
-        written = build_leaderboards(root, args.out or root / "leaderboard", strict=args.strict)
+        written = build_leaderboards(root, args.out or root / "leaderboard", strict=args.strict, runs_root=args.runs)
     except (FileNotFoundError, MalformedRecordError, ValueError) as exc:
         print(f"kindbench leaderboard: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,10 @@ Per benchmark and evaluation protocol (protocols are never mixed in one figure, 
 
 * ``pareto_params``: every metric vs trainable parameters (log x), mean ± std over seeds, Pareto front dashed;
 * ``pareto_compute``: every metric vs training compute (GMACs, log x), with its Pareto front;
-* ``samples``: one sample grid per (method, variant), from the lowest seed whose ``grid_png`` exists.
+* ``summary``: FID, precision and class accuracy of every method in rank order, each with its 95% interval over seeds
+  and samples and the floor (held-out real images): the benchmark's question answered in one figure;
+* ``samples``: held-out real images, then one grid per (method, variant) from its lowest seed, one labelled row per
+  class (``bench.report.grids``; the sampler's ``grid.png`` where the samples' file is too large to read).
 
 Per benchmark: ``loss_curves`` from the runs' ``train.jsonl`` (one line per seed; colour by family, marker by
 method/variant, ``styles_for``).
@@ -43,6 +46,7 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.metrics import metric_label  # noqa: E402
+from bench.report import grids  # noqa: E402
 from bench.report.tables import protocol_summary  # noqa: E402
 
 DPI = 150
@@ -255,28 +259,95 @@ def loss_figure(runs: list[dict[str, str]], base: Path, styles: dict[str, dict[s
     return figure
 
 
+def _class_grid(path: Path | None, n_classes: int | None) -> tuple[np.ndarray, int] | None:
+    """(per-class grid, its number of class rows) of a small labelled ``.npz``, else None."""
+    read = grids.read_labelled(path) if path is not None else None
+    if read is None:
+        return None
+    rows = n_classes if n_classes is not None else int(read[1].max()) + 1
+    return grids.class_grid(*read, classes=rows), rows
+
+
 def samples_figure(runs: list[dict[str, str]], base: Path) -> Figure | None:
-    """The sample grid of each method/variant's lowest seed, side by side (4 per row)."""
-    chosen: dict[str, Path] = {}
+    """Held-out real images first, then the samples of each method/variant's lowest seed, one row per class
+    (labelled) where the samples' file is small enough to read (``bench.report.grids``), else the sampler's own
+    ``grid.png``; 4 panels per row."""
+    chosen: dict[str, tuple[np.ndarray, int]] = {}
+    real = _class_grid(next((base / r["real_npz"] for r in runs if r.get("real_npz")), None), None)
+    n_classes = real[1] if real is not None else None
     for run in sorted(runs, key=lambda r: (label_of(r), int(r["seed"]))):
         label = label_of(run)
-        path = base / run["grid_png"] if run["grid_png"] else None
         if label in chosen:
             continue
-        if path is None or not path.is_file():
+        grid = _class_grid(base / run["samples_npz"] if run.get("samples_npz") else None, n_classes)
+        path = base / run["grid_png"] if run["grid_png"] else None
+        if grid is None and path is not None and path.is_file():
+            with Image.open(path) as image:
+                grid = np.asarray(image.convert("RGB")), 0  # the sampler's grid: rows are not classes
+        if grid is None:
             warnings.warn(f"sample grid of {run['run_id']} not found: {path or '(none recorded)'}", PlotWarning,
                           stacklevel=2)
             continue
-        chosen[label] = path
+        chosen[label] = grid
     if not chosen:
         return None
-    figure, axes = new_figure(len(chosen), ncols=4, panel=(2.4, 2.6), legend=False)
-    for ax, (label, path) in zip(axes, sorted(chosen.items())):
-        with Image.open(path) as image:
-            ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
+    panels = ([("real images (held-out)", real)] if real is not None else []) + sorted(chosen.items())
+    figure, axes = new_figure(len(panels), ncols=4, panel=(2.4, 2.6), legend=False)
+    for ax, (label, (grid, rows)) in zip(axes, panels):
+        ax.imshow(grid, interpolation="nearest")
         ax.set_title(label)
-        ax.set_axis_off()
-    figure.suptitle(f"{runs[0]['benchmark']}, protocol {runs[0]['protocol_id']}: samples")
+        ax.set_xticks([])
+        if rows:  # a per-class grid: label its rows
+            step = grid.shape[0] / rows
+            ax.set_yticks([(c + 0.5) * step for c in range(rows)], [f"class {c}" for c in range(rows)], fontsize=6)
+            ax.tick_params(length=0)
+            ax.grid(False)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        else:
+            ax.set_axis_off()
+    figure.suptitle(f"{runs[0]['benchmark']}, protocol {runs[0]['protocol_id']}: held-out real images and samples "
+                    "(one row per class, first seed)")
+    return figure
+
+
+SUMMARY_METRICS = ("fid", "precision", "class_acc")
+
+
+def summary_figure(rows: list[dict[str, str]], styles: dict[str, dict[str, Any]]) -> Figure | None:
+    """The benchmark's answer at a glance: per metric (FID, precision, class accuracy where present) every method's
+    mean with its 95% interval over seeds and samples, methods in rank order top to bottom, ``=1`` before a row tied
+    with the best, the floor (held-out real images) as a dotted line."""
+    floor = next((row for row in rows if is_floor(row)), None)
+    rows = [row for row in rows if not is_floor(row)]
+    metrics = [m for m in SUMMARY_METRICS if m in metrics_in(rows)] if rows else []
+    if not metrics:
+        return None
+    primary = metrics[0]
+    ordered = sorted(rows, key=lambda r: (number(r.get("rank")) is None, number(r.get("rank")) or 0.0,
+                                          label_of(r)))
+    figure, axes = new_figure(len(metrics), ncols=len(metrics), panel=(3.2, 0.6 + 0.22 * len(ordered)),
+                              legend=False)
+    positions = list(range(len(ordered)))[::-1]
+    names = [("=1 " if flag(r.get(f"tied_{primary}")) else "") + label_of(r) for r in ordered]
+    for index, (ax, name) in enumerate(zip(axes, metrics)):
+        for y, row in zip(positions, ordered):
+            mean = number(row[f"{name}_mean"])
+            if mean is None:
+                continue
+            low, high = number(row.get(f"{name}_ci_low")), number(row.get(f"{name}_ci_high"))
+            err = [[mean - low], [high - mean]] if low is not None and high is not None else None
+            ax.errorbar(mean, y, xerr=err, linestyle="none", capsize=2, **styles[label_of(row)])
+        level = number(floor[f"{name}_mean"]) if floor else None
+        if level is not None:
+            ax.axvline(level, linestyle=":", color="0.2", linewidth=1)
+        ax.set_yticks(positions, names if index == 0 else [""] * len(names))
+        ax.set_ylim(-0.7, len(ordered) - 0.3)
+        higher = flag(ordered[0][f"{name}_higher_is_better"])
+        ax.set_xlabel(f"{metric_label(name)} {'↑' if higher else '↓'}")
+    figure.subplots_adjust(left=min(0.45, 1.4 / figure.get_figwidth()))
+    figure.suptitle(f"{rows[0]['benchmark']}, protocol {rows[0]['protocol_id']}\nmean, 95% interval over seeds and "
+                    f"samples; rank order by {metric_label(primary)}" + ("; dotted: real images" if floor else ""))
     return figure
 
 
@@ -298,6 +369,7 @@ def plot_benchmark(board: list[dict[str, str]], runs: list[dict[str, str]], base
     for pid, rows in sorted(by_protocol.items()):
         for axis in AXES:
             written += _emit(pareto_figure(rows, axis, styles), out / pid / f"pareto_{axis}")
+        written += _emit(summary_figure(rows, styles), out / pid / "summary")
         protocol_runs = [r for r in runs if r["protocol_id"] == pid]
         if protocol_runs:
             written += _emit(samples_figure(protocol_runs, base), out / pid / "samples")

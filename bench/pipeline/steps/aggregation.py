@@ -16,7 +16,7 @@ def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StepRes
     from bench.report.leaderboard import build_leaderboards
     from bench.report.plots import make_plots
 
-    tables = build_leaderboards(roots.results, roots.results / "leaderboard")
+    tables = build_leaderboards(roots.results, roots.results / "leaderboard", runs_root=roots.runs)
     plots = make_plots(roots.results / "leaderboard", roots.results / "plots")
     rel = [str(p.resolve().relative_to(roots.results)) if p.resolve().is_relative_to(roots.results) else str(p)
            for p in [*tables, *plots]]

@@ -138,8 +138,11 @@ class WaveConfig(MethodConfig):
     targets: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
     """Linears generated from templates (one template set per target); ``adaLN_modulation.1`` is opt-in."""
     reinit: tuple[str, ...] = ("y_embedder",)
-    """Modules re-initialised rather than loaded in ``transfer`` (a new label space): ``y_embedder``, optionally
-    ``final_layer``. In ``descend`` every non-templated tensor is fresh anyway."""
+    """Modules re-initialised rather than loaded when building from an ancestry of the same size (a new label space):
+    ``y_embedder``, optionally ``final_layer``. The class table is kept, not redrawn, when the task's label space is
+    the ancestry's (``Task.label_space`` equal to the export's recorded one): WAVE's second phase ("then train the
+    target model normally") continues its initialisation phase on the same classes, whose class table that phase
+    trained. In ``descend`` every non-templated tensor is fresh anyway."""
     template_size: int = 128
     """Largest side w of the square templates (ours, docs/methods.md §4.3: 128, which divides every DiT width and
     its 3d/4d/6d). The side used is the largest power of two <= this dividing every target's widths (64 on the
@@ -324,7 +327,7 @@ class WaveMethod(Method):
         if ancestry.arch.name != arch.name and task.stage != "descend":
             raise MethodError(f"wave: the ancestry is a {ancestry.arch.name} and the task asks for {arch.name}; "
                               f"another model size is the 'descend' stage")
-        return self._from_wave_ancestry(arch, task.num_classes, ancestry)
+        return self._from_wave_ancestry(arch, task.num_classes, ancestry, task.label_space)
 
     def _dense_teacher(self, arch: ArchSpec, num_classes: int, teacher: Export) -> DiT:
         if teacher.method not in DENSE_METHODS:
@@ -347,14 +350,17 @@ class WaveMethod(Method):
             raise MethodError(f"wave: ancestry {ancestry.path or '(in memory)'} has another input geometry: "
                               f"{'; '.join(differ)}")
 
-    def _from_wave_ancestry(self, arch: ArchSpec, num_classes: int, ancestry: Export) -> nn.Module:
+    def _from_wave_ancestry(self, arch: ArchSpec, num_classes: int, ancestry: Export,
+                            label_space: str | None = None) -> nn.Module:
         if ancestry.method not in self.ancestry_methods:
             raise MethodError(f"method 'wave' cannot build from an ancestry of method {ancestry.method!r}; it needs "
                               f"a 'wave' ancestry (template consolidation)")
         self._check_geometry(arch, ancestry)
         model = arch.build(num_classes)
         if ancestry.arch.name == arch.name:  # same size: every tensor transfers, the reinit modules are redrawn
-            reinit = self.config.reinit
+            recorded = ancestry.meta.get("label_space") if isinstance(ancestry.meta, dict) else None
+            same_classes = bool(label_space) and label_space == recorded and num_classes == ancestry.num_classes
+            reinit = tuple(r for r in self.config.reinit if not (same_classes and r == "y_embedder"))
             if "y_embedder" not in reinit and num_classes != ancestry.num_classes:
                 raise MethodError(f"wave: {num_classes} classes but the ancestry has {ancestry.num_classes}; add "
                                   f"'y_embedder' to reinit for a new label space")

@@ -195,6 +195,25 @@ def test_wave_teacher_gives_the_scaler_phase_as_an_ancestry_of_the_new_size():
     assert type(phase2) is DiT and not template_params(phase2)
 
 
+def test_normal_training_keeps_the_class_table_its_initialisation_phase_trained_on_the_same_classes():
+    """WAVE's second phase continues the first on the same task: redrawing the class table there threw away the
+    class conditioning phase 1 had learned (WAVE at scratch level on the tiny suite's deeper task)."""
+    phase1 = get_method("wave", {}).build_ancestry(OTHER_SIZE, CLASSES, teacher=wave_ancestry())
+    with torch.no_grad():
+        phase1.y_embedder.embedding_table.weight.add_(1.0)  # as phase 1's training moves it
+    state = {k: v.detach().clone() for k, v in phase1.state_dict().items()}
+    export = Export("wave", OTHER_SIZE, CLASSES, state, meta={"label_space": "novel-a-digest"})
+    table = state["y_embedder.embedding_table.weight"]
+
+    def phase2(label_space):
+        task = Task("deeper", CLASSES, stage="descend", label_space=label_space)
+        return get_method("wave", {"train": "all"}).build(OTHER_SIZE, task, export).y_embedder.embedding_table.weight
+
+    assert torch.equal(phase2("novel-a-digest"), table)
+    for other in ("another-digest", None):  # other classes, or unknown ones: a new table
+        assert not torch.equal(phase2(other), table)
+
+
 def test_template_side_must_divide_the_descendant_and_targets_must_exist_in_the_ancestry():
     ancestry = wave_ancestry(options={})  # side 64 on DiT-T: does not divide width 96
     assert ancestry.state[template_name("attn.qkv")].shape == (8, 64, 64)

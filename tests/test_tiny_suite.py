@@ -42,6 +42,13 @@ def test_tiny_suite_end_to_end_and_rerun_is_a_no_op(tmp_path):
         assert rows[-1]["method"] == "real images" and rows[-1]["rank"] == "", benchmark
         assert all(row["class_acc_mean"] != "" for row in rows), benchmark
         assert (tmp_path / "results/plots" / benchmark / "loss_curves.png").stat().st_size > 0
+        pid = rows[0]["protocol_id"]
+        for figure in ("summary", "samples"):  # per question at a glance; real images beside the samples
+            assert (tmp_path / "results/plots" / benchmark / pid / f"{figure}.png").stat().st_size > 0
+    runs = list(csv_module.DictReader((tmp_path / "results/leaderboard/leaderboard_runs.csv").open()))
+    leaderboard = tmp_path / "results/leaderboard"
+    assert all((leaderboard / run["samples_npz"]).is_file() and (leaderboard / run["real_npz"]).is_file()
+               for run in runs)
 
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]

@@ -622,3 +622,21 @@ def test_each_protocol_group_ends_with_its_unranked_floor_row_from_the_reference
     other_runs = [_run("a", 0, 10.0, n_samples=512)]
     other = aggregate(other_runs, {"fid": False}, RecordIndex(_records(other_runs, prepare)))["b"]
     assert [r["method"] for r in other] == ["a"]
+
+
+def test_the_aggregate_job_leaves_no_table_or_figure_of_an_earlier_protocol(tmp_path):
+    """A rebuilt reference is a new protocol: the old protocol's figures must not stay beside the new ones."""
+    from bench.pipeline.steps import Roots, aggregation
+
+    results = tmp_path / "results"
+    write_fixture_store(results)
+    stray = [results / "plots" / BENCH_A / "0ld0ld00" / "samples.png", results / "leaderboard" / "gone" / "x.csv"]
+    for path in stray:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"old")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = aggregation.run(None, Roots(tmp_path / "runs", results), None, None)
+    assert not any(path.exists() for path in stray)
+    assert (results / "leaderboard" / BENCH_A / "leaderboard.csv").is_file()
+    assert any(p.endswith("summary.png") for p in out.blocks["extra"]["aggregate"]["plots"])

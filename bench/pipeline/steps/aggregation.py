@@ -13,9 +13,15 @@ if TYPE_CHECKING:  # types only: the record plumbing and the plan are not part o
 
 
 def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StepResult:
+    import shutil
+
     from bench.report.leaderboard import build_leaderboards
     from bench.report.plots import make_plots
 
+    # Both folders hold this job's outputs only: start them empty, so no table or figure of a benchmark, protocol or
+    # method that is no longer in the records (a rebuilt reference is a new protocol) outlives the run that made it.
+    for folder in ("leaderboard", "plots"):
+        shutil.rmtree(roots.results / folder, ignore_errors=True)
     tables = build_leaderboards(roots.results, roots.results / "leaderboard", runs_root=roots.runs)
     plots = make_plots(roots.results / "leaderboard", roots.results / "plots")
     rel = [str(p.resolve().relative_to(roots.results)) if p.resolve().is_relative_to(roots.results) else str(p)

@@ -8,6 +8,7 @@ Model FLOP/s = images/s x 3 x 2 x forward GMACs (``bench.models.accounting``, Di
 FLOP/s / the peak of the same precision.
 
     python benchmarks/cpu_utilisation.py                     # writes results/benchmarks/cpu_utilisation_cpu.md
+    python benchmarks/cpu_utilisation.py --arch DiT-T/2-d4 --batches 32,64 --compile   # + the compiled fp32 step
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ def matmul_flops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> fl
     return 2.0 * m * k * n / best
 
 
-def step_images_per_s(batch: int, precision: str, steps: int, arch: str, size: int) -> float:
-    """Median images/s of ``steps`` eager training steps of the embedded DiT (after two warm-up steps)."""
+def step_images_per_s(batch: int, precision: str, steps: int, arch: str, size: int, compiled: bool = False) -> float:
+    """Median images/s of ``steps`` training steps of the embedded DiT (after two warm-up steps, which include
+    ``torch.compile``'s compilation of the model when ``compiled``; the optimizer step stays eager)."""
     torch.manual_seed(0)
     model = build_model("ours", arch, size, 3, 64)
+    if compiled:
+        model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     step = plain_train_step("ours", model, optimizer, PRECISIONS[precision])
     x, target = torch.randn(batch, 3, size, size), torch.randn(batch, 6, size, size)
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--arch", default="DiT-T/2")
     parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--compile", action="store_true", help="also time the fp32 step with torch.compile(model)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "cpu_utilisation_cpu.md")
     args = parser.parse_args(argv)
     gmacs = forward_gmacs_for_arch(args.arch, input_size=args.image_size, in_channels=3, num_classes=64)
@@ -80,12 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         peaks[precision] = max(large, own)
         rows.append(f"| matmul peak | {precision} | 2048³: {large / 1e9:.1f} GFLOP/s; 8192x64x256: {own / 1e9:.1f} "
                     f"GFLOP/s | | |")
-    for precision in PRECISIONS:
+    modes = [(precision, False) for precision in PRECISIONS] + [("fp32", True)] * args.compile
+    for precision, compiled in modes:
         for batch in (int(b) for b in args.batches.split(",")):
-            rate = step_images_per_s(batch, precision, args.steps, args.arch, args.image_size)
+            rate = step_images_per_s(batch, precision, args.steps, args.arch, args.image_size, compiled)
             flops = rate * 3 * 2 * gmacs * 1e9
-            rows.append(f"| training step, batch {batch} | {precision} | {rate:.1f} img/s = {flops / 1e9:.2f} "
-                        f"GFLOP/s | {100 * flops / peaks[precision]:.1f} % | {peaks[precision] / 1e9:.1f} |")
+            how = "compiled (torch.compile)" if compiled else "eager"
+            rows.append(f"| training step, batch {batch}, {how} | {precision} | {rate:.1f} img/s = "
+                        f"{flops / 1e9:.2f} GFLOP/s | {100 * flops / peaks[precision]:.1f} % | "
+                        f"{peaks[precision] / 1e9:.1f} |")
     command = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
     text = "\n".join([
         "# CPU utilisation of the embedded training step (cpu)", "",

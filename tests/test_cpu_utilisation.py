@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from trainrun import REPO
 
 
@@ -18,9 +19,21 @@ def test_the_table_names_a_peak_and_a_utilisation_per_precision(tmp_path):
     text = out.read_text()
     for precision in ("fp32", "bf16"):
         peak = re.search(rf"\| matmul peak \| {precision} \| 2048³: ([\d.]+) GFLOP/s", text)
-        step = re.search(rf"\| training step, batch 2 \| {precision} \| ([\d.]+) img/s = ([\d.]+) GFLOP/s \| "
+        step = re.search(rf"\| training step, batch 2, eager \| {precision} \| ([\d.]+) img/s = ([\d.]+) GFLOP/s \| "
                          rf"([\d.]+) % \| ([\d.]+) \|", text)
         assert peak and step, text
         images, gflops, percent, used_peak = map(float, step.groups())
         assert images > 0 and 0 < percent <= 100 and used_peak >= float(peak.group(1))
         assert abs(100 * gflops / used_peak - percent) < 0.1  # utilisation is the model FLOP/s over that peak
+
+
+@pytest.mark.slow
+def test_the_compiled_step_has_its_own_row(tmp_path):
+    out = tmp_path / "cpu.md"
+    done = subprocess.run([sys.executable, "benchmarks/cpu_utilisation.py", "--batches", "2", "--steps", "1",
+                           "--repeats", "1", "--compile", "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    row = re.search(r"\| training step, batch 2, compiled \(torch.compile\) \| fp32 \| ([\d.]+) img/s", text)
+    assert row and float(row.group(1)) > 0

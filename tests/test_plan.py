@@ -566,5 +566,12 @@ def test_a_shared_ancestry_seed_trains_each_ancestry_once_and_every_seed_samples
     seeds = {(job.info["method"], job.info["task"], job.info["seed"]): job.info["sample"]["seed"]
              for job in shared.by_step("sample")}
     assert {seeds[("full", "novel-a", s)] for s in (0, 1, 2)} == {0, 1, 2}
+    # the shared ancestry, scored, is sampled once per seed: its leaderboard row has the suite's three seeds too
+    scored = ("ancestry_seed = 0\n" + three).replace("[ancestries.dense]", "[ancestries.dense]\nevaluate = true", 1)
+    plan = make_plan(load_suite(write_suite(tmp_path, scored, "scored.toml")))
+    (ancestry,) = plan.by_step("pretrain")
+    samples = [job for job in plan.by_step("sample") if job.deps == (ancestry.job_id,)]
+    assert sorted((job.info["seed"], job.info["sample"]["seed"]) for job in samples) == [(0, 0), (1, 1), (2, 2)]
+    assert len({job.job_id for job in plan.by_step("evaluate") if job.info["task"] == "ancestry"}) == 3
     with pytest.raises(SuiteError, match="ancestry_seed must be an integer"):
         load_suite(write_suite(tmp_path, 'ancestry_seed = "zero"\n' + three, "bad.toml"))

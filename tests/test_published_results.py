@@ -49,3 +49,30 @@ def test_every_transfer_names_the_sha256_of_the_ancestry_it_loaded(suite):
         parent = records[ancestry["job_id"]]
         assert ancestry["sha256"] and ancestry["sha256"] == parent["outputs"]["export"]["sha256"], ancestry["job_id"]
         assert ancestry["path"] == parent["outputs"]["export"]["path"]
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_every_leaderboard_row_has_the_suites_seeds_an_interval_and_ends_with_its_floor(suite):
+    """Rows of a published suite carry every seed it declares (a std and an interval with two or more), and every
+    protocol table of the embedded suites ends with its floor row (held-out real images)."""
+    import csv
+
+    from bench.config.suite import load_suite
+
+    n_seeds = len(load_suite(suite).seeds)
+    boards = sorted((REPO / "results" / suite / "leaderboard").glob("*/leaderboard.csv"))
+    assert boards
+    for board in boards:
+        rows = list(csv.DictReader(board.open(newline="")))
+        assert rows and not any(row["stale"] for row in rows), board
+        by_protocol: dict[str, list[dict]] = {}
+        for row in rows:
+            by_protocol.setdefault(row["protocol_id"], []).append(row)
+        for group in by_protocol.values():
+            assert group[-1]["method"] == "real images" and group[-1]["rank"] == "", board
+            for row in group[:-1]:
+                means = [row[f"{m}_mean"] for m in ("fid", "precision", "class_acc")]
+                assert int(row["n_seeds"]) == n_seeds and all(means), (board.parent.name, row["method"])
+                assert row["fid_ci_low"] and row["fid_ci_high"], (board.parent.name, row["method"])
+                if n_seeds > 1:
+                    assert row["fid_std"] and row["class_acc_std"], (board.parent.name, row["method"])

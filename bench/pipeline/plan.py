@@ -106,8 +106,9 @@ def make_plan(suite: Suite, overrides: dict[str, Any] | None = None,
         for arch in suite.archs:
             ancestry_seed = seed if suite.ancestry_seed is None else suite.ancestry_seed
             ancestry_jobs = _pretrain_jobs(suite, ancestry_seed, arch, final, add)
-            if suite.ancestry_seed is None or seed == suite.seeds[0]:  # a shared ancestry is scored once
-                evaluations += _ancestry_evaluations(suite, ancestry_jobs, add)
+            # a shared ancestry is trained once and sampled once per seed (the sampling seed moves with it), so its
+            # row, like every other, has as many seeds as the suite; an ancestry per seed is sampled with its own
+            evaluations += _ancestry_evaluations(suite, ancestry_jobs, add, seed)
             for spec in suite.methods:
                 for task_name in spec.tasks:
                     task = suite.tasks[task_name]
@@ -167,9 +168,10 @@ def _pretrain_jobs(suite: Suite, seed: int, arch: str, final: dict[str, Any], ad
     return jobs
 
 
-def _ancestry_evaluations(suite: Suite, ancestry_jobs: dict[str, Job], add) -> list[Job]:
-    """Sample and evaluate jobs of every ancestry the suite scores (``evaluate``), on its own training data: one
-    benchmark per size, ``ancestry--<arch>``, with a row per ancestry (variant = its name)."""
+def _ancestry_evaluations(suite: Suite, ancestry_jobs: dict[str, Job], add, seed: int) -> list[Job]:
+    """Sample and evaluate jobs of every ancestry the suite scores (``evaluate``), on its own training data, for the
+    suite's ``seed`` (the sampling seed; the training seed is the ancestry's own): one benchmark per size,
+    ``ancestry--<arch>``, with a row per ancestry (variant = its name)."""
     from methods import get_method_class
 
     evaluations = []
@@ -179,7 +181,7 @@ def _ancestry_evaluations(suite: Suite, ancestry_jobs: dict[str, Job], add) -> l
             continue
         cfg = from_dict(job.config)
         protocol = ancestry_eval(suite, spec)
-        labels = {"method": spec.method, "variant": name, "seed": job.info["seed"], "task": "ancestry",
+        labels = {"method": spec.method, "variant": name, "seed": seed, "task": "ancestry",
                   "task_stage": "ancestry", "arch": cfg.model.arch, "family": get_method_class(spec.method).family,
                   "benchmark": f"ancestry--{_arch_dash(cfg.model.arch)}", "ancestry_job": None}
         # one reference for every ancestry trained on the same data under the same protocol: ranked together

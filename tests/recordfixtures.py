@@ -78,7 +78,8 @@ def _info(step: str, run_id: str, benchmark: str, method: str, family: str, vari
     task = benchmark.split("--")[0]
     return new_run_info(job_id=f"{run_id}--{step}{job_suffix}", run_id=run_id, step=step, suite="tiny",
                         benchmark=benchmark, task=task, arch="DiT-T/2", method=method, family=family,
-                        variant=variant, seed=seed, config={"method": {"name": method}, "seed": seed},
+                        variant=variant, seed=seed,
+                        config={"method": {"name": method, "stage": "transfer"}, "seed": seed},
                         config_hash=run_id.rsplit("--", 1)[-1], depends_on=depends_on, git=GIT,
                         created_at="2025-03-01T10:00:00.000+00:00")
 

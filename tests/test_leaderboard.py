@@ -562,7 +562,8 @@ def _group(means_by_method: dict[str, list[float]]) -> list[dict]:
 
     rows = []
     for method, values in means_by_method.items():
-        runs = [{"benchmark": "b", "task": "t", "arch": "a", "protocol_id": "p", **{k: None for k in PROTOCOL_KEYS},
+        runs = [{"benchmark": "b", "task": "t", "stage": "transfer", "arch": "a", "protocol_id": "p",
+                 **{k: None for k in PROTOCOL_KEYS},
                  "method": method, "family": "f", "variant": "default", "seed": seed, "run_id": f"{method}{seed}",
                  "stale": "", **{k: None for k in AGG_COSTS}, "fid": value} for seed, value in enumerate(values)]
         rows.append(aggregate_group(runs, ["fid"]))
@@ -593,7 +594,8 @@ def test_a_column_where_every_row_has_the_same_value_has_no_best():
 def _run(method: str, seed: int, fid: float, n_samples: int = 256) -> dict:
     # the reference id is the reference's own (the images' hash), not the prepare job's: the floor is found upstream
     protocol = {k: None for k in PROTOCOL_KEYS} | {"reference_id": "images-0123", "n_samples": n_samples}
-    return {"benchmark": "b", "task": "t", "arch": "a", "protocol_id": "p", **protocol, "method": method,
+    return {"benchmark": "b", "task": "t", "stage": "transfer", "arch": "a", "protocol_id": "p", **protocol,
+            "method": method,
             "family": "f", "variant": "default", "seed": seed, "run_id": f"{method}{seed}", "stale": "",
             "eval_job_id": f"{method}{seed}--evaluate", **{k: None for k in AGG_COSTS}, "fid": fid}
 

@@ -51,6 +51,7 @@ def test_every_figure_is_written_as_png_and_pdf(plotted):
         stems = [f"{bench}/loss_curves"] + [f"{bench}/{protocol_id(p)}/{kind}" for p in protocols
                                             for kind in ("pareto_params", "pareto_compute", "summary", "samples")]
         expected |= {f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")}
+    expected |= {"questions/transfer.png", "questions/transfer.pdf"}  # both benchmarks ask question (a)
     assert names == expected
     for path in written:
         data = path.read_bytes()
@@ -89,11 +90,12 @@ def test_same_csv_gives_identical_files(plotted, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.report.plots", "--leaderboard", str(subset), "--out",
                            str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert len(first) == 10
+    assert len(first) == 12
     for path in first:
         again = tmp_path / "two" / path.relative_to(tmp_path / "one")
         assert path.read_bytes() == again.read_bytes(), f"{path.name} differs between runs"
-        assert path.read_bytes() == (base / "figs" / path.relative_to(tmp_path / "one")).read_bytes()
+        if "questions" not in path.parts:  # a question's figure holds every benchmark of it: here only one
+            assert path.read_bytes() == (base / "figs" / path.relative_to(tmp_path / "one")).read_bytes()
 
 
 def test_missing_inputs_warn_and_skip(plotted, tmp_path):
@@ -111,7 +113,7 @@ def test_missing_inputs_warn_and_skip(plotted, tmp_path):
     with pytest.warns(PlotWarning, match="sample grid of .* not found"):
         written = make_plots(out, tmp_path / "figs")
     assert not [p for p in written if p.stem == "samples"]
-    assert {p.stem for p in written} == {"loss_curves", "pareto_params", "pareto_compute", "summary"}
+    assert {p.stem for p in written} == {"loss_curves", "pareto_params", "pareto_compute", "summary", "transfer"}
 
 
 def test_bad_leaderboard_folder(tmp_path):
@@ -205,3 +207,14 @@ def test_summary_figure_orders_by_rank_with_intervals_ties_and_the_floor(plotted
     spans = [seg for coll in fid.collections for seg in coll.get_segments()]
     assert any(seg[0][0] == pytest.approx(float(kind["fid_ci_low"])) and
                seg[1][0] == pytest.approx(float(kind["fid_ci_high"])) for seg in spans)
+
+
+def test_one_figure_per_paper_question_has_a_panel_per_benchmark_of_its_stage(plotted):
+    from bench.report.plots import question_figure
+
+    base = plotted[0]
+    boards = [read_csv(base / "out" / bench / "leaderboard.csv", BOARD_COLUMNS) for bench in (BENCH_A, BENCH_B)]
+    assert {row["stage"] for board in boards for row in board} == {"transfer"}
+    figure = question_figure("transfer", boards)
+    assert [ax.get_title() for ax in figure.axes] == [BENCH_A, BENCH_B]
+    assert figure.axes[0].get_xlabel() == "FID ↓" and "(a) novel classes" in figure.texts[0].get_text()

@@ -63,7 +63,7 @@ METRIC_ORDER = ("fid", "sfid", "is", "precision", "recall", "fdd", "class_acc")
 FLOOR_METHOD = "real images"
 """The floor row's method: held-out real images scored like samples (``bench.pipeline.steps.prepare``)."""
 PROTOCOL_KEYS = tuple(EvalProtocol.__annotations__)
-IDENTITY_COLUMNS = ("benchmark", "task", "arch", "protocol_id") + PROTOCOL_KEYS
+IDENTITY_COLUMNS = ("benchmark", "task", "stage", "arch", "protocol_id") + PROTOCOL_KEYS
 COST_COLUMNS = ("params_trainable", "params_total", "params_inherited", "params_new", "stored_bytes",
                 "gmacs_fwd_trained", "gmacs_fwd_sampled", "train_gmacs_total", "steps", "images_seen", "global_batch",
                 "world_size", "gpu_hours", "wall_s", "peak_mem_gb") + ANCESTRY_COSTS
@@ -183,7 +183,9 @@ def run_row(evaluation: Record, index: RecordIndex, store_root: Path, out_dir: P
     sample = index.upstream(evaluation, ("sample",))
     row: dict[str, Any] = {key: info[key] for key in ("benchmark", "task", "arch", "method", "family", "variant",
                                                       "seed", "run_id", "config_hash", "git_sha", "git_dirty")}
-    row.update({key: protocol[key] for key in PROTOCOL_KEYS}, protocol_id=protocol_id(protocol),
+    # the method stage is the paper question the benchmark asks (transfer, domain, descend; ancestry)
+    stage = ((info.get("config") or {}).get("method") or {}).get("stage") or ""
+    row.update({key: protocol[key] for key in PROTOCOL_KEYS}, protocol_id=protocol_id(protocol), stage=stage,
                eval_job_id=info["job_id"], train_job_id="", sample_job_id="", loss_curve="", grid_png="",
                samples_npz="", real_npz="", stale=stale)
     row.update(dict.fromkeys(COST_COLUMNS), final_loss=None)

@@ -8,6 +8,8 @@ Per benchmark and evaluation protocol (protocols are never mixed in one figure, 
 * ``pareto_compute``: every metric vs training compute (GMACs, log x), with its Pareto front;
 * ``summary``: FID, precision and class accuracy of every method in rank order, each with its 95% interval over seeds
   and samples and the floor (held-out real images): the benchmark's question answered in one figure;
+* ``questions/<stage>``: one figure per paper question (benchmarks of stage transfer, domain, descend), a FID panel
+  per benchmark in rank order with intervals and floor;
 * ``samples``: held-out real images, then one grid per (method, variant) from its lowest seed, one labelled row per
   class (``bench.report.grids``; the sampler's ``grid.png`` where the samples' file is too large to read).
 
@@ -31,7 +33,7 @@ import math
 import os
 import sys
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -314,40 +316,81 @@ def samples_figure(runs: list[dict[str, str]], base: Path) -> Figure | None:
 SUMMARY_METRICS = ("fid", "precision", "class_acc")
 
 
+def _ranked(rows: list[dict[str, str]]) -> tuple[dict[str, str] | None, list[dict[str, str]]]:
+    """(the floor row or None, the other rows in rank order; unranked last)."""
+    floor = next((row for row in rows if is_floor(row)), None)
+    ordered = sorted((row for row in rows if not is_floor(row)),
+                     key=lambda r: (number(r.get("rank")) is None, number(r.get("rank")) or 0.0, label_of(r)))
+    return floor, ordered
+
+
+def interval_panel(ax, ordered: list[dict[str, str]], floor: dict[str, str] | None, name: str,
+                   styles: dict[str, dict[str, Any]], labels: bool) -> None:
+    """One metric of rows in rank order, top to bottom: mean and 95% interval over seeds and samples, the floor
+    dotted; with ``labels`` the method names (``=1`` before a row tied with the best on the primary metric)."""
+    positions = list(range(len(ordered)))[::-1]
+    primary = next((m for m in SUMMARY_METRICS if ordered and f"tied_{m}" in ordered[0]), name)
+    for y, row in zip(positions, ordered):
+        mean = number(row.get(f"{name}_mean"))
+        if mean is None:
+            continue
+        low, high = number(row.get(f"{name}_ci_low")), number(row.get(f"{name}_ci_high"))
+        err = [[mean - low], [high - mean]] if low is not None and high is not None else None
+        ax.errorbar(mean, y, xerr=err, linestyle="none", capsize=2, **styles[label_of(row)])
+    level = number(floor.get(f"{name}_mean")) if floor else None
+    if level is not None:
+        ax.axvline(level, linestyle=":", color="0.2", linewidth=1)
+    names = [("=1 " if flag(r.get(f"tied_{primary}")) else "") + label_of(r) for r in ordered]
+    ax.set_yticks(positions, names if labels else [""] * len(names))
+    ax.set_ylim(-0.7, len(ordered) - 0.3)
+    higher = flag(ordered[0][f"{name}_higher_is_better"]) if ordered else False
+    ax.set_xlabel(f"{metric_label(name)} {'↑' if higher else '↓'}")
+
+
 def summary_figure(rows: list[dict[str, str]], styles: dict[str, dict[str, Any]]) -> Figure | None:
     """The benchmark's answer at a glance: per metric (FID, precision, class accuracy where present) every method's
     mean with its 95% interval over seeds and samples, methods in rank order top to bottom, ``=1`` before a row tied
     with the best, the floor (held-out real images) as a dotted line."""
-    floor = next((row for row in rows if is_floor(row)), None)
-    rows = [row for row in rows if not is_floor(row)]
-    metrics = [m for m in SUMMARY_METRICS if m in metrics_in(rows)] if rows else []
+    floor, ordered = _ranked(rows)
+    metrics = [m for m in SUMMARY_METRICS if m in metrics_in(ordered)] if ordered else []
     if not metrics:
         return None
-    primary = metrics[0]
-    ordered = sorted(rows, key=lambda r: (number(r.get("rank")) is None, number(r.get("rank")) or 0.0,
-                                          label_of(r)))
     figure, axes = new_figure(len(metrics), ncols=len(metrics), panel=(3.2, 0.6 + 0.22 * len(ordered)),
                               legend=False)
-    positions = list(range(len(ordered)))[::-1]
-    names = [("=1 " if flag(r.get(f"tied_{primary}")) else "") + label_of(r) for r in ordered]
     for index, (ax, name) in enumerate(zip(axes, metrics)):
-        for y, row in zip(positions, ordered):
-            mean = number(row[f"{name}_mean"])
-            if mean is None:
-                continue
-            low, high = number(row.get(f"{name}_ci_low")), number(row.get(f"{name}_ci_high"))
-            err = [[mean - low], [high - mean]] if low is not None and high is not None else None
-            ax.errorbar(mean, y, xerr=err, linestyle="none", capsize=2, **styles[label_of(row)])
-        level = number(floor[f"{name}_mean"]) if floor else None
-        if level is not None:
-            ax.axvline(level, linestyle=":", color="0.2", linewidth=1)
-        ax.set_yticks(positions, names if index == 0 else [""] * len(names))
-        ax.set_ylim(-0.7, len(ordered) - 0.3)
-        higher = flag(ordered[0][f"{name}_higher_is_better"])
-        ax.set_xlabel(f"{metric_label(name)} {'↑' if higher else '↓'}")
+        interval_panel(ax, ordered, floor, name, styles, labels=index == 0)
     figure.subplots_adjust(left=min(0.45, 1.4 / figure.get_figwidth()))
-    figure.suptitle(f"{rows[0]['benchmark']}, protocol {rows[0]['protocol_id']}\nmean, 95% interval over seeds and "
-                    f"samples; rank order by {metric_label(primary)}" + ("; dotted: real images" if floor else ""))
+    dotted = "; dotted: real images" if floor else ""
+    figure.suptitle(f"{ordered[0]['benchmark']}, protocol {ordered[0]['protocol_id']}\nmean, 95% interval over seeds "
+                    f"and samples; rank order by {metric_label(metrics[0])}{dotted}")
+    return figure
+
+
+#: the papers' questions, by the method stage of their benchmarks
+QUESTIONS = {"transfer": "(a) novel classes", "domain": "(b) domain shift", "descend": "(c) other model sizes"}
+
+
+def question_figure(stage: str, boards: list[list[dict[str, str]]]) -> Figure | None:
+    """One paper question at a glance: a panel per benchmark of that stage (its protocol with the most rows), FID of
+    every method in rank order with its 95% interval over seeds and samples, the floor dotted."""
+    panels = []
+    for board in boards:
+        counts = Counter(row["protocol_id"] for row in board)
+        main = max(sorted(counts), key=counts.__getitem__)
+        floor, ordered = _ranked([row for row in board if row["protocol_id"] == main])
+        if ordered and "fid" in metrics_in(ordered):
+            panels.append((floor, ordered))
+    if not panels:
+        return None
+    styles = styles_for([row for _, ordered in panels for row in ordered])
+    tallest = max(len(ordered) for _, ordered in panels)
+    figure, axes = new_figure(len(panels), ncols=len(panels), panel=(3.6, 0.6 + 0.22 * tallest), legend=False)
+    for ax, (floor, ordered) in zip(axes, panels):
+        interval_panel(ax, ordered, floor, "fid", styles, labels=True)
+        ax.set_title(ordered[0]["benchmark"])
+    figure.subplots_adjust(left=min(0.3, 1.4 / figure.get_figwidth()), wspace=0.9)
+    figure.suptitle(f"{QUESTIONS[stage]}: FID, mean and 95% interval over seeds and samples, rank order"
+                    "; dotted: real images")
     return figure
 
 
@@ -390,6 +433,7 @@ def make_plots(leaderboard_dir: str | os.PathLike, out_dir: str | os.PathLike) -
         warnings.warn(f"{base}: the leaderboard has no benchmark yet; no figures", PlotWarning, stacklevel=2)
     runs = current_rows(read_csv(runs_csv, RUN_COLUMNS)) if runs_csv.is_file() else []
     written: list[Path] = []
+    by_stage: dict[str, list[list[dict[str, str]]]] = defaultdict(list)
     with matplotlib.style.context("default"), matplotlib.rc_context(STYLE):
         for board_csv in boards:
             board = current_rows(read_csv(board_csv, BOARD_COLUMNS))
@@ -398,6 +442,10 @@ def make_plots(leaderboard_dir: str | os.PathLike, out_dir: str | os.PathLike) -
             benchmark = board[0]["benchmark"]
             bench_runs = [r for r in runs if r["benchmark"] == benchmark]
             written += plot_benchmark(board, bench_runs, base, out / board_csv.parent.name)
+            by_stage[board[0].get("stage") or ""].append(board)
+        for stage, boards_of_stage in sorted(by_stage.items()):
+            if stage in QUESTIONS:
+                written += _emit(question_figure(stage, boards_of_stage), out / "questions" / stage)
     return written
 
 

@@ -325,11 +325,11 @@ def _ranked(rows: list[dict[str, str]]) -> tuple[dict[str, str] | None, list[dic
 
 
 def interval_panel(ax, ordered: list[dict[str, str]], floor: dict[str, str] | None, name: str,
-                   styles: dict[str, dict[str, Any]], labels: bool) -> None:
+                   styles: dict[str, dict[str, Any]], labels: bool, primary: str) -> None:
     """One metric of rows in rank order, top to bottom: mean and 95% interval over seeds and samples, the floor
-    dotted; with ``labels`` the method names (``=1`` before a row tied with the best on the primary metric)."""
+    dotted; with ``labels`` the method names (``=1`` before a row tied with the best on the ``primary`` metric, the
+    one the rows are ranked by)."""
     positions = list(range(len(ordered)))[::-1]
-    primary = next((m for m in SUMMARY_METRICS if ordered and f"tied_{m}" in ordered[0]), name)
     for y, row in zip(positions, ordered):
         mean = number(row.get(f"{name}_mean"))
         if mean is None:
@@ -358,7 +358,7 @@ def summary_figure(rows: list[dict[str, str]], styles: dict[str, dict[str, Any]]
     figure, axes = new_figure(len(metrics), ncols=len(metrics), panel=(3.2, 0.6 + 0.22 * len(ordered)),
                               legend=False)
     for index, (ax, name) in enumerate(zip(axes, metrics)):
-        interval_panel(ax, ordered, floor, name, styles, labels=index == 0)
+        interval_panel(ax, ordered, floor, name, styles, labels=index == 0, primary=metrics[0])
     figure.subplots_adjust(left=min(0.45, 1.4 / figure.get_figwidth()))
     dotted = "; dotted: real images" if floor else ""
     figure.suptitle(f"{ordered[0]['benchmark']}, protocol {ordered[0]['protocol_id']}\nmean, 95% interval over seeds "
@@ -386,7 +386,7 @@ def question_figure(stage: str, boards: list[list[dict[str, str]]]) -> Figure | 
     tallest = max(len(ordered) for _, ordered in panels)
     figure, axes = new_figure(len(panels), ncols=len(panels), panel=(3.6, 0.6 + 0.22 * tallest), legend=False)
     for ax, (floor, ordered) in zip(axes, panels):
-        interval_panel(ax, ordered, floor, "fid", styles, labels=True)
+        interval_panel(ax, ordered, floor, "fid", styles, labels=True, primary="fid")
         ax.set_title(ordered[0]["benchmark"])
     figure.subplots_adjust(left=min(0.3, 1.4 / figure.get_figwidth()), wspace=0.9)
     figure.suptitle(f"{QUESTIONS[stage]}: FID, mean and 95% interval over seeds and samples, rank order"

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from torch._inductor.exc import InductorError  # noqa: E402
 from train_step import build_model, plain_train_step  # noqa: E402
 
 from bench.models.accounting import forward_gmacs_for_arch  # noqa: E402
@@ -88,9 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     modes = [(precision, False) for precision in PRECISIONS] + [("fp32", True)] * args.compile
     for precision, compiled in modes:
         for batch in (int(b) for b in args.batches.split(",")):
-            rate = step_images_per_s(batch, precision, args.steps, args.arch, args.image_size, compiled)
-            flops = rate * 3 * 2 * gmacs * 1e9
             how = "compiled (torch.compile)" if compiled else "eager"
+            try:
+                rate = step_images_per_s(batch, precision, args.steps, args.arch, args.image_size, compiled)
+            except InductorError as error:
+                # Inductor builds C++ with the machine's own compiler and loads it into this process; where that
+                # toolchain does not fit torch (seen on a CI machine: an undefined libstdc++ symbol), the row says
+                # why it has no number rather than the whole table being lost.
+                reason = str(error).strip().splitlines()[0][:200].replace("|", "/")
+                rows.append(f"| training step, batch {batch}, {how} | {precision} | not measured: torch.compile "
+                            f"failed on this machine ({reason}) | | |")
+                continue
+            flops = rate * 3 * 2 * gmacs * 1e9
             rows.append(f"| training step, batch {batch}, {how} | {precision} | {rate:.1f} img/s = "
                         f"{flops / 1e9:.2f} GFLOP/s | {100 * flops / peaks[precision]:.1f} % | "
                         f"{peaks[precision] / 1e9:.1f} |")

@@ -60,7 +60,7 @@ def fake_jobs(tmp_path, monkeypatch):
 def test_parallel_run_respects_dependencies_and_the_bound(tmp_path, fake_jobs):
     _, events = fake_jobs
     summary = executor.run_local(diamond_plan(), Roots(tmp_path / "runs", tmp_path / "results"), jobs=2)
-    assert summary["outcomes"] == {"ran": 7, "done": 0, "failed": 0, "blocked": 0}
+    assert summary["outcomes"] == {"ran": 7, "done": 0, "failed": 0, "blocked": 0, "stopped": 0}
     log = events()
     start = {e["job"]: e["t"] for e in log if e["event"] == "start"}
     end = {e["job"]: e["t"] for e in log if e["event"] == "end"}
@@ -81,7 +81,7 @@ def test_a_failed_job_blocks_only_its_dependents(tmp_path, fake_jobs):
     summary = executor.run_local(diamond_plan(), Roots(tmp_path / "runs", tmp_path / "results"), jobs=3)
     ran = {e["job"] for e in events() if e["event"] == "end"}
     assert ran == {"a", "b", "c", "d", "f", "agg"}  # e waits on c; aggregation still runs on what finished
-    assert summary["outcomes"] == {"ran": 5, "done": 0, "failed": 1, "blocked": 1}
+    assert summary["outcomes"] == {"ran": 5, "done": 0, "failed": 1, "blocked": 1, "stopped": 0}
 
 
 def test_aggregation_waits_for_every_evaluation_even_after_an_early_failure(tmp_path, fake_jobs):
@@ -92,7 +92,7 @@ def test_aggregation_waits_for_every_evaluation_even_after_an_early_failure(tmp_
     start = {e["job"]: e["t"] for e in log if e["event"] == "start"}
     end = {e["job"]: e["t"] for e in log if e["event"] == "end"}
     assert "agg" in start and start["agg"] >= end["e"]
-    assert summary["outcomes"] == {"ran": 6, "done": 0, "failed": 1, "blocked": 0}
+    assert summary["outcomes"] == {"ran": 6, "done": 0, "failed": 1, "blocked": 0, "stopped": 0}
 
 
 def test_default_parallelism_is_one_unless_every_run_pins_one_thread():

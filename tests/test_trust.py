@@ -39,7 +39,7 @@ def finished_mini(tmp_path_factory):
     base = tmp_path_factory.mktemp("mini")
     roots = Roots(base / "runs", default_results(base / "runs", "mini"))
     plan, summary = _run(roots)
-    assert summary["outcomes"] == {"ran": len(plan.jobs), "done": 0, "failed": 0, "blocked": 0}
+    assert summary["outcomes"] == {"ran": len(plan.jobs), "done": 0, "failed": 0, "blocked": 0, "stopped": 0}
     return base / "runs"
 
 

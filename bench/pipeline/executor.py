@@ -22,6 +22,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,8 @@ from bench.config.suite import Suite, SuiteError, load_suite, protocol_section
 from bench.pipeline.jobs import Roots, run_job
 from bench.pipeline.plan import STEPS, Job, Plan, make_plan, resolve_budgets
 from bench.pipeline.status import JobState, plan_states
+from bench.pipeline.stopping import STOP_SIGNALS, StopRequests, ignore_stop_signals
+from bench.run.preemption import EXIT_REQUEUE
 
 #: ``--set`` sections that are a protocol (the sample and evaluate jobs' settings), not training config.
 PROTOCOL_SECTIONS = ("sample", "eval")
@@ -211,24 +214,32 @@ def run_local(plan: Plan, roots: Roots, *, nproc: int = 1, force: bool = False, 
                 console.print(f"[cyan]rerun[/]     {job.job_id}: {states[job.job_id].state}: "
                               f"{states[job.job_id].reason}")
             todo.append(job)
-    if jobs > 1:
-        _run_parallel(todo, plan_path, roots, nproc, force, jobs, outcome, step_time, console)
-    else:
-        _run_sequential(todo, plan, plan_path, roots, nproc, force, outcome, step_time, console)
+    with StopRequests() as stop:
+        if jobs > 1:
+            _run_parallel(todo, plan_path, roots, nproc, force, jobs, outcome, step_time, console, stop)
+        else:
+            _run_sequential(todo, plan, plan_path, roots, nproc, force, outcome, step_time, console, stop)
     summary = {"suite": plan.suite, "plan": str(plan_path), "step_seconds": dict(step_time), "parallel_jobs": jobs,
-               "wall_seconds": time.perf_counter() - t_start,
+               "wall_seconds": time.perf_counter() - t_start, "stopped_by": stop.signal_name,
                "outcomes": {k: sum(1 for v in outcome.values() if v == k)
-                            for k in ("ran", "done", "failed", "blocked")}}
+                            for k in ("ran", "done", "failed", "blocked", "stopped")}}
     _print_timings(summary, console)
+    if stop.requested:
+        console.print(f"[yellow]stopped[/] by {stop.signal_name}: training jobs checkpointed; run the same command "
+                      "to resume")
     return summary
 
 
 def _run_sequential(todo: list[Job], plan: Plan, plan_path: Path, roots: Roots, nproc: int, force: bool,
-                    outcome: dict[str, str], step_time: dict[str, float], console: Console) -> None:
-    """In this process, in plan order (the plan lists every job after its dependencies)."""
+                    outcome: dict[str, str], step_time: dict[str, float], console: Console,
+                    stop: StopRequests) -> None:
+    """In this process, in plan order (the plan lists every job after its dependencies), until a stop request."""
     from bench.run.engine import init_distributed
+    from bench.run.train import Preempted
 
     for job in todo:
+        if stop.requested:
+            break
         blocked = _blocked_by(job, outcome)
         if blocked:
             outcome[job.job_id] = "blocked"
@@ -238,19 +249,39 @@ def _run_sequential(todo: list[Job], plan: Plan, plan_path: Path, roots: Roots, 
         t0 = time.perf_counter()
         try:
             if nproc > 1 and job.step in ("pretrain", "train", "sample"):
-                proc = subprocess.run(_job_command(plan_path, job, roots, nproc, force), env=_job_env())
-                if proc.returncode != 0:
+                returncode = _watched_subprocess(_job_command(plan_path, job, roots, nproc, force), stop)
+                if returncode == EXIT_REQUEUE:
+                    raise Preempted("torchrun job stopped")
+                if returncode != 0:
                     raise RuntimeError(f"job {job.job_id} failed under torchrun "
-                                       f"(exit {proc.returncode}); see its record")
+                                       f"(exit {returncode}); see its record")
             else:
                 engine = from_dict(job.config).engine if job.config else RunConfig().engine
                 run_job(plan, job, roots, init_distributed(engine), force=force)
             outcome[job.job_id] = "ran"
+        except Preempted:  # a training job checkpointed on a stop signal (its watch, not ours, caught it)
+            outcome[job.job_id] = "stopped"
+            stop.signal_name = stop.signal_name or "SIGTERM"
+            console.print(f"[yellow]stopped[/]   {job.job_id} (checkpointed)")
         except Exception as err:  # noqa: BLE001 - recorded by run_job; the other branches go on
             outcome[job.job_id] = "failed"
             console.print(f"[red]failed[/] {job.job_id}: "
                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
         step_time[job.step] += time.perf_counter() - t0
+
+
+#: A pool worker's answer for a job that checkpointed and stopped on a stop signal.
+STOPPED = "stopped on a stop signal (checkpointed)"
+
+
+def _watched_subprocess(command: list[str], stop: StopRequests) -> int:
+    """Run a job's own process to its end, passing a stop request on to it."""
+    proc = subprocess.Popen(command, env=_job_env())
+    stop.watch(proc.pid)
+    try:
+        return proc.wait()
+    finally:
+        stop.unwatch(proc.pid)
 
 
 def _execute(plan_path: str, job_id: str, runs: str, results: str, nproc: int, force: bool) -> tuple[bool, str]:
@@ -260,6 +291,7 @@ def _execute(plan_path: str, job_id: str, runs: str, results: str, nproc: int, f
     run jobs in-process, exactly as the sequential executor does; multi-process jobs (``nproc`` > 1) still go
     through torchrun."""
     from bench.run.engine import init_distributed
+    from bench.run.train import Preempted
 
     roots = Roots(Path(runs), Path(results))
     plan = _worker_plan(plan_path)
@@ -271,13 +303,19 @@ def _execute(plan_path: str, job_id: str, runs: str, results: str, nproc: int, f
         os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
         try:
             if nproc > 1 and job.step in ("pretrain", "train", "sample"):
-                proc = subprocess.run(_job_command(Path(plan_path), job, roots, nproc, force), env=_job_env())
+                # the worker ignores stop signals between jobs (ignore_stop_signals); torchrun must not
+                proc = subprocess.run(_job_command(Path(plan_path), job, roots, nproc, force), env=_job_env(),
+                                      preexec_fn=_default_stop_signals)
+                if proc.returncode == EXIT_REQUEUE:
+                    return False, STOPPED
                 if proc.returncode != 0:
                     return False, f"torchrun exited with {proc.returncode}; see its record"
                 return True, ""
             engine = from_dict(job.config).engine if job.config else RunConfig().engine
             run_job(plan, job, roots, init_distributed(engine), force=force)
             return True, ""
+        except Preempted:
+            return False, STOPPED
         except Exception as err:  # noqa: BLE001 - run_job recorded it; the executor goes on with other branches
             return False, str(err).splitlines()[0] if str(err) else type(err).__name__
         finally:
@@ -299,19 +337,29 @@ def _make_pool(jobs: int) -> concurrent.futures.Executor:
     """Worker processes, started fresh (spawn: no state inherited from this process, CUDA-safe) and reused."""
     import multiprocessing
 
-    return concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    return concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=ignore_stop_signals)
+
+
+def _default_stop_signals() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _run_parallel(todo: list[Job], plan_path: Path, roots: Roots, nproc: int, force: bool, jobs: int,
-                  outcome: dict[str, str], step_time: dict[str, float], console: Console) -> None:
+                  outcome: dict[str, str], step_time: dict[str, float], console: Console,
+                  stop: StopRequests) -> None:
     """Up to ``jobs`` jobs at once in a pool of worker processes (each job's output in ``<runs>/logs/<job>.log``),
-    started in plan order as soon as their dependencies have succeeded."""
+    started in plan order as soon as their dependencies have succeeded; after a stop request, only until the
+    running ones have ended."""
     (roots.runs / "logs").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the workers, as the sequential path's subprocesses
     waiting = list(todo)
     running: dict[concurrent.futures.Future, tuple[Job, float]] = {}
     with _make_pool(jobs) as pool:
         while waiting or running:
+            if stop.requested:
+                waiting.clear()
             for job in list(waiting):
                 blocked = _blocked_by(job, outcome)
                 if blocked:
@@ -326,6 +374,8 @@ def _run_parallel(todo: list[Job], plan_path: Path, roots: Roots, nproc: int, fo
                     running[future] = (job, time.perf_counter())
                     console.print(f"[bold]{job.step:9s}[/] {job.job_id}")
             if not running:
+                if stop.requested:
+                    break
                 for job in waiting:  # nothing can start and nothing runs: a dependency never finished
                     outcome[job.job_id] = "blocked"
                     console.print(f"[yellow]skip[/] {job.job_id}: its dependencies never finished")
@@ -343,6 +393,9 @@ def _run_parallel(todo: list[Job], plan_path: Path, roots: Roots, nproc: int, fo
                 if ok:
                     outcome[job.job_id] = "ran"
                     console.print(f"[green]done[/]      {job.job_id} ({seconds:.0f} s)")
+                elif error == STOPPED:
+                    outcome[job.job_id] = "stopped"
+                    console.print(f"[yellow]stopped[/]   {job.job_id} (checkpointed)")
                 else:
                     outcome[job.job_id] = "failed"
                     console.print(f"[red]failed[/] {job.job_id}: {error}; log: {log}")
@@ -421,6 +474,9 @@ def run_main(argv: list[str]) -> int:
     jobs = args.jobs if args.jobs > 0 else default_parallel_jobs(plan)
     summary = run_local(plan, roots, nproc=args.nproc, force=args.force, jobs=jobs, keep_stale=args.keep_stale,
                         console=console)
+    roots.results.mkdir(parents=True, exist_ok=True)  # a run stopped or failed before any record has no folder yet
     (roots.results / "last_run.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     console.print(f"leaderboards: {roots.results / 'leaderboard'}    plots: {roots.results / 'plots'}")
+    if summary["stopped_by"]:
+        return 128 + signal.Signals[summary["stopped_by"]].value
     return 1 if summary["outcomes"]["failed"] else 0

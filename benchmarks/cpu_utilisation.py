@@ -9,6 +9,8 @@ FLOP/s / the peak of the same precision.
 
     python benchmarks/cpu_utilisation.py                     # writes results/benchmarks/cpu_utilisation_cpu.md
     python benchmarks/cpu_utilisation.py --arch DiT-T/2-d4 --batches 32,64 --compile   # + the compiled fp32 step
+    python benchmarks/cpu_utilisation.py --threads 1 --before DiT-T/2@16:8 --arch DiT-T/2-d4 --batches 32,64 \
+        --compile --out results/benchmarks/cpu_utilisation_before_after_cpu.md   # the small suite's step vs before
 """
 
 from __future__ import annotations
@@ -74,8 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="DiT-T/2")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--compile", action="store_true", help="also time the fp32 step with torch.compile(model)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for the peak and the steps (default: torch's own, one per core); the "
+                             "suites run one thread per job, a job per core")
+    parser.add_argument("--before", default="", metavar="ARCH@PX:BATCH",
+                        help="also time this configuration's fp32 eager step as the reference (e.g. DiT-T/2@16:8, the "
+                             "tiny suite's step before the embedded benchmark was redesigned) and print each fp32 "
+                             "row's model FLOP/s as a ratio to it")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "cpu_utilisation_cpu.md")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     gmacs = forward_gmacs_for_arch(args.arch, input_size=args.image_size, in_channels=3, num_classes=64)
     peaks = {}
     rows = []
@@ -86,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         peaks[precision] = max(large, own)
         rows.append(f"| matmul peak | {precision} | 2048³: {large / 1e9:.1f} GFLOP/s; 8192x64x256: {own / 1e9:.1f} "
                     f"GFLOP/s | | |")
+    reference = None
+    if args.before:
+        arch, rest = args.before.split("@")
+        size, batch = (int(part) for part in rest.split(":"))
+        rate = step_images_per_s(batch, "fp32", args.steps, arch, size)
+        reference = rate * 3 * 2 * forward_gmacs_for_arch(arch, input_size=size, in_channels=3, num_classes=64) * 1e9
+        rows.append(f"| before: {arch} at {size} px, batch {batch}, eager | fp32 | {rate:.1f} img/s = "
+                    f"{reference / 1e9:.2f} GFLOP/s | {100 * reference / peaks['fp32']:.1f} % | "
+                    f"{peaks['fp32'] / 1e9:.1f} |")
     modes = [(precision, False) for precision in PRECISIONS] + [("fp32", True)] * args.compile
     for precision, compiled in modes:
         for batch in (int(b) for b in args.batches.split(",")):
@@ -101,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                             f"failed on this machine ({reason}) | | |")
                 continue
             flops = rate * 3 * 2 * gmacs * 1e9
+            ratio = f" ({flops / reference:.1f}x before)" if reference and precision == "fp32" else ""
             rows.append(f"| training step, batch {batch}, {how} | {precision} | {rate:.1f} img/s = "
-                        f"{flops / 1e9:.2f} GFLOP/s | {100 * flops / peaks[precision]:.1f} % | "
+                        f"{flops / 1e9:.2f} GFLOP/s{ratio} | {100 * flops / peaks[precision]:.1f} % | "
                         f"{peaks[precision] / 1e9:.1f} |")
     command = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
     text = "\n".join([

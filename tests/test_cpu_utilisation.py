@@ -14,18 +14,23 @@ from trainrun import REPO
 def test_the_table_names_a_peak_and_a_utilisation_per_precision(tmp_path):
     out = tmp_path / "cpu.md"
     done = subprocess.run([sys.executable, "benchmarks/cpu_utilisation.py", "--batches", "2", "--steps", "1",
-                           "--repeats", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+                           "--repeats", "1", "--before", "DiT-T/2@32:2", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     for precision in ("fp32", "bf16"):
         peak = re.search(rf"\| matmul peak \| {precision} \| 2048³: ([\d.]+) GFLOP/s", text)
-        step = re.search(rf"\| training step, batch 2, eager \| {precision} \| ([\d.]+) img/s = ([\d.]+) GFLOP/s \| "
-                         rf"([\d.]+) % \| ([\d.]+) \|", text)
+        step = re.search(rf"\| training step, batch 2, eager \| {precision} \| ([\d.]+) img/s = ([\d.]+) GFLOP/s"
+                         rf"(?: \([\d.]+x before\))? \| ([\d.]+) % \| ([\d.]+) \|", text)
         assert peak and step, text
         images, gflops, percent, used_peak = map(float, step.groups())
         assert images > 0 and 0 < percent <= 100 and used_peak >= float(peak.group(1))
         assert abs(100 * gflops / used_peak - percent) < 0.1  # utilisation is the model FLOP/s over that peak
+    before = re.search(r"\| before: DiT-T/2 at 32 px, batch 2, eager \| fp32 \| [\d.]+ img/s = ([\d.]+) GFLOP/s", text)
+    after = re.search(r"\| training step, batch 2, eager \| fp32 \| [\d.]+ img/s = ([\d.]+) GFLOP/s "
+                      r"\(([\d.]+)x before\)", text)
+    assert before and after, text
+    assert abs(float(after.group(1)) / float(before.group(1)) - float(after.group(2))) < 0.06  # the ratio is theirs
 
 
 @pytest.mark.slow

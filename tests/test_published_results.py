@@ -76,3 +76,25 @@ def test_every_leaderboard_row_has_the_suites_seeds_an_interval_and_ends_with_it
                 assert row["fid_ci_low"] and row["fid_ci_high"], (board.parent.name, row["method"])
                 if n_seeds > 1:
                     assert row["fid_std"] and row["class_acc_std"], (board.parent.name, row["method"])
+
+
+def _board(suite: str, benchmark: str) -> dict[tuple[str, str], dict]:
+    import csv
+
+    path = REPO / "results" / suite / "leaderboard" / benchmark / "leaderboard.csv"
+    return {(row["method"], row["variant"]): row for row in csv.DictReader(path.open(newline=""))}
+
+
+def test_the_small_suite_separates_inheritance_from_scratch():
+    """Two of the things the small suite exists to show (results/small/FINDINGS.md): the best novel-class transfer
+    reaches precision 0.5, and scratch at the transfer budget is worse than the best inherited method with intervals
+    that do not overlap; and the ancestry table carries what the third is judged by (the dense ancestry's class
+    accuracy beside the floor row's, the classifier's on held-out real images; FINDINGS.md says how far it gets)."""
+    ancestry = _board("small", "ancestry--DiT-T-2-d4")
+    assert 0 < float(ancestry[("scratch", "dense")]["class_acc_mean"]) < float(
+        ancestry[("real images", "held-out")]["class_acc_mean"])
+    novel = {key: row for key, row in _board("small", "novel-a--DiT-T-2-d4").items() if key[0] != "real images"}
+    inherited = [row for key, row in novel.items() if key[0] != "scratch"]
+    assert max(float(row["precision_mean"]) for row in inherited) >= 0.5
+    best = min(inherited, key=lambda row: float(row["fid_mean"]))
+    assert float(novel[("scratch", "default")]["fid_ci_low"]) > float(best["fid_ci_high"])

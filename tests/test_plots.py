@@ -183,6 +183,13 @@ def test_samples_figure_shows_real_images_first_and_labels_class_rows(tmp_path):
     assert real.get_title() == "real images (held-out)" and kind.get_title() == "kind"
     for ax in (real, kind):
         assert [t.get_text() for t in ax.get_yticklabels()] == ["class 0", "class 1", "class 2"]
+    labels = np.arange(96) % 48  # the small suite's 48 pre-training classes: the panel grows with its rows
+    np.savez(tmp_path / "floor.npz", arr_0=rng.integers(0, 256, (96, 8, 8, 3), dtype=np.uint8), labels=labels)
+    np.savez(tmp_path / "s" / "samples.npz", arr_0=rng.integers(0, 256, (96, 8, 8, 3), dtype=np.uint8))
+    np.save(tmp_path / "s" / "labels.npy", labels)
+    tall = samples_figure([run], tmp_path)
+    points_per_row = tall.axes[0].get_window_extent().height / 48 * 72 / tall.dpi
+    assert points_per_row >= 8  # at least a 6-point label's height per class row (it was 3 points: unreadable)
 
 
 def test_summary_figure_orders_by_rank_with_intervals_ties_and_the_floor(plotted):

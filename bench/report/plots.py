@@ -294,7 +294,8 @@ def samples_figure(runs: list[dict[str, str]], base: Path) -> Figure | None:
     if not chosen:
         return None
     panels = ([("real images (held-out)", real)] if real is not None else []) + sorted(chosen.items())
-    figure, axes = new_figure(len(panels), ncols=4, panel=(2.4, 2.6), legend=False)
+    rows = max(rows for _, (_, rows) in panels)  # a panel grows with its classes: 48 rows stay readable
+    figure, axes = new_figure(len(panels), ncols=4, panel=(2.4, max(2.6, 0.2 * rows + 0.8)), legend=False)
     for ax, (label, (grid, rows)) in zip(axes, panels):
         ax.imshow(grid, interpolation="nearest")
         ax.set_title(label)

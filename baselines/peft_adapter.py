@@ -285,6 +285,13 @@ class VeraMethod(PeftAdapterMethod):
                 shared = getattr(layer, attr)
                 setattr(layer, attr, BufferDict(dict(shared.items()), persistent=shared.persistent))
 
+    def rank_candidates(self, shapes: list[tuple[int, int]]) -> list[int]:
+        # r counts VeRA's frozen random rank-1 directions b_i a_i^T, each scaled by its own trained entry of d: past
+        # the width they still add directions (the VeRA paper trains r = 1024 on 768-wide RoBERTa-base), up to out x in
+        # of the smallest matrix. Capping r at the width, as for LoRA, left VeRA's KIND-budget row below its standard
+        # r = 256 on 64-wide layers.
+        return list(range(1, min(out * inp for out, inp in shapes) + 1))
+
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         if not self.config.save_projection:
             return {}

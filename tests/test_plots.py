@@ -216,6 +216,20 @@ def test_summary_figure_orders_by_rank_with_intervals_ties_and_the_floor(plotted
                seg[1][0] == pytest.approx(float(kind["fid_ci_high"])) for seg in spans)
 
 
+def test_rows_tied_at_rank_1_keep_the_leaderboards_order_by_mean():
+    from bench.report.plots import summary_figure
+
+    def row(method, rank, fid):
+        return {"method": method, "variant": "default", "family": "peft", "rank": rank, "tied_fid": "True",
+                "fid_mean": fid, "fid_ci_low": str(float(fid) - 1), "fid_ci_high": str(float(fid) + 1),
+                "fid_higher_is_better": "False", "benchmark": "b", "protocol_id": "p"}
+
+    rows = [row("zeta", "1", "5.0"), row("alpha", "1", "5.5"), row("mid", "1", "6.0"), row("last", "4", "9.0")]
+    fid = summary_figure(rows, styles_for(rows)).axes[0]
+    ticks = sorted(zip(fid.get_yticks(), [t.get_text() for t in fid.get_yticklabels()]), reverse=True)
+    assert [name.removeprefix("=1 ") for _, name in ticks] == ["zeta", "alpha", "mid", "last"]  # not by name
+
+
 def test_one_figure_per_paper_question_has_a_panel_per_benchmark_of_its_stage(plotted):
     from bench.report.plots import question_figure
 

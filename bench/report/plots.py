@@ -318,10 +318,11 @@ SUMMARY_METRICS = ("fid", "precision", "class_acc")
 
 
 def _ranked(rows: list[dict[str, str]]) -> tuple[dict[str, str] | None, list[dict[str, str]]]:
-    """(the floor row or None, the other rows in rank order; unranked last)."""
+    """(the floor row or None, the other rows in rank order; unranked last). Rows of one rank (tied with the best)
+    keep the leaderboard's order, which is by the metric's mean."""
     floor = next((row for row in rows if is_floor(row)), None)
     ordered = sorted((row for row in rows if not is_floor(row)),
-                     key=lambda r: (number(r.get("rank")) is None, number(r.get("rank")) or 0.0, label_of(r)))
+                     key=lambda r: (number(r.get("rank")) is None, number(r.get("rank")) or 0.0))
     return floor, ordered
 
 

@@ -10,6 +10,7 @@ handled here: the terminal already sends it to every process of the group, and a
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -51,10 +52,8 @@ class StopRequests:
         self.signal_name = self.signal_name or signal.Signals(signum).name
         pids = [child.pid for child in multiprocessing.active_children()] + self._children
         for pid in pids:  # SIGTERM whatever arrived: it is the one every job's preemption watch knows
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
 
 def ignore_stop_signals() -> None:

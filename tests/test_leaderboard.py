@@ -628,6 +628,7 @@ def test_each_protocol_group_ends_with_its_unranked_floor_row_from_the_reference
 
 def test_the_aggregate_job_leaves_no_table_or_figure_of_an_earlier_protocol(tmp_path):
     """A rebuilt reference is a new protocol: the old protocol's figures must not stay beside the new ones."""
+    from bench.pipeline.plan import Job
     from bench.pipeline.steps import Roots, aggregation
 
     results = tmp_path / "results"
@@ -638,7 +639,24 @@ def test_the_aggregate_job_leaves_no_table_or_figure_of_an_earlier_protocol(tmp_
         path.write_bytes(b"old")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = aggregation.run(None, Roots(tmp_path / "runs", results), None, None)
+        evaluations = tuple(p.stem for p in (results / "records").glob("*.json")
+                            if json.loads(p.read_text())["run_info"]["step"] == "evaluate")
+        out = aggregation.run(Job("agg", "aggregate", evaluations), Roots(tmp_path / "runs", results), None, None)
     assert not any(path.exists() for path in stray)
     assert (results / "leaderboard" / BENCH_A / "leaderboard.csv").is_file()
     assert any(p.endswith("summary.png") for p in out.blocks["extra"]["aggregate"]["plots"])
+
+
+def test_only_the_plans_evaluations_are_ranked(results_copy, tmp_path):
+    """A record whose job left the suite (a changed setting gives new ids) stays in the store, but the aggregate job
+    ranks only its plan's evaluations (``evaluations_of``)."""
+    evaluations = [p.stem for p in (results_copy / "records").glob("*.json")
+                   if json.loads(p.read_text())["run_info"]["step"] == "evaluate"]
+    everything = build_leaderboards(results_copy, tmp_path / "all")
+    kept = [job for job in evaluations if not job.startswith("lora--")]
+    build_leaderboards(results_copy, tmp_path / "plan", evaluations_of=set(kept))
+    runs_all = read_csv(tmp_path / "all" / "leaderboard_runs.csv")
+    runs_plan = read_csv(tmp_path / "plan" / "leaderboard_runs.csv")
+    assert everything and any(r["method"] == "lora" for r in runs_all)
+    assert not any(r["method"] == "lora" for r in runs_plan)
+    assert len(runs_plan) == len(runs_all) - sum(r["method"] == "lora" for r in runs_all)

@@ -46,7 +46,7 @@ import os
 import sys
 import warnings
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -484,12 +484,15 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) ->
 
 
 def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike, *,
-                       strict: bool = False, runs_root: str | os.PathLike | None = None) -> list[Path]:
+                       strict: bool = False, runs_root: str | os.PathLike | None = None,
+                       evaluations_of: Collection[str] | None = None) -> list[Path]:
     """Read every record under ``store_root``, write the leaderboards under ``out_dir``; return the files written.
     ``runs_root`` (the bulk artefacts' folder, which reference paths are relative to) lets the runs CSV name the
     held-out real images beside each reference (``real_npz``, for the plots' real-image grids).
 
     ``strict=True`` raises ``MalformedRecordError`` on a broken record file instead of skipping it.
+    ``evaluations_of`` (job ids: a plan's evaluations) ranks only those evaluations; records of jobs that left the
+    suite (a changed setting gives new ids) stay in the store but not on its leaderboards. Default: every one.
     """
     store_root, out_dir = Path(store_root), Path(out_dir)
     if not store_root.is_dir():
@@ -498,7 +501,8 @@ def build_leaderboards(store_root: str | os.PathLike, out_dir: str | os.PathLike
         raise FileNotFoundError(f"{store_root} holds no records/ or failed/ folder: not a kindbench results tree")
     records, malformed = load_records(RecordStore(store_root), strict)
     success = [r for r in records if r["status"] == "success"]
-    evaluations = [r for r in success if r["run_info"]["step"] == "evaluate"]
+    evaluations = [r for r in success if r["run_info"]["step"] == "evaluate"
+                   and (evaluations_of is None or r["run_info"]["job_id"] in evaluations_of)]
     directions = metric_directions(evaluations)
     metrics = ordered_metrics(directions)
     index = RecordIndex(success)

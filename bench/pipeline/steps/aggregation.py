@@ -22,7 +22,9 @@ def run(job: Job, roots: Roots, ctx: DistContext, store: RecordStore) -> StepRes
     # method that is no longer in the records (a rebuilt reference is a new protocol) outlives the run that made it.
     for folder in ("leaderboard", "plots"):
         shutil.rmtree(roots.results / folder, ignore_errors=True)
-    tables = build_leaderboards(roots.results, roots.results / "leaderboard", runs_root=roots.runs)
+    # the plan's evaluations only: records of jobs that left the suite are history, not rows
+    tables = build_leaderboards(roots.results, roots.results / "leaderboard", runs_root=roots.runs,
+                                evaluations_of=set(job.deps))
     plots = make_plots(roots.results / "leaderboard", roots.results / "plots")
     rel = [str(p.resolve().relative_to(roots.results)) if p.resolve().is_relative_to(roots.results) else str(p)
            for p in [*tables, *plots]]

@@ -47,14 +47,14 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_sigterm_checkpoints_the_running_training_and_leaves_no_job_behind(tmp_path, jobs):
+@pytest.mark.parametrize(("jobs", "nproc"), [(1, 1), (2, 1), (2, 2)])
+def test_sigterm_checkpoints_the_running_training_and_leaves_no_job_behind(tmp_path, jobs, nproc):
     suite = suite_file(tmp_path, mini_suite("stopme", schedule={"steps": STEPS, "ckpt_every": STEPS}))
     runs = tmp_path / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KINDBENCH_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", "--suite", suite, "--runs", str(runs),
-                             "--jobs", str(jobs)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             "--jobs", str(jobs), "--nproc", str(nproc)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     train_log = None
     while time.monotonic() < deadline and proc.poll() is None:  # until the ancestry has logged a few steps
@@ -76,6 +76,6 @@ def test_sigterm_checkpoints_the_running_training_and_leaves_no_job_behind(tmp_p
     steps = [int(f.name) for f in run.checkpoints.iterdir() if f.name.isdigit() and (f / "DONE").is_file()]
     assert steps and 0 < max(steps) < STEPS and run.preempted.exists()  # stopped half-way, resumable
     summary = json.loads((runs / "results" / "stopme" / "last_run.json").read_text())
-    assert summary["stopped_by"] == "SIGTERM" and summary["outcomes"]["stopped"] == 1
-    assert summary["outcomes"]["failed"] == 0 and summary["outcomes"]["ran"] <= 2  # nothing started after the stop
+    assert summary["stopped_by"] == "SIGTERM" and summary["outcomes"]["stopped"] >= 1  # what was running
+    assert summary["outcomes"]["failed"] == 0 and summary["outcomes"]["ran"] <= 2, output[-3000:]  # nothing after
     assert "run the same command to resume" in output

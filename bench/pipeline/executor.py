@@ -38,8 +38,7 @@ from bench.config.suite import Suite, SuiteError, load_suite, protocol_section
 from bench.pipeline.jobs import Roots, run_job
 from bench.pipeline.plan import STEPS, Job, Plan, make_plan, resolve_budgets
 from bench.pipeline.status import JobState, plan_states
-from bench.pipeline.stopping import STOP_SIGNALS, StopRequests, ignore_stop_signals
-from bench.run.preemption import EXIT_REQUEUE
+from bench.pipeline.stopping import StopRequests, ignore_stop_signals
 
 #: ``--set`` sections that are a protocol (the sample and evaluate jobs' settings), not training config.
 PROTOCOL_SECTIONS = ("sample", "eval")
@@ -250,8 +249,6 @@ def _run_sequential(todo: list[Job], plan: Plan, plan_path: Path, roots: Roots, 
         try:
             if nproc > 1 and job.step in ("pretrain", "train", "sample"):
                 returncode = _watched_subprocess(_job_command(plan_path, job, roots, nproc, force), stop)
-                if returncode == EXIT_REQUEUE:
-                    raise Preempted("torchrun job stopped")
                 if returncode != 0:
                     raise RuntimeError(f"job {job.job_id} failed under torchrun "
                                        f"(exit {returncode}); see its record")
@@ -264,14 +261,14 @@ def _run_sequential(todo: list[Job], plan: Plan, plan_path: Path, roots: Roots, 
             stop.signal_name = stop.signal_name or "SIGTERM"
             console.print(f"[yellow]stopped[/]   {job.job_id} (checkpointed)")
         except Exception as err:  # noqa: BLE001 - recorded by run_job; the other branches go on
-            outcome[job.job_id] = "failed"
-            console.print(f"[red]failed[/] {job.job_id}: "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            if stop.requested:  # interrupted by the stop (e.g. before its first checkpoint): resumed next time
+                outcome[job.job_id] = "stopped"
+                console.print(f"[yellow]stopped[/]   {job.job_id}")
+            else:
+                outcome[job.job_id] = "failed"
+                console.print(f"[red]failed[/] {job.job_id}: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
         step_time[job.step] += time.perf_counter() - t0
-
-
-#: A pool worker's answer for a job that checkpointed and stopped on a stop signal.
-STOPPED = "stopped on a stop signal (checkpointed)"
 
 
 def _watched_subprocess(command: list[str], stop: StopRequests) -> int:
@@ -291,7 +288,6 @@ def _execute(plan_path: str, job_id: str, runs: str, results: str, nproc: int, f
     run jobs in-process, exactly as the sequential executor does; multi-process jobs (``nproc`` > 1) still go
     through torchrun."""
     from bench.run.engine import init_distributed
-    from bench.run.train import Preempted
 
     roots = Roots(Path(runs), Path(results))
     plan = _worker_plan(plan_path)
@@ -303,19 +299,16 @@ def _execute(plan_path: str, job_id: str, runs: str, results: str, nproc: int, f
         os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
         try:
             if nproc > 1 and job.step in ("pretrain", "train", "sample"):
-                # the worker ignores stop signals between jobs (ignore_stop_signals); torchrun must not
-                proc = subprocess.run(_job_command(Path(plan_path), job, roots, nproc, force), env=_job_env(),
-                                      preexec_fn=_default_stop_signals)
-                if proc.returncode == EXIT_REQUEUE:
-                    return False, STOPPED
-                if proc.returncode != 0:
-                    return False, f"torchrun exited with {proc.returncode}; see its record"
+                # between jobs the worker ignores stop signals (ignore_stop_signals); while torchrun runs, it passes
+                # them on, as the executor does to its own children
+                with StopRequests() as stop:
+                    returncode = _watched_subprocess(_job_command(Path(plan_path), job, roots, nproc, force), stop)
+                if returncode != 0:
+                    return False, f"torchrun exited with {returncode}; see its record"
                 return True, ""
             engine = from_dict(job.config).engine if job.config else RunConfig().engine
             run_job(plan, job, roots, init_distributed(engine), force=force)
             return True, ""
-        except Preempted:
-            return False, STOPPED
         except Exception as err:  # noqa: BLE001 - run_job recorded it; the executor goes on with other branches
             return False, str(err).splitlines()[0] if str(err) else type(err).__name__
         finally:
@@ -339,11 +332,6 @@ def _make_pool(jobs: int) -> concurrent.futures.Executor:
 
     return concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                                   initializer=ignore_stop_signals)
-
-
-def _default_stop_signals() -> None:
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
 
 
 def _run_parallel(todo: list[Job], plan_path: Path, roots: Roots, nproc: int, force: bool, jobs: int,
@@ -393,9 +381,9 @@ def _run_parallel(todo: list[Job], plan_path: Path, roots: Roots, nproc: int, fo
                 if ok:
                     outcome[job.job_id] = "ran"
                     console.print(f"[green]done[/]      {job.job_id} ({seconds:.0f} s)")
-                elif error == STOPPED:
+                elif stop.requested:  # ended by the stop (a training job checkpointed first): resumed next time
                     outcome[job.job_id] = "stopped"
-                    console.print(f"[yellow]stopped[/]   {job.job_id} (checkpointed)")
+                    console.print(f"[yellow]stopped[/]   {job.job_id}")
                 else:
                     outcome[job.job_id] = "failed"
                     console.print(f"[red]failed[/] {job.job_id}: {error}; log: {log}")

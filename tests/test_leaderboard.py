@@ -557,6 +557,23 @@ def test_the_interval_over_seeds_and_samples_matches_the_hand_computed_mixture()
     assert sd_from_interval([8.04, 11.96]) == pytest.approx(1.0, abs=1e-3) and sd_from_interval(None) is None
 
 
+def test_intervals_stay_inside_the_metrics_range():
+    """A precision near 0 with sample noise, and a floor FID whose normal bootstrap interval reaches below 0, were
+    published with negative lower bounds (results/small, `smaller` and `sketch`)."""
+    from bench.report.intervals import combined_interval
+    from bench.report.leaderboard import within
+
+    values, sds = [0.0, 0.0078, 0.0], [0.004, 0.005, 0.003]  # the shape of Weight Selection's precision on `smaller`
+    assert combined_interval(values, sds)[0] < 0  # the unclipped normal draws
+    low, high = combined_interval(values, sds, bounds=(0.0, 1.0))
+    assert low >= 0.0 and 0.0 < high < 0.02
+    low, high = combined_interval([0.99, 1.0, 1.0], [0.01, 0.0, 0.0], bounds=(0.0, 1.0))
+    assert high <= 1.0 and low > 0.95
+    assert within("fid", [-0.193, 1.02]) == (0.0, 1.02)
+    assert within("precision", [0.9, 1.04]) == (0.9, 1.0) and within("kid", [-0.01, 0.02]) == (-0.01, 0.02)
+    assert within("fid", None) is None
+
+
 def _group(means_by_method: dict[str, list[float]]) -> list[dict]:
     from bench.report.leaderboard import aggregate_group
 

@@ -20,6 +20,7 @@ import numpy as np
 LEVEL = 0.95
 RESAMPLES = 10_000
 _SEED = 0
+UNBOUNDED = (-np.inf, np.inf)
 
 
 def bootstrap_interval(values: Sequence[float], level: float = LEVEL,
@@ -41,12 +42,15 @@ def bootstrap_interval(values: Sequence[float], level: float = LEVEL,
 
 
 def combined_interval(values: Sequence[float | None], sample_sds: Sequence[float | None], level: float = LEVEL,
-                      resamples: int = RESAMPLES) -> tuple[float, float] | None:
+                      resamples: int = RESAMPLES,
+                      bounds: tuple[float, float] = UNBOUNDED) -> tuple[float, float] | None:
     """(low, high) bootstrap interval of the mean of ``values`` over seeds and over samples: ``sample_sds[i]`` is
     the standard deviation of ``values[i]`` under resampling its evaluation's samples (None or 0: unknown or none).
     Each of ``resamples`` draws takes n seeds with replacement and adds to each drawn value a normal draw with its
     standard deviation; the interval is the quantiles of the drawn means. Without any sample noise it is
-    ``bootstrap_interval`` (None for fewer than two values); with it one seed has an interval too (its samples')."""
+    ``bootstrap_interval`` (None for fewer than two values); with it one seed has an interval too (its samples').
+    ``bounds`` is the metric's range: a perturbed value is clipped into it (a normal draw around a precision of 0.003
+    would otherwise reach below 0, and a bound outside the range is no statement about the metric)."""
     pairs = [(v, sd) for v, sd in zip(values, sample_sds, strict=True) if v is not None]
     if not any(sd for _, sd in pairs):
         return bootstrap_interval([v for v, _ in pairs], level, resamples)
@@ -54,7 +58,8 @@ def combined_interval(values: Sequence[float | None], sample_sds: Sequence[float
     spread = np.asarray([sd or 0.0 for _, sd in pairs], dtype=np.float64)
     rng = np.random.default_rng(_SEED)
     draws = rng.integers(0, len(data), size=(resamples, len(data)))
-    means = (data[draws] + spread[draws] * rng.standard_normal(draws.shape)).mean(axis=1)
+    perturbed = data[draws] + spread[draws] * rng.standard_normal(draws.shape)
+    means = np.clip(perturbed, *bounds).mean(axis=1)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return float(low), float(high)

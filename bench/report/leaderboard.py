@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import warnings
@@ -56,10 +57,15 @@ from bench.records.currency import stale_reason
 from bench.records.store import EvalProtocol, MalformedRecordError, Record, RecordStore
 from bench.report import tables
 from bench.report.amortise import ANCESTRY_COSTS, amortised_costs, ancestry_users
-from bench.report.intervals import combined_interval, competition_ranks, overlaps, sd_from_interval
+from bench.report.intervals import UNBOUNDED, combined_interval, competition_ranks, overlaps, sd_from_interval
 
 #: metrics in display order; unknown metrics follow alphabetically
 METRIC_ORDER = ("fid", "sfid", "is", "precision", "recall", "fdd", "class_acc")
+#: each metric's range, for intervals drawn with normal noise (``combined_interval``) or a normal bootstrap (the
+#: floor's FID): a bound outside it says nothing about the metric. KID's unbiased estimate may be negative; a metric
+#: not listed is unbounded.
+VALUE_RANGES = {"fid": (0.0, math.inf), "sfid": (0.0, math.inf), "fdd": (0.0, math.inf), "clean_fid": (0.0, math.inf),
+                "is": (1.0, math.inf), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "class_acc": (0.0, 1.0)}
 FLOOR_METHOD = "real images"
 """The floor row's method: held-out real images scored like samples (``bench.pipeline.steps.prepare``)."""
 PROTOCOL_KEYS = tuple(EvalProtocol.__annotations__)
@@ -305,7 +311,8 @@ def aggregate_group(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str,
     for name in metrics:
         row[f"{name}_mean"], row[f"{name}_std"] = _value(means[name]), _value(stds[name])
         values = [_value(v) for v in numbers[name]]
-        interval = combined_interval(values, [_value(v) for v in numbers[f"{name}_sample_sd"]])
+        interval = combined_interval(values, [_value(v) for v in numbers[f"{name}_sample_sd"]],
+                                     bounds=VALUE_RANGES.get(name, UNBOUNDED))
         row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval if interval else (None, None)
     return row
 
@@ -364,6 +371,14 @@ def _rank_current(rows: list[dict[str, Any]], metrics: list[str], directions: di
     return ranked
 
 
+def within(name: str, interval: Sequence[float] | None) -> tuple[float, float] | None:
+    """``interval`` clipped to metric ``name``'s range (``VALUE_RANGES``); None stays None."""
+    if not interval:
+        return None
+    low, high = VALUE_RANGES.get(name, UNBOUNDED)
+    return max(float(interval[0]), low), min(float(interval[1]), high)
+
+
 def floor_row(run: dict[str, Any], index: RecordIndex, metrics: list[str]) -> dict[str, Any] | None:
     """The floor of ``run``'s protocol group: the metrics of held-out real images, as many as the samples, against
     the same reference (``extra.floor`` of the prepare record the run's evaluation depends on); None where the
@@ -380,7 +395,7 @@ def floor_row(run: dict[str, Any], index: RecordIndex, metrics: list[str]) -> di
     intervals = floor.get("sample_intervals") or {}
     for name in metrics:
         value = floor["metrics"].get(name, {}).get("value")
-        low, high = intervals.get(name) or (None, None)
+        low, high = within(name, intervals.get(name)) or (None, None)
         row.update({f"{name}_mean": value, f"{name}_std": None, f"{name}_ci_low": low, f"{name}_ci_high": high,
                     f"{name}_higher_is_better": floor["metrics"].get(name, {}).get("higher_is_better"),
                     f"best_{name}": False, f"tied_{name}": False})

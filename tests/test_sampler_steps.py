@@ -35,6 +35,10 @@ def run_and_reference(tmp_path_factory):
     return run_dir, ref_dir / "reference.npz"
 
 
+def _seed_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if re.match(r"^\| \S+ \| \w+ \| \d+ \| \d ", line)]
+
+
 def _bench(run_dir, reference, out, *extra):
     args = [sys.executable, "benchmarks/sampler_steps.py", "--run-dir", str(run_dir), "--reference", str(reference),
             "--num-samples", "8", "--out", str(out), *extra]
@@ -57,8 +61,10 @@ def test_one_row_per_batch_and_a_mean_per_setting_and_a_rerun_reuses_the_samples
     for r in rows:
         assert float(r[7]) > 0.8  # the ceiling: the classifier knows the held-out real images
         assert abs(float(r[6]) / float(r[7]) - float(r[8])) < 0.002
-    # the second call finds each batch's folder (named by every setting) and scores the same samples
+    # the second call finds each batch's folder (named by every setting) and scores the same samples, untimed
     assert [r[4:7] for r in ROW.findall(second)] == [r[4:7] for r in rows]
+    assert all(re.search(r"\| \d+ \|$", line) for line in _seed_rows(first))
+    assert all(line.endswith("| reused |") for line in _seed_rows(second))
     assert len(list((run_dir / "samples").iterdir())) == 4
 
 

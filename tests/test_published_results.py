@@ -85,14 +85,14 @@ def _board(suite: str, benchmark: str) -> dict[tuple[str, str], dict]:
     return {(row["method"], row["variant"]): row for row in csv.DictReader(path.open(newline=""))}
 
 
-def test_the_small_suite_separates_inheritance_from_scratch():
-    """Two of the things the small suite exists to show (results/small/FINDINGS.md): the best novel-class transfer
-    reaches precision 0.5, and scratch at the transfer budget is worse than the best inherited method with intervals
-    that do not overlap; and the ancestry table carries what the third is judged by (the dense ancestry's class
-    accuracy beside the floor row's, the classifier's on held-out real images; FINDINGS.md says how far it gets)."""
+def test_the_small_suite_learns_its_classes_and_separates_inheritance_from_scratch():
+    """What the small suite exists to show (results/small/FINDINGS.md): the dense ancestry's samples reach a class
+    accuracy of at least 85% of the classifier's on held-out real images (the floor row); the best novel-class
+    transfer reaches precision 0.5; scratch at the transfer budget is worse than the best inherited method with
+    intervals that do not overlap."""
     ancestry = _board("small", "ancestry--DiT-T-2-d4")
-    assert 0 < float(ancestry[("scratch", "dense")]["class_acc_mean"]) < float(
-        ancestry[("real images", "held-out")]["class_acc_mean"])
+    ceiling = float(ancestry[("real images", "held-out")]["class_acc_mean"])
+    assert float(ancestry[("scratch", "dense")]["class_acc_mean"]) >= 0.85 * ceiling
     novel = {key: row for key, row in _board("small", "novel-a--DiT-T-2-d4").items() if key[0] != "real images"}
     inherited = [row for key, row in novel.items() if key[0] != "scratch"]
     assert max(float(row["precision_mean"]) for row in inherited) >= 0.5

@@ -32,14 +32,9 @@ def _sample(run_dir, *extra, nproc=1):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from trainrun import TINY_RUN, train_command
+    from trainrun import train_tiny_run
 
-    out = tmp_path_factory.mktemp("runs")
-    proc = subprocess.run(train_command(1) + TINY_RUN + [f"--run.out_dir={out}", "--schedule.steps=2"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = out.iterdir()
-    return run_dir
+    return train_tiny_run(tmp_path_factory.mktemp("runs"))
 
 
 def _copy_run(run_dir, dest):

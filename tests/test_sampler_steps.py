@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from trainrun import REPO, TINY_RUN, train_command
+from trainrun import REPO, train_tiny_run
 
 NUMBER = r" \| ([\d.]+)"
 ROW = re.compile(r"^\| (\S+) \| (\w+) \| (\d+) \| (\S+)" + NUMBER * 5 + r" \|", flags=re.M)
@@ -20,11 +20,7 @@ def run_and_reference(tmp_path_factory):
     from bench.metrics.domain_eval import build_domain_reference
     from bench.metrics.networks.domain import load_domain_extractor
 
-    out = tmp_path_factory.mktemp("runs")
-    proc = subprocess.run(train_command(1) + TINY_RUN + [f"--run.out_dir={out}", "--schedule.steps=2"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = out.iterdir()
+    run_dir = train_tiny_run(tmp_path_factory.mktemp("runs"))
     classes = synthetic_split("pretrain")
     ref_dir = tmp_path_factory.mktemp("ref")
     real = SyntheticImages(classes, image_size=16, per_class=2, domain="natural", seed=0, first_index=64)

@@ -34,3 +34,12 @@ def train_command(nproc: int) -> list[str]:
         return [sys.executable, "-m", "bench.run.train"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "bench.run.train"]
+
+
+def train_tiny_run(out_dir: Path, steps: int = 2) -> Path:
+    """Train ``TINY_RUN`` for ``steps`` steps into the empty folder ``out_dir``; returns its run directory."""
+    proc = subprocess.run(train_command(1) + TINY_RUN + [f"--run.out_dir={out_dir}", f"--schedule.steps={steps}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = Path(out_dir).iterdir()
+    return run_dir

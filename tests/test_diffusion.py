@@ -25,12 +25,10 @@ from diffusers import DDPMScheduler  # noqa: E402
 from bench.diffusion import (  # noqa: E402
     SCHEDULERS,
     GaussianDiffusion,
-    build_scheduler,
     discretized_gaussian_log_likelihood,
     normal_kl,
-    respaced_timesteps,
-    sample,
 )
+from bench.diffusion.sampling import build_scheduler, respaced_timesteps, sample  # noqa: E402
 
 C, H, W = 4, 8, 8
 NUM_CLASSES = 10
@@ -464,6 +462,33 @@ def test_ddim_timesteps_form_a_consistent_chain(diffusion):
         steps = scheduler.timesteps.tolist()
         assert all(a - b == stride for a, b in zip(steps, steps[1:])) and steps[-1] - stride < 0
     assert build_scheduler("ddim", diffusion, 10).timesteps[0] == 999
+
+
+def test_ddim_with_clipping_re_derives_epsilon_from_the_clipped_x0_as_adm_does(diffusion):
+    """ADM's ddim_sample: x0 = clip((x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)), eps' = (x_t - sqrt(abar_t) x0) /
+    sqrt(1 - abar_t), x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps'. Keeping the raw eps beside the clipped
+    x0 (diffusers' default) made the embedded models' DDIM samples worse with more steps."""
+    model = TinyEpsModel(learn_sigma=True, seed=3)
+    with torch.no_grad():
+        model.conv_out.weight.mul_(40.0)  # predicted x0 far outside [-1, 1]: every step clips
+    noise = torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.tensor([1, 4])
+    got = sample(model, labels, shape=(C, H, W), scheduler="ddim", num_steps=4, noise=noise.float(),
+                 diffusion=diffusion, clip_denoised=True)
+    abar = diffusion.alphas_cumprod.double()
+    steps = build_scheduler("ddim", diffusion, 4).timesteps.tolist()
+    x, clipped = noise, 0
+    for t, prev in zip(steps, steps[1:] + [-1]):
+        with torch.no_grad():
+            eps = model(x.float(), torch.full((2,), t), labels)[:, :C].double()
+        a_t, a_prev = abar[t], (abar[prev] if prev >= 0 else torch.tensor(1.0, dtype=torch.float64))
+        raw_x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x0 = raw_x0.clamp(-1, 1)
+        clipped += int((raw_x0 != x0).any())
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    assert clipped == len(steps)  # the case under test: clipping at every step
+    torch.testing.assert_close(got.double(), x, atol=1e-4, rtol=1e-4)
 
 
 def test_explicit_initial_noise_is_used():

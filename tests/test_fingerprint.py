@@ -45,3 +45,12 @@ def test_code_changes_change_the_fingerprint(tmp_path):
     assert digest(tmp_path, BASE.replace("rank: int = 4", "rank: int = 8"), "default") != base
     assert digest(tmp_path, BASE.replace("self.rank * 2", "self.rank * 3"), "body") != base
     assert digest(tmp_path, BASE.replace('"""Field docstring."""', 'FIELD = "Field docstring."'), "assign") != base
+
+
+def test_training_jobs_do_not_depend_on_the_samplers_and_sampling_jobs_do():
+    """A sampler fix (DDIM's clipped epsilon) must not make every trained model stale: training never samples."""
+    for method in ("scratch", "kind", "lora"):
+        training = fingerprint.module_closure(fingerprint.step_roots("train", method))
+        sampling = fingerprint.module_closure(fingerprint.step_roots("sample", method))
+        assert "bench.diffusion.process" in training and "bench.diffusion.sampling" not in training
+        assert "bench.diffusion.sampling" in sampling

@@ -19,7 +19,8 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.config.schema import RunConfig, from_dict  # noqa: E402
-from bench.diffusion import GaussianDiffusion, sample  # noqa: E402
+from bench.diffusion import GaussianDiffusion  # noqa: E402
+from bench.diffusion.sampling import sample  # noqa: E402
 from bench.models.dit import DiT  # noqa: E402
 from bench.run.rundir import RunDir  # noqa: E402
 from bench.run.sample import load_run_model  # noqa: E402

@@ -48,8 +48,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from bench.diffusion.process import GaussianDiffusion
-
-SCHEDULERS = ("ddpm", "ddim", "dpm++")
+from bench.diffusion.schedulers import SCHEDULERS
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -169,7 +168,11 @@ def _step(scheduler, name: str, output: torch.Tensor, t: torch.Tensor, x: torch.
         return scheduler.step(output, t, x, generator=generators).prev_sample
     eps = output[:, :channels]
     if name == "ddim":
-        return scheduler.step(eps, t, x, eta=0.0, generator=generators).prev_sample
+        # With x_0 clipped, ADM's ddim_sample re-derives epsilon from the clipped x_0; diffusers keeps the raw
+        # epsilon beside it unless told, and under the cosine schedule (abar ~ 2e-9 at t = 999) the first steps clip
+        # hard, so the raw epsilon drives x_t away from the clipped x_0: samples got worse with more steps.
+        clipped = bool(scheduler.config.clip_sample)
+        return scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=clipped, generator=generators).prev_sample
     return scheduler.step(eps, t, x, generator=generators).prev_sample
 
 

@@ -29,7 +29,8 @@ import torch
 
 from bench.config.schema import ConfigError, RunConfig, SampleConfig, from_dict, section_from_overrides
 from bench.data.grid import save_grid
-from bench.diffusion import GaussianDiffusion, sample
+from bench.diffusion import GaussianDiffusion
+from bench.diffusion.sampling import sample
 from bench.metrics.sample_io import to_uint8_dit, write_samples_npz
 from bench.progress import progress_bar
 from bench.records.atomic import atomic_path

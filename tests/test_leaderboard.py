@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import statistics
 import warnings
@@ -561,7 +562,7 @@ def test_intervals_stay_inside_the_metrics_range():
     """A precision near 0 with sample noise, and a floor FID whose normal bootstrap interval reaches below 0, were
     published with negative lower bounds (results/small, `smaller` and `sketch`)."""
     from bench.report.intervals import combined_interval
-    from bench.report.leaderboard import within
+    from bench.report.leaderboard import value_range, within
 
     values, sds = [0.0, 0.0078, 0.0], [0.004, 0.005, 0.003]  # the shape of Weight Selection's precision on `smaller`
     assert combined_interval(values, sds)[0] < 0  # the unclipped normal draws
@@ -572,6 +573,8 @@ def test_intervals_stay_inside_the_metrics_range():
     assert within("fid", [-0.193, 1.02]) == (0.0, 1.02)
     assert within("precision", [0.9, 1.04]) == (0.9, 1.0) and within("kid", [-0.01, 0.02]) == (-0.01, 0.02)
     assert within("fid", None) is None
+    # the ranges come from the metric registry: IS is at least 1, a metric it does not know is unbounded
+    assert within("is", [0.7, 1.3]) == (1.0, 1.3) and value_range("a_plugin_metric") == (-math.inf, math.inf)
 
 
 def _group(means_by_method: dict[str, list[float]]) -> list[dict]:

@@ -7,6 +7,10 @@ leaderboard reads: per metric, whether higher is better and which feature networ
 from __future__ import annotations
 
 import dataclasses
+import math
+
+#: value ranges: a distance, a share of samples, and a metric with no bound (KID's unbiased estimate may be negative)
+DISTANCE, SHARE, UNBOUNDED = (0.0, math.inf), (0.0, 1.0), (-math.inf, math.inf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,18 +20,23 @@ class MetricInfo:
     needs: str
     """Feature network: ``inception`` (TF-2015 graph semantics), ``dinov2`` or ``domain`` (the embedded suite's)."""
     description: str
+    value_range: tuple[float, float] = UNBOUNDED
+    """Where the metric's values lie: intervals drawn with normal noise are clipped to it (``bench.report``)."""
 
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
-    MetricInfo("fid", False, "inception", "Fréchet distance of pool_3 features to the reference (ADM protocol)"),
-    MetricInfo("sfid", False, "inception", "Fréchet distance of mixed_6/conv[:7] spatial features (ADM)"),
-    MetricInfo("is", True, "inception", "Inception Score, contiguous 5000-sample splits (ADM)"),
-    MetricInfo("precision", True, "inception", "k=3 improved precision vs the 10k ADM reference images"),
-    MetricInfo("recall", True, "inception", "k=3 improved recall vs the 10k ADM reference images"),
-    MetricInfo("fdd", False, "dinov2", "Fréchet distance in DINOv2 ViT-L/14 CLS space (dgm-eval preprocessing)"),
-    MetricInfo("clean_fid", False, "inception", "clean-fid 'clean' mode FID (not comparable with ADM FID)"),
+    MetricInfo("fid", False, "inception", "Fréchet distance of pool_3 features to the reference (ADM protocol)",
+               DISTANCE),
+    MetricInfo("sfid", False, "inception", "Fréchet distance of mixed_6/conv[:7] spatial features (ADM)", DISTANCE),
+    MetricInfo("is", True, "inception", "Inception Score, contiguous 5000-sample splits (ADM)", (1.0, math.inf)),
+    MetricInfo("precision", True, "inception", "k=3 improved precision vs the 10k ADM reference images", SHARE),
+    MetricInfo("recall", True, "inception", "k=3 improved recall vs the 10k ADM reference images", SHARE),
+    MetricInfo("fdd", False, "dinov2", "Fréchet distance in DINOv2 ViT-L/14 CLS space (dgm-eval preprocessing)",
+               DISTANCE),
+    MetricInfo("clean_fid", False, "inception", "clean-fid 'clean' mode FID (not comparable with ADM FID)", DISTANCE),
     MetricInfo("kid", False, "inception", "clean-fid kernel inception distance"),
-    MetricInfo("class_acc", True, "domain", "share of samples the domain classifier assigns to their own class"),
+    MetricInfo("class_acc", True, "domain", "share of samples the domain classifier assigns to their own class",
+               SHARE),
 )}
 
 #: display names (report headers, record labels)
@@ -46,4 +55,4 @@ def metric_label(name: str, n: int | None = None) -> str:
     return f"{label}-{size}"
 
 
-__all__ = ["LABELS", "METRICS", "MetricInfo", "metric_label"]
+__all__ = ["DISTANCE", "LABELS", "METRICS", "SHARE", "UNBOUNDED", "MetricInfo", "metric_label"]

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import warnings
@@ -53,6 +52,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.metrics import METRICS
 from bench.records.currency import stale_reason
 from bench.records.store import EvalProtocol, MalformedRecordError, Record, RecordStore
 from bench.report import tables
@@ -61,11 +61,6 @@ from bench.report.intervals import UNBOUNDED, combined_interval, competition_ran
 
 #: metrics in display order; unknown metrics follow alphabetically
 METRIC_ORDER = ("fid", "sfid", "is", "precision", "recall", "fdd", "class_acc")
-#: each metric's range, for intervals drawn with normal noise (``combined_interval``) or a normal bootstrap (the
-#: floor's FID): a bound outside it says nothing about the metric. KID's unbiased estimate may be negative; a metric
-#: not listed is unbounded.
-VALUE_RANGES = {"fid": (0.0, math.inf), "sfid": (0.0, math.inf), "fdd": (0.0, math.inf), "clean_fid": (0.0, math.inf),
-                "is": (1.0, math.inf), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "class_acc": (0.0, 1.0)}
 FLOOR_METHOD = "real images"
 """The floor row's method: held-out real images scored like samples (``bench.pipeline.steps.prepare``)."""
 PROTOCOL_KEYS = tuple(EvalProtocol.__annotations__)
@@ -312,7 +307,7 @@ def aggregate_group(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str,
         row[f"{name}_mean"], row[f"{name}_std"] = _value(means[name]), _value(stds[name])
         values = [_value(v) for v in numbers[name]]
         interval = combined_interval(values, [_value(v) for v in numbers[f"{name}_sample_sd"]],
-                                     bounds=VALUE_RANGES.get(name, UNBOUNDED))
+                                     bounds=value_range(name))
         row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval if interval else (None, None)
     return row
 
@@ -371,11 +366,19 @@ def _rank_current(rows: list[dict[str, Any]], metrics: list[str], directions: di
     return ranked
 
 
+def value_range(name: str) -> tuple[float, float]:
+    """Where metric ``name``'s values lie (``bench.metrics.METRICS``; unbounded for a metric not registered): an
+    interval drawn with normal noise (``combined_interval``) or a normal bootstrap (the floor's FID) is clipped to
+    it, since a bound outside it says nothing about the metric."""
+    info = METRICS.get(name)
+    return info.value_range if info else UNBOUNDED
+
+
 def within(name: str, interval: Sequence[float] | None) -> tuple[float, float] | None:
-    """``interval`` clipped to metric ``name``'s range (``VALUE_RANGES``); None stays None."""
+    """``interval`` clipped to metric ``name``'s range (``value_range``); None stays None."""
     if not interval:
         return None
-    low, high = VALUE_RANGES.get(name, UNBOUNDED)
+    low, high = value_range(name)
     return max(float(interval[0]), low), min(float(interval[1]), high)
 
 

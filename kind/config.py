@@ -101,8 +101,9 @@ class KindConfig(MethodConfig):
     differ. ``masked``: every tailor for every sample, inactive ones zeroed in rank space (r(m+n) MACs per token,
     large GEMMs); ``grouped``: samples grouped by gate row, only each group's active tailors computed
     ((N_G + K_act)(m+n) MACs per token, one small matmul pair per group and layer); ``auto``: ``grouped`` on a
-    CPU, where it measured faster, ``masked`` on a GPU, where per-group launches would dominate (kind/README.md,
-    "Cost") [ours: an implementation choice, not a modelling one]."""
+    CPU for samples of at least 65,536 values (DiT-B/2 at 256 px), where it measured faster, ``masked`` on a GPU,
+    where per-group launches would dominate, and for smaller samples, whose groups are too small for the BLAS
+    (kind/README.md, "Cost") [ours: an implementation choice, not a modelling one]."""
     ortho_reg: float = 0.0
     """Weight of sum ||U^T U - I||^2 + ||V^T V - I||^2 over decomposed matrices, added as ``extra_loss``
     [ours: 0, §2.3]."""

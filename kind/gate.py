@@ -37,9 +37,16 @@ GATE_POLICIES = ("random", "disjoint", "none")
 NULL_GATES = ("learngenes", "all", "random")
 #: How a gated layer evaluates its tailors: ``masked`` computes every tailor for every sample and zeroes the inactive
 #: ones in rank space; ``grouped`` groups the samples by gate row and computes only each group's active tailors;
-#: ``auto`` is ``grouped`` on a CPU and ``masked`` elsewhere, decided per forward by the input's device. All give the
-#: same outputs and gradients; kind/README.md ("Cost") says which is faster where and why.
+#: ``auto`` is ``grouped`` on a CPU for samples of at least ``GROUPED_MIN_SAMPLE_SIZE`` values and ``masked``
+#: otherwise, decided per forward by the input. All give the same outputs and gradients; kind/README.md ("Cost")
+#: says which is faster where and why.
 TAILOR_COMPUTE = ("auto", "masked", "grouped")
+#: The smallest sample (tokens x width of a layer's input) for which ``auto`` groups on a CPU. Measured on a 2-core
+#: CPU: grouping wins at DiT-B/2 on 256 px images (256 tokens x 768 = 196,608 values a sample; 1.29x dense against
+#: masked 1.39x) and loses at every embedded shape (DiT-S/2 at 16 px: 64 x 384 = 24,576, masked 1.49x against
+#: grouped 1.66x; DiT-T/2-d4 at 16 px batch 64: 4,096, masked 1.42x against 2.83x), where a group's matmuls are too
+#: small for the BLAS (results/benchmarks/kind_layer_*.md).
+GROUPED_MIN_SAMPLE_SIZE = 65_536
 #: Multiplier that makes the per-group seeds of ``random`` gates independent of each other.
 _SEED_STRIDE = 1_000_003
 
@@ -158,12 +165,13 @@ class GateContext:
         self._masks[mask.device] = mask
         self._groups.pop(mask.device, None)  # grouped lazily, once per forward, by the first layer that asks
 
-    def grouped(self, device: torch.device) -> bool:
-        """Whether layers running on ``device`` evaluate each gate group's active tailors only. ``auto`` groups on
-        CPUs only: per-group matmuls are cheap to launch there, while on a GPU a batch of ~100 distinct classes
-        would launch ~100 small kernels per layer (kind/README.md, "Cost")."""
+    def grouped(self, x: torch.Tensor) -> bool:
+        """Whether a layer evaluates only each gate group's active tailors on its input ``x`` (batch first). ``auto``
+        groups on CPUs only, and only samples of at least ``GROUPED_MIN_SAMPLE_SIZE`` values: per-group matmuls are
+        cheap to launch on a CPU but need large groups to run at BLAS speed, while on a GPU a batch of ~100
+        distinct classes would launch ~100 small kernels per layer (kind/README.md, "Cost")."""
         if self.tailor_compute == "auto":
-            return device.type == "cpu"
+            return x.device.type == "cpu" and x[0].numel() >= GROUPED_MIN_SAMPLE_SIZE
         return self.tailor_compute == "grouped"
 
     def tailor_groups(self, x: torch.Tensor, rank: int, n_learngenes: int) -> TailorGroups | None:

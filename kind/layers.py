@@ -48,7 +48,7 @@ class KindLinear(DecomposedLinear):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         context = self.kind_gate_context
-        if context is not None and mask is None and context.grouped(x.device):
+        if context is not None and mask is None and context.grouped(x):
             groups = context.tailor_groups(x, self.rank, self.n_learngenes)
             if groups is not None:
                 return self._grouped_forward(x, groups)

@@ -245,7 +245,8 @@ def _source_of(source: nn.Module | Export) -> tuple[dict[str, torch.Tensor], Arc
         return dict(source.state), source.arch, source.num_classes, dict(source.meta), source.method
     if isinstance(source, nn.Module):
         arch = ArchSpec(name=source.arch, input_size=source.input_size, in_channels=source.in_channels,
-                        learn_sigma=source.learn_sigma, class_dropout_prob=source.y_embedder.dropout_prob)
+                        learn_sigma=source.learn_sigma, class_dropout_prob=source.y_embedder.dropout_prob,
+                        gelu=source.gelu)
         state = {k: v.detach() for k, v in source.state_dict().items()}
         return state, arch, source.num_classes, {}, "kind"
     raise MethodError(f"extract needs a KIND model or Export, got {type(source).__name__}")

@@ -425,14 +425,20 @@ def test_tailor_groups_list_only_groups_with_active_tailors():
 
 
 def test_tailor_compute_choice_and_its_errors():
+    from kind.gate import GROUPED_MIN_SAMPLE_SIZE
+
     context = GateContext()
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    # DiT-B/2 at 256 px (256 tokens of width 768) and the embedded DiT-T/2 at 16 px (64 tokens of width 64)
+    large, small = torch.empty(2, 256, 768), torch.empty(64, 64, 64)
+    elsewhere = torch.empty(2, 256, 768, device="meta")  # not a CPU (a GPU's tensors would be the same here)
+    assert large[0].numel() >= GROUPED_MIN_SAMPLE_SIZE > small[0].numel()
     assert context.tailor_compute == "auto" and full_rank("kind").config.tailor_compute == "auto"
-    assert context.grouped(cpu) and not context.grouped(cuda)  # auto: grouped on CPUs, masked on GPUs
+    # auto: grouped on CPUs for large samples only; masked for the embedded shapes and on other devices
+    assert context.grouped(large) and not context.grouped(small) and not context.grouped(elsewhere)
     context.tailor_compute = "masked"
-    assert not context.grouped(cpu)
+    assert not context.grouped(large)
     context.tailor_compute = "grouped"
-    assert context.grouped(cpu) and context.grouped(cuda)
+    assert context.grouped(large) and context.grouped(small) and context.grouped(elsewhere)
     with pytest.raises(ValueError, match="tailor_compute must be one of"):
         context.tailor_compute = "fast"
     model = ancestry_model({"tailor_compute": "grouped"})

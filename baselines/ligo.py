@@ -280,4 +280,5 @@ def _source_shell(arch: ArchSpec, depth: int, width: int, num_classes: int) -> D
     head_size = target.hidden_size // target.num_heads
     return DiT(input_size=arch.input_size, patch_size=target.patch_size, in_channels=arch.in_channels,
                hidden_size=width, depth=depth, num_heads=width // head_size,
-               class_dropout_prob=arch.class_dropout_prob, num_classes=num_classes, learn_sigma=arch.learn_sigma)
+               class_dropout_prob=arch.class_dropout_prob, num_classes=num_classes, learn_sigma=arch.learn_sigma,
+               gelu=arch.gelu)

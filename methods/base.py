@@ -47,12 +47,14 @@ class ArchSpec:
     in_channels: int = 4
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
+    gelu: str = "tanh"
+    """The MLP's GELU (``bench.models.dit.GELU_FORMS``): ``tanh`` (DiT's) or ``exact``."""
 
     def build(self, num_classes: int, device: torch.device | str | None = None) -> DiT:
         """A freshly initialised stock DiT of this spec."""
         return build_dit(self.name, input_size=self.input_size, in_channels=self.in_channels,
                          num_classes=num_classes, learn_sigma=self.learn_sigma,
-                         class_dropout_prob=self.class_dropout_prob, device=device)
+                         class_dropout_prob=self.class_dropout_prob, gelu=self.gelu, device=device)
 
 
 @dataclass(frozen=True)

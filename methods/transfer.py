@@ -224,7 +224,7 @@ def check_ancestry(method: Method, ancestry: Export | None, arch: ArchSpec) -> E
     if ancestry.method not in accepted:
         raise MethodError(f"method {method.name!r} cannot build from an ancestry of method {ancestry.method!r} "
                           f"({ancestry.path or 'in memory'}); it needs one of {accepted}")
-    fields = ("name", "input_size", "in_channels", "learn_sigma")
+    fields = ("name", "input_size", "in_channels", "learn_sigma", "gelu")
     differ = [f"{f}: ancestry {getattr(ancestry.arch, f)!r} vs requested {getattr(arch, f)!r}"
               for f in fields if getattr(ancestry.arch, f) != getattr(arch, f)]
     if differ:

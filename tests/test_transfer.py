@@ -187,6 +187,25 @@ def test_ancestry_of_another_arch_is_refused(tmp_path):
         get_method("lora").build(TINY, Task("t", 4), load_export(path))
 
 
+def test_the_mlp_gelu_travels_with_the_export_and_a_mismatch_is_refused(tmp_path):
+    """The embedded suites train with the exact GELU (bench.models.dit.GELU_FORMS); a transfer that rebuilt their
+    ancestries with DiT's tanh form would run other functions than were trained, silently."""
+    exact = ArchSpec(name="DiT-T/2", input_size=8, gelu="exact")
+    model = random_dit(exact)
+    assert model.gelu == "exact" and model.blocks[0].mlp.act.approximate == "none"
+    assert TINY.build(10).blocks[0].mlp.act.approximate == "tanh"  # DiT's own
+    path = tmp_path / "exact.safetensors"
+    save_export(path, model.state_dict(), method="scratch", arch=exact, num_classes=10)
+    ancestry = load_export(path)
+    assert ancestry.arch == exact
+    built = get_method("full").build(exact, Task("t", 4), ancestry)
+    assert all(block.mlp.act.approximate == "none" for block in built.blocks)
+    with pytest.raises(MethodError, match=r"same architecture.*gelu: ancestry 'exact' vs requested 'tanh'"):
+        get_method("lora").build(TINY, Task("t", 4), ancestry)
+    with pytest.raises(ValueError, match="gelu must be one of tanh, exact"):
+        ArchSpec(name="DiT-T/2", input_size=8, gelu="fast").build(10)
+
+
 def test_ancestry_of_a_non_dense_method_is_refused(ancestry_file):
     path, _, _ = ancestry_file
     ancestry = load_export(path)

@@ -49,9 +49,12 @@ class ModelConfig:
     """Predict the variance interpolation too (DiT's learned Sigma; doubles the output channels)."""
     class_dropout_prob: float = 0.1
     """Label dropout for classifier-free guidance (DiT: 0.1)."""
+    gelu: str = "tanh"
+    """The MLP's GELU: ``tanh`` (DiT's; its released weights need it) or ``exact`` (the erf form: at most 5e-4 apart,
+    about 3x faster on a CPU; the embedded suites use it, ``bench.models.dit.GELU_FORMS``)."""
 
     def __post_init__(self) -> None:
-        from bench.models.dit import parse_flavour
+        from bench.models.dit import GELU_FORMS, parse_flavour
 
         try:
             parse_flavour(self.arch)
@@ -60,12 +63,14 @@ class ModelConfig:
         _check(self.input_size > 0, "model.input_size must be positive")
         _check(self.in_channels > 0, "model.in_channels must be positive")
         _check(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
+        _check(self.gelu in GELU_FORMS, f"model.gelu must be one of {', '.join(GELU_FORMS)}, got {self.gelu!r}")
 
     def arch_spec(self) -> ArchSpec:
         """The method contract's view of this section (``methods.base.ArchSpec``): the one conversion between them."""
         from methods.base import ArchSpec
 
-        return ArchSpec(self.arch, self.input_size, self.in_channels, self.learn_sigma, self.class_dropout_prob)
+        return ArchSpec(self.arch, self.input_size, self.in_channels, self.learn_sigma, self.class_dropout_prob,
+                        self.gelu)
 
 
 @dataclass
@@ -242,7 +247,7 @@ class SampleConfig:
     DPM-Solver++) of an undertrained pixel model diverge far outside the image range."""
 
     def __post_init__(self) -> None:
-        from bench.diffusion.sampling import SCHEDULERS
+        from bench.diffusion.schedulers import SCHEDULERS
 
         _check(self.scheduler in SCHEDULERS, f"sample.scheduler must be one of {', '.join(SCHEDULERS)}, "
                                              f"got {self.scheduler!r}")

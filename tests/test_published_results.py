@@ -14,6 +14,18 @@ from bench.records.store import RecordStore
 SUITES = sorted(p.parent.name for p in (REPO / "results").glob("*/records"))
 
 
+def _awaiting_rerun(suite: str):
+    """A suite whose code changed since its run says so in ``results/<suite>/STALE.md`` (what changed, at which
+    commit, how to re-run it): its currency checks are expected to fail until it is re-run, and must fail again
+    (strict) if the note outlives the staleness."""
+    note = REPO / "results" / suite / "STALE.md"
+    return pytest.param(suite, marks=pytest.mark.xfail(note.exists(), strict=True,
+                                                       reason=f"results/{suite}/STALE.md: awaiting a re-run"))
+
+
+CURRENT = [_awaiting_rerun(suite) for suite in SUITES]
+
+
 def _records(suite: str) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in (REPO / "results" / suite / "records").glob("*.json")}
 
@@ -28,7 +40,7 @@ def test_published_records_come_from_clean_commits_with_fingerprints(suite):
     assert all("outputs" in r for r in records.values())
 
 
-@pytest.mark.parametrize("suite", SUITES)
+@pytest.mark.parametrize("suite", CURRENT)
 def test_every_published_record_is_current_at_this_checkout(suite):
     """Each record was made by the code this checkout holds for its job (its code fingerprint is the checkout's) from
     the inputs published beside it: a change to a method, a metric or the report that is not re-run fails here. A
@@ -51,7 +63,7 @@ def test_every_transfer_names_the_sha256_of_the_ancestry_it_loaded(suite):
         assert ancestry["path"] == parent["outputs"]["export"]["path"]
 
 
-@pytest.mark.parametrize("suite", SUITES)
+@pytest.mark.parametrize("suite", CURRENT)
 def test_every_leaderboard_row_has_the_suites_seeds_an_interval_and_ends_with_its_floor(suite):
     """Rows of a published suite carry every seed it declares (a std and an interval with two or more), and every
     protocol table of the embedded suites ends with its floor row (held-out real images)."""
@@ -85,15 +97,18 @@ def _board(suite: str, benchmark: str) -> dict[tuple[str, str], dict]:
     return {(row["method"], row["variant"]): row for row in csv.DictReader(path.open(newline=""))}
 
 
-def test_the_small_suite_learns_its_classes_and_separates_inheritance_from_scratch():
-    """What the small suite exists to show (results/small/FINDINGS.md): the dense ancestry's samples reach a class
-    accuracy of at least 85% of the classifier's on held-out real images (the floor row); the best novel-class
-    transfer reaches precision 0.5; scratch at the transfer budget is worse than the best inherited method with
-    intervals that do not overlap."""
-    ancestry = _board("small", "ancestry--DiT-T-2-d4")
+@pytest.mark.parametrize("suite", [s for s in CURRENT if s.values == ("small",)])
+def test_the_small_suite_learns_its_classes_and_separates_inheritance_from_scratch(suite):
+    """What the small suite exists to show (results/small/FINDINGS.md), from current rows only: the dense
+    ancestry's samples reach a class accuracy of at least 85% of the classifier's on held-out real images (the floor
+    row); the best novel-class transfer reaches precision 0.5; scratch at the transfer budget is worse than the best
+    inherited method with intervals that do not overlap."""
+    ancestry = _board(suite, "ancestry--DiT-T-2-d4")
+    assert not any(row["stale"] for row in ancestry.values())
     ceiling = float(ancestry[("real images", "held-out")]["class_acc_mean"])
     assert float(ancestry[("scratch", "dense")]["class_acc_mean"]) >= 0.85 * ceiling
-    novel = {key: row for key, row in _board("small", "novel-a--DiT-T-2-d4").items() if key[0] != "real images"}
+    novel = {key: row for key, row in _board(suite, "novel-a--DiT-T-2-d4").items() if key[0] != "real images"}
+    assert not any(row["stale"] for row in novel.values())
     inherited = [row for key, row in novel.items() if key[0] != "scratch"]
     assert max(float(row["precision_mean"]) for row in inherited) >= 0.5
     best = min(inherited, key=lambda row: float(row["fid_mean"]))

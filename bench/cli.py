@@ -5,6 +5,7 @@
     kindbench train --config run.toml [--section.key=value ...]
     kindbench sample --run-dir runs/<run_id>
     kindbench leaderboard / plot                         derived results
+    kindbench findings results/small                     the numbers a FINDINGS.md quotes
     kindbench evaluate SAMPLES.npz --ref REF [...]      (bench.metrics)
     kindbench metrics acceptance ...                     (bench.metrics)
     kindbench methods                                    list registered methods
@@ -28,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "latents": ("bench.data.encode", "encode an ImageFolder dataset into a VAE latent cache"),
     "leaderboard": ("bench.report.leaderboard", "records -> leaderboard CSV, Markdown, LaTeX"),
     "plot": ("bench.report.plots", "leaderboard CSVs -> plots (PNG + PDF)"),
+    "findings": ("bench.report.findings", "a results folder -> the numbers its FINDINGS.md quotes (Markdown)"),
     "evaluate": ("bench.metrics.cli", "score an ADM-style .npz of samples against a reference"),
     "metrics": ("bench.metrics.cli", "metric utilities: reference building, acceptance procedures"),
     "methods": ("bench.cli", "list the registered methods"),

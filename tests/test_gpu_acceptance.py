@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -257,7 +258,16 @@ def test_smoke_training_throughput_and_mfu(tmp_path):
     ours, diffusers = _number(row["ours img/s"]), _number(row["diffusers img/s"])
     assert ours > 0 and diffusers > 0
     assert _number(row["**ours / diffusers**"]) == pytest.approx(ours / diffusers, rel=0.1)
-    assert 0 < _number(row["ours MFU"]) < 100 and 0 < _number(row["diffusers MFU"]) < 100
+    # MFU is this run's model FLOP/s over this run's bf16 matmul peak. On a CPU smoke run the peak is a 256^3 bf16
+    # matmul, which a CPU without bf16 instructions runs slower than the model's autocast layers (a CI machine
+    # measured 125 %), so only the arithmetic is checked here, not a bound.
+    peak_tflops = float(re.search(r"measured in this run \(.*?\*\*([\d.e+-]+) TFLOP/s\*\*", table).group(1))
+    ours_tflops = _number(row["ours TFLOP/s"])
+    assert ours_tflops == pytest.approx(ours * 6 * _number(row["fwd GMACs/img ours (diffusers)"].split()[0]) / 1e3,
+                                        rel=0.02)
+    assert _number(row["ours MFU"]) == pytest.approx(100 * ours_tflops / peak_tflops, rel=0.02, abs=0.6)
+    assert _number(row["diffusers MFU"]) == pytest.approx(_number(row["ours MFU"]) * diffusers / ours, rel=0.05,
+                                                          abs=0.6)
     ours_gmacs, diffusers_gmacs = (float(x.strip("()")) for x in row["fwd GMACs/img ours (diffusers)"].split())
     assert diffusers_gmacs == pytest.approx(ours_gmacs, rel=0.05)  # the same model, counted the same way
 

@@ -310,7 +310,7 @@ def test_a_signalled_training_job_is_requeued_and_resumes(tmp_path):
     is requeued, and the next attempt resumes from that checkpoint and finishes."""
     text = SUITE.replace('overrides = { data = { split = "pretrain" } }',
                         'overrides = { data = { split = "pretrain" }, '
-                        'schedule = { steps = 400, ckpt_every = 100000 } }')
+                        'schedule = { steps = 2000, ckpt_every = 100000 } }')
     suite = suite_file(tmp_path, text, "slurm-mini.toml")
     _run_all(tmp_path, "--suite", str(suite))
     (ancestry,) = build_plan(str(suite), [])[1].by_step("pretrain")
@@ -320,14 +320,19 @@ def test_a_signalled_training_job_is_requeued_and_resumes(tmp_path):
     while time.time() < deadline and not any((d / "train.jsonl").exists() for d in run_dirs()):
         time.sleep(1)
     assert run_dirs(), _logs(tmp_path)
-    time.sleep(3)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", ancestry_id], check=True)
+    # The first logged step means the trainer's handlers are installed; signal at once. At 400 steps (this test's
+    # first setting) a quiet machine had finished training 3 s after that step, and scancel found no job to signal.
+    time.sleep(0.5)
+    signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", ancestry_id], capture_output=True, text=True)
+    queue = subprocess.run(["squeue", "-h", "-j", ancestry_id, "-o", "%i %T %r"], capture_output=True, text=True)
+    assert signalled.returncode == 0, (f"scancel: {signalled.stderr.strip()}; squeue: {queue.stdout.strip()}"
+                                       f"{queue.stderr.strip()}\n{_logs(tmp_path)}")
     _wait_for_queue_to_drain("kb-slurm-mini", timeout=1800)
 
     (run_dir,) = run_dirs()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] > 0, _logs(tmp_path)
-    assert summary["steps"] == 400 and not (run_dir / "PREEMPTED").exists()
+    assert summary["steps"] == 2000 and not (run_dir / "PREEMPTED").exists()
     log = (tmp_path / "runs/slurm/logs").glob(f"pretrain-{ancestry_id}.out")
     text = "".join(p.read_text() for p in log)
     assert "requeueing" in text and "restart 1" in text, text[-3000:]

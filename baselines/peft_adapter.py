@@ -38,6 +38,7 @@ from peft.tuners.vera import VeraLayer
 from torch import nn
 
 from baselines.adapters import AdapterConfig, AdapterMethod, check_dropout, check_positive_int
+from baselines.vera_path import use_cheaper_path
 from methods.base import MethodError
 from methods.surgery import set_submodule
 
@@ -284,6 +285,7 @@ class VeraMethod(PeftAdapterMethod):
             for attr in ("vera_A", "vera_B"):
                 shared = getattr(layer, attr)
                 setattr(layer, attr, BufferDict(dict(shared.items()), persistent=shared.persistent))
+            use_cheaper_path(layer)
 
     def rank_candidates(self, shapes: list[tuple[int, int]]) -> list[int]:
         # r counts VeRA's frozen random rank-1 directions b_i a_i^T, each scaled by its own trained entry of d: past

@@ -279,6 +279,42 @@ def test_svdiff_takes_the_cheaper_exact_path(tokens, path):
     torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize(("tokens", "rank", "path"), [(2, 8, "projections"), (512, 512, "formed")])
+def test_vera_takes_the_cheaper_exact_path(tokens, rank, path, ancestry):
+    from peft.tuners.vera.layer import Linear as PeftVeraLinear
+
+    from methods.decomposed import low_rank_step_macs
+
+    _, model = build("vera", {"rank": rank}, ancestry)
+    layer = model.blocks[0].mlp.fc1.double()  # 64 -> 256
+    assert type(layer).__name__ == "CheaperPathVeraLinear" and isinstance(layer, PeftVeraLinear)
+    with torch.no_grad():  # b starts at zero: move d and b away from their initial values
+        generator = torch.Generator().manual_seed(5)
+        for param in (layer.vera_lambda_d["default"], layer.vera_lambda_b["default"]):
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64))
+    macs = {p: low_rank_step_macs(p, tokens, 256, 64, rank, grad_spectrum=True, grad_factors=False)
+            for p in ("formed", "factored")}
+    assert (min(macs, key=macs.get) == "formed") == (path == "formed")
+    x = torch.randn(tokens, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    calls = []
+    original = torch.nn.functional.linear
+    try:  # count the dense matmuls: the formed path runs one, peft's three (base, x A^T, then B^T)
+        torch.nn.functional.linear = lambda *a, **k: calls.append(1) or original(*a, **k)
+        out = layer(x)
+    finally:
+        torch.nn.functional.linear = original
+    assert len(calls) == (1 if path == "formed" else 3)
+    reference = PeftVeraLinear.forward(layer, x)  # peft's own projection path
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
+    params = [layer.vera_lambda_d["default"], layer.vera_lambda_b["default"]]
+    grads = torch.autograd.grad(out.square().sum(), params)
+    expected = torch.autograd.grad(reference.square().sum(), params)
+    for grad, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-9, atol=1e-9)
+    copied = copy.deepcopy(layer)  # the EMA copy and checkpoints keep the class
+    assert type(copied) is type(layer) and set(copied.state_dict()) == set(layer.state_dict())
+
+
 def test_svdiff_reproduces_the_ancestry_and_clamps_negative_spectra(ancestry):
     method, model = build("svdiff", {}, ancestry)
     layer = model.blocks[0].mlp.fc1

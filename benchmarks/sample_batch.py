@@ -1,7 +1,8 @@
 """Guided sampling on a CPU: seconds per image at each sampling batch (``sample.per_proc_batch``), one thread.
 
 Why: sampling is about a quarter of the small suite's cost (256 images x 50 DDPM steps x cfg per evaluation, 162
-evaluations), and the suite's batch (128) was set before the model's shapes were final. Each sample draws its label
+evaluations), and the suite's batch (128) was set before the model's shapes were final (it samples at 32 since this
+table). Each sample draws its label
 and noise from its own generator (``bench.run.sample``), so the batch changes the speed, never the images: the
 table also gives the largest difference between the images of each batch and of the reference batch.
 
@@ -54,7 +55,7 @@ def draw(model, diffusion, samples: int, batch: int, steps: int) -> tuple[float,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="16,32,64,128,256")
-    parser.add_argument("--reference", type=int, default=128, help="the batch the ratios are to (the suite's)")
+    parser.add_argument("--reference", type=int, default=128, help="the batch the ratios are to (the small suite's when first measured)")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)

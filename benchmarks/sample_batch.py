@@ -55,7 +55,8 @@ def draw(model, diffusion, samples: int, batch: int, steps: int) -> tuple[float,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="16,32,64,128,256")
-    parser.add_argument("--reference", type=int, default=128, help="the batch the ratios are to (the small suite's when first measured)")
+    parser.add_argument("--reference", type=int, default=128,
+                        help="the batch the ratios are to (the small suite's when first measured)")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)

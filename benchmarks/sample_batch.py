@@ -2,9 +2,9 @@
 
 Why: sampling is about a quarter of the small suite's cost (256 images x 50 DDPM steps x cfg per evaluation, 162
 evaluations), and the suite's batch (128) was set before the model's shapes were final (it samples at 32 since this
-table). Each sample draws its label
-and noise from its own generator (``bench.run.sample``), so the batch changes the speed, never the images: the
-table also gives the largest difference between the images of each batch and of the reference batch.
+table). Each sample draws its label and noise from its own generator (``bench.run.sample``), so the batch changes
+the speed, never the images: the table also gives the largest difference between the images of each batch and of
+the reference batch.
 
 For each batch, in the same process and interleaved round by round (so load changes hit every batch alike): draw
 ``--samples`` images of the small suite's model (DiT-T/2-d4, 16 px, 3 channels, 8 classes, exact GELU, learned
